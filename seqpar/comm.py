@@ -1,0 +1,297 @@
+"""Communication shared by every primitive: group helpers, a ring exchange, autograd-aware collectives, and
+a byte counter.
+
+Byte accounting (what ``ByteCounter`` records per rank, for a payload of ``b`` bytes per rank, N ranks):
+
+========================  ===========================  ===========================
+operation                 sent                         received
+========================  ===========================  ===========================
+ring send/recv (P2P)      bytes of the sent tensor     bytes of the received tensor
+all_gather                (N-1) * b                    (N-1) * b
+reduce_scatter (in: N*b)  (N-1) * b                    (N-1) * b
+all_to_all (in: b)        b * (N-1) / N                b * (N-1) / N
+broadcast                 root: (N-1) * b, others 0    root: 0, others b
+all_reduce                2 * b * (N-1) / N            2 * b * (N-1) / N  (ring algorithm)
+========================  ===========================  ===========================
+
+These are the payloads each rank must exchange with the others (what a ring or pairwise algorithm
+moves), not what a particular backend happens to put on the wire. A rank's own piece is never counted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+# torch >= 2.13 renamed the flat-tensor collectives; keep working on older releases.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# ---------------------------------------------------------------------------------------------- groups
+
+
+def group_size(group: Group) -> int:
+    """Ranks in ``group``; ``None`` is a single device (no communication), not the world."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def global_rank(group: Group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+# ---------------------------------------------------------------------------------------------- counting
+
+
+@dataclass
+class ByteCounter:
+    """Bytes this rank sent and received per operation while the counter was active.
+
+    >>> with ByteCounter() as c:
+    ...     out = ring_attention(q, k, v, group=g)
+    >>> c.sent, c.by_op["ring"]
+    """
+
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+    by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, op: str, sent: int, received: int) -> None:
+        self.sent += sent
+        self.received += received
+        self.calls += 1
+        self.by_op[op] += sent
+
+    def __enter__(self) -> ByteCounter:
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+
+
+# Active counters. A plain list (not a ContextVar) because backward passes may run on autograd's own
+# threads, and their communication must still be counted.
+_ACTIVE: list[ByteCounter] = []
+
+
+def _record(op: str, sent: float, received: float) -> None:
+    for counter in _ACTIVE:
+        counter.add(op, int(sent), int(received))
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---------------------------------------------------------------------------------------------- ring
+
+
+class RingComm:
+    """Send to the next rank and receive from the previous one, with one exchange in flight.
+
+    Usage in a ring loop (the next block travels while the current one is used)::
+
+        ring = RingComm(group)
+        for step in range(n):
+            if step + 1 < n:
+                nxt = ring.send_recv(cur)      # posts isend/irecv, returns the receive buffer
+            compute(cur)
+            if step + 1 < n:
+                ring.wait(); cur = nxt
+    """
+
+    def __init__(self, group: Group, *, reverse: bool = False):
+        self.group = group
+        self.world = group_size(group)
+        rank = group_rank(group)
+        step = -1 if reverse else 1
+        self.send_to = global_rank(group, (rank + step) % self.world)
+        self.recv_from = global_rank(group, (rank - step) % self.world)
+        self._pending: list[dist.Work] = []
+
+    def send_recv(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Post a send of ``tensor`` and a receive into ``out`` (a new buffer if None); returns ``out``."""
+        if self._pending:
+            raise RuntimeError("RingComm.send_recv called while an exchange is in flight: call wait() first")
+        tensor = tensor.contiguous()  # gloo refuses views
+        if self.world == 1:  # a ring of one: the block comes back to ourselves
+            return tensor if out is None else out.copy_(tensor)
+        out = torch.empty_like(tensor) if out is None else out
+        ops = [
+            dist.P2POp(dist.isend, tensor, self.send_to, self.group),
+            dist.P2POp(dist.irecv, out, self.recv_from, self.group),
+        ]
+        self._pending = dist.batch_isend_irecv(ops)
+        _record("ring", nbytes(tensor), nbytes(out))
+        return out
+
+    def wait(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+
+
+def ring_shift(tensors: list[torch.Tensor], group: Group, *, reverse: bool = False) -> list[torch.Tensor]:
+    """Blocking one-step ring shift of several tensors (one batched exchange)."""
+    ring = RingComm(group, reverse=reverse)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    got = ring.send_recv(flat)
+    ring.wait()
+    return [piece.view_as(t) for piece, t in zip(got.split([t.numel() for t in tensors]), tensors)]
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+
+
+def all_gather_tensor(x: torch.Tensor, group: Group, dim: int = 0, *, async_op: bool = False):
+    """Concatenate every rank's ``x`` along ``dim``. With ``async_op`` returns ``(work, finish)``:
+    call ``finish()`` after the overlapped compute to wait and get the gathered tensor."""
+    n = group_size(group)
+    if n == 1:
+        return (None, lambda: x) if async_op else x
+    x = x.contiguous()
+    flat = x.new_empty((n * x.shape[0], *x.shape[1:]))  # rank-major along dim 0
+    _record("all_gather", (n - 1) * nbytes(x), (n - 1) * nbytes(x))
+    work = _all_gather_flat(flat, x, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return flat if dim == 0 else torch.cat(flat.chunk(n, dim=0), dim=dim)
+
+    return (work, finish) if async_op else finish()
+
+
+def reduce_scatter_tensor(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's ``1/N`` slice along ``dim``."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"reduce_scatter: size {x.shape[dim]} of dim {dim} is not divisible by group size {n}")
+    pieces = x.contiguous() if dim == 0 else torch.cat(x.chunk(n, dim=dim), dim=0).contiguous()
+    out = pieces.new_empty((pieces.shape[0] // n, *pieces.shape[1:]))
+    _record("reduce_scatter", nbytes(out) * (n - 1), nbytes(out) * (n - 1))
+    _reduce_scatter_flat(out, pieces, group=group)
+    return out
+
+
+def all_to_all_tensor(x: torch.Tensor, group: Group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split ``x`` into N pieces along ``scatter_dim``, send piece j to rank j, concatenate what arrives
+    along ``gather_dim``."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[scatter_dim] % n:
+        raise ValueError(
+            f"all_to_all: size {x.shape[scatter_dim]} of dim {scatter_dim} is not divisible by group size {n}"
+        )
+    send = torch.stack(x.chunk(n, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    _record("all_to_all", nbytes(send) * (n - 1) / n, nbytes(send) * (n - 1) / n)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def broadcast_tensor(x: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
+    """Broadcast from group rank ``src``; every rank passes a tensor of the same shape."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    root = group_rank(group) == src
+    _record("broadcast", (n - 1) * nbytes(x) if root else 0, 0 if root else nbytes(x))
+    dist.broadcast(x, src=global_rank(group, src), group=group)
+    return x
+
+
+def all_reduce_tensor(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    _record("all_reduce", 2 * nbytes(x) * (n - 1) / n, 2 * nbytes(x) * (n - 1) / n)
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather_tensor(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each rank's loss used the whole gathered tensor: the gradient of its piece is the sum over ranks.
+        return reduce_scatter_tensor(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter_tensor(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_tensor(grad, ctx.group, ctx.dim), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return all_to_all_tensor(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return all_to_all_tensor(grad, ctx.group, gather_dim, scatter_dim), None, None, None
+
+
+def all_gather(x: torch.Tensor, *, group: Group, dim: int = 0) -> torch.Tensor:
+    """Autograd-aware all-gather along ``dim``; backward reduce-scatters (sums) the gradient."""
+    return _AllGather.apply(x, group, dim)
+
+
+def reduce_scatter(x: torch.Tensor, *, group: Group, dim: int = 0) -> torch.Tensor:
+    """Autograd-aware reduce-scatter (sum) along ``dim``; backward all-gathers the gradient."""
+    return _ReduceScatter.apply(x, group, dim)
+
+
+def all_to_all(x: torch.Tensor, *, group: Group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Autograd-aware all-to-all; backward is the all-to-all with the two dims swapped."""
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+def check_same_shape(x: torch.Tensor, *, group: Group, name: str) -> None:
+    """Raise on every rank if ``x`` differs in shape across the group (a mismatch would hang a collective)."""
+    n = group_size(group)
+    if n == 1:
+        return
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor([x.dim(), *x.shape, *([0] * (8 - x.dim()))], dtype=torch.int64, device=dev)
+    everyone = torch.empty(n * mine.numel(), dtype=torch.int64, device=dev)
+    _all_gather_flat(everyone, mine, group=group)
+    everyone = everyone.view(n, -1)
+    rows = {tuple(r[1 : 1 + int(r[0])].tolist()) for r in everyone.cpu()}
+    if len(rows) > 1:
+        raise ValueError(
+            f"{name} has different shapes across the {n} ranks of the SP group: {sorted(rows)}; "
+            "every rank must pass its equal-length shard (shard the sequence with seqpar.sharding.shard)"
+        )
+

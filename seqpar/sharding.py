@@ -1,0 +1,103 @@
+"""Sequence layouts: which tokens of a length-L sequence each of the N ranks of an SP group holds.
+
+The layouts are a public contract (checkpoints, data loaders and every primitive rely on them):
+
+* ``contiguous``: rank r holds tokens [r*L/N, (r+1)*L/N).
+* ``zigzag``: the sequence is cut into 2N equal chunks; rank r holds chunk r followed by chunk 2N-1-r.
+  Under a causal mask every rank then has the same amount of work (the load balancing of
+  ring-flash-attn's zigzag and Megatron-CP).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from seqpar.comm import Group, all_gather, group_rank, group_size
+
+Layout = Literal["zigzag", "contiguous"]
+LAYOUTS = ("zigzag", "contiguous")
+
+
+class ShardingError(ValueError):
+    """A sequence that cannot be split in the requested layout."""
+
+
+def chunks_per_rank(layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ShardingError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    return 2 if layout == "zigzag" else 1
+
+
+def check_divisible(seq_len: int, world_size: int, layout: str, *, name: str = "seq_len") -> None:
+    """Raise with the nearest valid lengths when ``seq_len`` cannot be split evenly."""
+    unit = world_size * chunks_per_rank(layout)
+    if seq_len % unit == 0 and seq_len > 0:
+        return
+    below, above = (seq_len // unit) * unit, (seq_len // unit + 1) * unit
+    nearest = [n for n in (below, above) if n > 0]
+    raise ShardingError(
+        f"{name}={seq_len} cannot be split over {world_size} ranks in the {layout} layout: it must be a "
+        f"multiple of {unit} ({'2 x ' if layout == 'zigzag' else ''}{world_size} ranks); nearest valid "
+        f"lengths: {nearest} (pad the sequence or change the length)"
+    )
+
+
+def local_chunks(seq_len: int, world_size: int, rank: int, layout: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of the global token ranges rank ``rank`` holds, in local order."""
+    check_divisible(seq_len, world_size, layout)
+    if layout == "contiguous":
+        n = seq_len // world_size
+        return [(rank * n, (rank + 1) * n)]
+    c = seq_len // (2 * world_size)
+    return [(rank * c, (rank + 1) * c), ((2 * world_size - 1 - rank) * c, (2 * world_size - rank) * c)]
+
+
+def global_index(seq_len: int, world_size: int, rank: int, layout: str, device=None) -> torch.Tensor:
+    """Global positions of the local tokens, ``[seq_len / N]`` int64."""
+    return torch.cat([torch.arange(s, e, device=device) for s, e in local_chunks(seq_len, world_size, rank, layout)])
+
+
+def shard(
+    x: torch.Tensor,
+    *,
+    group: Group = None,
+    dim: int = 1,
+    layout: Layout = "zigzag",
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> torch.Tensor:
+    """This rank's piece of the full sequence ``x`` (its length along ``dim``).
+
+    ``rank``/``world_size`` override the group's (to lay out a sequence for another rank, e.g. in tests).
+    """
+    n = group_size(group) if world_size is None else world_size
+    r = group_rank(group) if rank is None else rank
+    pieces = [x.narrow(dim, s, e - s) for s, e in local_chunks(x.shape[dim], n, r, layout)]
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)).contiguous()
+
+
+def unshard(x_local: torch.Tensor, *, group: Group = None, dim: int = 1, layout: Layout = "zigzag") -> torch.Tensor:
+    """Gather the whole sequence from every rank's shard (autograd-aware: gradients flow back to shards)."""
+    n = group_size(group)
+    if n == 1:
+        return x_local
+    gathered = all_gather(x_local, group=group, dim=dim)
+    return reorder_to_global(gathered, n, layout, dim=dim)
+
+
+def reorder_to_global(gathered: torch.Tensor, world_size: int, layout: str, *, dim: int = 1) -> torch.Tensor:
+    """Rank-major concatenation of shards -> sequence in global order."""
+    if layout == "contiguous" or world_size == 1:
+        chunks_per_rank(layout)
+        return gathered
+    seq_len = gathered.shape[dim]
+    index = torch.cat([global_index(seq_len, world_size, r, layout) for r in range(world_size)])
+    order = torch.argsort(index).to(gathered.device)
+    return gathered.index_select(dim, order)
+
+
+def position_ids(seq_len: int, *, group: Group = None, layout: Layout = "zigzag", device=None) -> torch.Tensor:
+    """Global position ids ``[seq_len / N]`` of this rank's tokens, for RoPE on the local shard."""
+    return global_index(seq_len, group_size(group), group_rank(group), layout, device=device)
