@@ -13,6 +13,7 @@ before returning, so a hang never leaks into the next test.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -61,10 +62,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):
                 dist.destroy_process_group()
-            except Exception:
-                pass
 
 
 def spawn_ranks(

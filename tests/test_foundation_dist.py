@@ -34,7 +34,7 @@ def _sharding_checks(rank: int, world: int, group) -> dict:
             expect = list(range(rank * n, (rank + 1) * n))
         else:
             c = n // 2
-            expect = list(range(rank * c, (rank + 1) * c)) + list(range((2 * world - 1 - rank) * c, (2 * world - rank) * c))
+            expect = [*range(rank * c, (rank + 1) * c), *range((2 * world - 1 - rank) * c, (2 * world - rank) * c)]
         assert torch.equal(local, x[:, expect]), layout
         assert position_ids(x.shape[1], group=group, layout=layout).tolist() == expect
         full = unshard(local, group=group, layout=layout)
@@ -70,8 +70,8 @@ def _comm_checks(rank: int, world: int, group) -> dict:
     z = (torch.arange(world * 2 * 3, dtype=f64).view(1, world * 2, 3) + 100 * rank).requires_grad_()
     with ByteCounter() as c:
         a2a = all_to_all(z, group=group, scatter_dim=1, gather_dim=2)
-    expect = torch.cat([(torch.arange(world * 2 * 3, dtype=f64).view(1, world * 2, 3) + 100 * r)[:, 2 * rank : 2 * rank + 2]
-                        for r in range(world)], dim=2)
+    base = torch.arange(world * 2 * 3, dtype=f64).view(1, world * 2, 3)
+    expect = torch.cat([(base + 100 * r)[:, 2 * rank : 2 * rank + 2] for r in range(world)], dim=2)
     assert torch.equal(a2a, expect)
     assert c.sent == c.received == z.numel() * 8 * (world - 1) // world
     (a2a * a2a.detach()).sum().backward()  # gradient = values routed back to their owners

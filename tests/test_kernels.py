@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ def test_merge_of_blocks_equals_attention_over_concatenation(parts):
     edges = torch.linspace(0, 60, parts + 1).long().tolist()
     blocks = [
         block_attention(q, k[:, a:b], v[:, a:b], causal=True, q_pos=q_pos, k_pos=k_pos[a:b])
-        for a, b in zip(edges[:-1], edges[1:])
+        for a, b in itertools.pairwise(edges)
     ]
     out, lse = merge_all(blocks[::-1])
     assert rel_err(out, ref_out) < 1e-12 and rel_err(lse, ref_lse) < 1e-12

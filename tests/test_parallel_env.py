@@ -8,7 +8,13 @@ import textwrap
 
 import pytest
 
-from seqpar.parallel import ParallelConfigError, default_device_backend, first_host, group_ranks, read_launch_env
+from seqpar.parallel import (
+    ParallelConfigError,
+    default_device_backend,
+    first_host,
+    group_ranks,
+    read_launch_env,
+)
 from seqpar.sharding import ShardingError, check_divisible, shard
 from tests.dist import free_port
 

@@ -183,7 +183,10 @@ def _torch_backward(dout, q, k, v, out, lse, scale, mask: _Mask, block: int):
 def _sdpa_ops(device: torch.device):
     aten = torch.ops.aten
     if device.type == "cpu" and hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+        return (
+            aten._scaled_dot_product_flash_attention_for_cpu,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward,
+        )
     if device.type == "cuda" and hasattr(aten, "_scaled_dot_product_flash_attention"):
         return aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
     return None
@@ -220,11 +223,9 @@ def _sdpa_forward(q, k, v, scale, causal: bool):
     fwd, _ = _sdpa_ops(q.device)
     g = q.shape[2] // k.shape[2]
     args = (q.transpose(1, 2), _expand_kv(k, g).transpose(1, 2), _expand_kv(v, g).transpose(1, 2))
-    if q.is_cuda:
-        res = fwd(*args, 0.0, bool(causal), False, scale=scale)
-    else:
-        res = fwd(*args, 0.0, bool(causal), scale=scale)
-    out, lse = res[0], res[1]
+    # The CUDA op takes an extra return_debug_mask flag.
+    flags = (0.0, bool(causal), False) if q.is_cuda else (0.0, bool(causal))
+    out, lse = fwd(*args, *flags, scale=scale)[:2]
     acc = acc_dtype(q.dtype)
     return out.transpose(1, 2).to(acc), lse.to(acc)
 
