@@ -1,0 +1,109 @@
+"""Measurement: median of timed repeats after a warm-up, peak memory per rank, machine facts.
+
+Every configuration runs in fresh processes (``seqpar.launcher.spawn_ranks``), so one configuration's peak
+memory never leaks into the next. On CPU the peak is the process's peak RSS (``ru_maxrss``) minus its RSS
+once inputs are built; on CUDA it is ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Measurement:
+    """Per-rank result of one configuration."""
+
+    times_s: list[float]
+    peak_mem_bytes: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "median_s": self.median_s}
+
+
+def rss_bytes() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemoryProbe:
+    """Peak memory above the level at construction (inputs allocated, one warm-up call done)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = rss_bytes()
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return max(0, peak_rss_bytes() - self.base)
+
+
+def time_repeats(step: Callable[[], object], *, warmup: int, repeats: int, group=None) -> list[float]:
+    """Wall time of ``step`` per repeat; ranks start each repeat together and the slowest rank counts."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if group is not None:
+            dist.barrier(group=group)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        if group is not None:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+        times.append(float(elapsed))
+    return times
+
+
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": {p: version(p) for p in ("seqpar", "transformers", "deepspeed", "peft", "flash-attn")},
+    }

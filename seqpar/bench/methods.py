@@ -1,0 +1,187 @@
+"""What each benchmarked method runs on one rank: inputs for its shard and one forward+backward step.
+
+A method is a function ``build(cfg, group) -> step`` registered under a name; ``step()`` runs forward and
+backward once. Peers (DeepSpeed-Ulysses, PyTorch's templated ring attention) are wrapped here so they run
+on the same inputs in the same harness as seqpar's primitives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from seqpar.comm import group_size
+from seqpar.sharding import shard
+
+METHODS: dict[str, Callable] = {}
+
+
+def method(name: str):
+    def register(fn):
+        METHODS[name] = fn
+        return fn
+
+    return register
+
+
+def _qkv(cfg: dict, group, *, layout: str | None, requires_grad: bool = True):
+    """Full-sequence inputs from a fixed seed, sharded for this rank (``layout=None``: the whole sequence)."""
+    g = torch.Generator().manual_seed(0)
+    B, L, H, Hkv, D = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    q = torch.randn(B, L, H, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, L, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    if layout is not None:
+        q, k, v = (shard(t, group=group, layout=layout) for t in (q, k, v))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        for t in tensors:
+            t.grad = None
+        out = fn(*tensors)
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
+@method("single_sdpa")
+def _single_sdpa(cfg: dict, group):
+    """One process, the whole sequence, PyTorch's fused SDPA (the best single-device CPU kernel)."""
+    q, k, v = _qkv(cfg, None, layout=None)
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cfg["causal"], enable_gqa=True
+        ).transpose(1, 2)
+
+    return _fwd_bwd(attn, [q, k, v])
+
+
+def _seqpar(name: str, layout: str, **extra):
+    def build(cfg: dict, group):
+        import seqpar.attention as A
+
+        fn = getattr(A, name)
+        q, k, v = _qkv(cfg, group, layout=layout)
+        kwargs = {"group": group, "causal": cfg["causal"], "layout": layout, **extra}
+        if name == "usp_attention":
+            from seqpar.attention.usp import make_usp_groups
+
+            u = cfg.get("ulysses_degree", 2 if group_size(group) % 2 == 0 else 1)
+            ug, rg = make_usp_groups(group, u)
+            kwargs.update(ulysses_group=ug, ring_group=rg)
+        return _fwd_bwd(lambda q, k, v: fn(q, k, v, **kwargs), [q, k, v])
+
+    return build
+
+
+METHODS["ring_zigzag"] = _seqpar("ring_attention", "zigzag")
+METHODS["ring_contiguous"] = _seqpar("ring_attention", "contiguous")
+METHODS["rsa"] = _seqpar("ring_self_attention", "contiguous")
+METHODS["ulysses"] = _seqpar("ulysses_attention", "contiguous")
+METHODS["usp"] = _seqpar("usp_attention", "zigzag")
+METHODS["allgather"] = _seqpar("allgather_attention", "zigzag")
+
+
+@method("deepspeed_ulysses")
+def _deepspeed_ulysses(cfg: dict, group):
+    """DeepSpeed-Ulysses (``deepspeed.sequence.layer.DistributedAttention``) around PyTorch SDPA."""
+    import deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    q, k, v = _qkv(cfg, group, layout="contiguous")
+    if cfg["kv_heads"] != cfg["heads"]:  # DistributedAttention scatters q, k and v heads alike
+        k, v = (t.detach().repeat_interleave(cfg["heads"] // cfg["kv_heads"], dim=2).requires_grad_() for t in (k, v))
+
+    def local_attention(q, k, v, *args, **kwargs):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cfg["causal"]
+        ).transpose(1, 2)
+
+    dist_attn = DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1)
+    return _fwd_bwd(lambda q, k, v: dist_attn(q, k, v, batch_dim_idx=0), [q, k, v])
+
+
+class _TorchRing(torch.autograd.Function):
+    """PyTorch's own templated ring attention (the engine of ``context_parallel``) with the CPU flash op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal):
+        from torch.distributed.tensor.experimental._attention import _templated_ring_attention
+
+        aten = torch.ops.aten
+        out, lse = _templated_ring_attention(
+            group, 2, aten._scaled_dot_product_flash_attention_for_cpu, q, k, v, is_causal=causal
+        )[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal = group, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from torch.distributed.tensor.experimental._context_parallel._attention import (
+            _templated_ring_attention_backward,
+        )
+
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = _templated_ring_attention_backward(
+            ctx.group, 2, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+            dout.contiguous(), "grad_out", q, k, v, out, lse, ctx.causal, dropout_p=0.0,
+        )
+        return grads[0], grads[1], grads[2], None, None
+
+
+@method("torch_ring")
+def _torch_ring(cfg: dict, group):
+    """Contiguous layout: PyTorch's load balancing is off (its round-robin needs DTensor sharding)."""
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+
+    cp._cp_options.enable_load_balance = False
+    q, k, v = _qkv(cfg, group, layout="contiguous")
+    if cfg["kv_heads"] != cfg["heads"]:
+        k, v = (t.detach().repeat_interleave(cfg["heads"] // cfg["kv_heads"], dim=2).requires_grad_() for t in (k, v))
+    tensors = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    return _fwd_bwd(lambda q, k, v: _TorchRing.apply(q, k, v, group, cfg["causal"]), tensors)
+
+
+# ------------------------------------------------------------------------------------------- linear attention
+
+
+def _linear(name: str):
+    def build(cfg: dict, group):
+        import seqpar.attention as A
+
+        fn = getattr(A, name)
+        q, k, v = _qkv(cfg, group, layout="contiguous")
+        decay = torch.full((cfg["heads"],), cfg["decay"]) if cfg.get("decay") else None
+        return _fwd_bwd(lambda q, k, v: fn(q, k, v, group=group, decay=decay), [q, k, v])
+
+    return build
+
+
+METHODS["lasp2"] = _linear("lasp2_linear_attention")
+METHODS["lasp1"] = _linear("lasp1_linear_attention")
+
+
+# ------------------------------------------------------------------------------------------- LongLoRA
+
+
+def _longlora(name: str):
+    def build(cfg: dict, group):
+        import seqpar.attention as A
+
+        fn = getattr(A, name)
+        q, k, v = _qkv(cfg, group, layout="contiguous")
+        G = int(cfg["seq_len"] * cfg["group_size_ratio"])
+        return _fwd_bwd(lambda q, k, v: fn(q, k, v, group_size=G, group=group), [q, k, v])
+
+    return build
+
+
+METHODS["s2"] = _longlora("shift_short_attention")
+METHODS["sf"] = _longlora("sink_shift_attention")
