@@ -1,0 +1,252 @@
+"""Ring attention: exact softmax attention over a sequence sharded on N ranks, K/V blocks passed on a ring.
+
+Papers: Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers for Near-Infinite Context"
+(blockwise attention + online softmax while K/V blocks travel around a ring); Brandon et al. 2023,
+"Striped Attention" and the zigzag layout of ring-flash-attn / Megatron-CP (every rank does the same causal
+work); Dao 2023, FlashAttention-2 (backward recomputed per block from the saved log-sum-exp).
+
+Each rank holds ``q [B, L/N, H, D]`` and ``k, v [B, L/N, Hkv, D]`` (Hkv divides H) in ``layout``. At ring step
+s it attends its queries to the K/V block of rank ``src = (rank - s) mod N`` and merges the partial
+``(out, lse)`` into a float32 accumulator (kernels/merge.py), while the next block is already in flight:
+
+    out_r = merge_{s=0..N-1} block_attention(Q_r, K_src, V_src)        (never an L x L tensor)
+
+Causal work per step (zigzag: rank r holds chunks r and 2N-1-r of 2N chunks):
+  * step 0: the diagonal block, causal within the shard (local order is increasing in global position);
+  * zigzag, src < r: all local queries against the first half (chunk src) of the visiting K/V;
+  * zigzag, src > r: the second half of the local queries (chunk 2N-1-r) against all visiting K/V;
+  * contiguous: src < r the whole block, src > r nothing (the last rank does N block products, rank 0 one).
+
+Backward: dQ accumulates locally; the float32 dK/dV of the visiting block travel around the ring with it, so
+after N hops every rank holds the gradient of its own K/V. Both rings overlap with the block computation.
+
+Communication per call, with b = 2·B·(L/N)·Hkv·D (K and V of the kv heads only, packed in one buffer):
+  * forward:  (N-1) · b · itemsize                  bytes sent (and received) per rank;
+  * backward: (N-1) · b · itemsize  +  N · b · acc   bytes sent per rank when N > 1 (0 when N = 1),
+    with acc = 4 (float32 accumulators; 8 for float64 inputs).
+
+Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same on every rank) gives every
+token a document id; tokens attend only within their document (causally when ``causal``).
+
+Errors (raised on every rank, before any K/V is exchanged): bad ``layout``/``causal``/``softmax_scale``,
+shapes differing across ranks (``comm.check_same_shape``), q/k/v batch, length, head_dim or dtype mismatch,
+kv heads not dividing heads, a length that the layout cannot split, malformed ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from seqpar.comm import Group, RingComm, check_same_shape, group_rank, group_size
+from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
+from seqpar.sharding import Layout, check_divisible, chunks_per_rank, global_index
+
+__all__ = ["ring_attention"]
+
+_ALL = slice(None)
+
+
+@dataclass
+class _RingPlan:
+    """What every ring step computes on this rank; kept on the autograd ctx for the backward."""
+
+    group: Group
+    rank: int
+    world: int
+    causal: bool
+    scale: float
+    layout: str
+    segs: list[torch.Tensor] | None  # document id of every token of rank j's shard, for each j (varlen)
+
+    def block(self, src: int, n: int) -> tuple[slice, slice, bool] | None:
+        """``(query slice, key slice, causal diagonal?)`` of the product with rank ``src``'s K/V, or None."""
+        if not self.causal:
+            return _ALL, _ALL, False
+        if src == self.rank:
+            return _ALL, _ALL, True
+        if self.layout == "contiguous":
+            return (_ALL, _ALL, False) if src < self.rank else None
+        half = n // 2
+        if src < self.rank:  # chunk src precedes both local chunks; chunk 2N-1-src follows both
+            return _ALL, slice(0, half), False
+        return slice(half, None), _ALL, False  # only chunk 2N-1-r sees rank src's two chunks
+
+    def masks(self, qs: slice, src: int, ks: slice) -> dict:
+        if self.segs is None:
+            return {}
+        return {"q_seg": self.segs[self.rank][qs], "k_seg": self.segs[src][ks]}
+
+
+def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    ring, n = RingComm(plan.group), q.shape[1]
+    kv = torch.stack([k, v])  # one packed buffer per hop: K and V of the kv heads only (never repeated)
+    spare = torch.empty_like(kv) if plan.world > 1 else None
+    out = lse = None
+    for step in range(plan.world):
+        src = (plan.rank - step) % plan.world
+        nxt = ring.send_recv(kv, out=spare) if step + 1 < plan.world else None  # next block in flight
+        blk = plan.block(src, n)
+        if blk is not None:
+            qs, ks, diag = blk
+            o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag,
+                                   softmax_scale=plan.scale, **plan.masks(qs, src, ks))
+            if out is None:  # step 0 always covers every local query
+                out, lse = merge_partials(None, None, o, l)
+            else:
+                out[:, qs], lse[:, :, qs] = merge_partials(out[:, qs], lse[:, :, qs], o, l)
+        if nxt is not None:
+            ring.wait()
+            kv, spare = nxt, kv  # the block just sent is free again: it receives the hop after next
+    return out, lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
+    acc, n = acc_dtype(q.dtype), q.shape[1]
+    kv_ring, dkv_ring = RingComm(plan.group), RingComm(plan.group)
+    kv = torch.stack([k, v])
+    spare = torch.empty_like(kv) if plan.world > 1 else None
+    dq = torch.zeros_like(q, dtype=acc)
+    dkv = None  # dK/dV of the visiting block accumulated by the ranks it already visited
+    for step in range(plan.world):
+        src = (plan.rank - step) % plan.world
+        nxt = kv_ring.send_recv(kv, out=spare) if step + 1 < plan.world else None
+        part = kv.new_zeros(kv.shape, dtype=acc)  # this rank's share of dK/dV of rank src's block
+        blk = plan.block(src, n)
+        if blk is not None:
+            qs, ks, diag = blk
+            # The merged out/lse make each block's gradients exact partial sums (FlashAttention-2).
+            dq_b, dk_b, dv_b = block_attention_backward(
+                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], causal=diag,
+                softmax_scale=plan.scale, **plan.masks(qs, src, ks))
+            dq[:, qs] += dq_b
+            part[0][:, ks] += dk_b
+            part[1][:, ks] += dv_b
+        if dkv is not None:
+            dkv_ring.wait()
+            part += dkv
+        dkv = dkv_ring.send_recv(part)  # travels with the K/V block; the N-th hop returns it to its owner
+        if nxt is not None:
+            kv_ring.wait()
+            kv, spare = nxt, kv
+    dkv_ring.wait()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class RingAttentionFunc(torch.autograd.Function):
+    """Shapes: q [B, L/N, H, D], k/v [B, L/N, Hkv, D] -> out [B, L/N, H, D]; saves q, k, v, out, lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _RingPlan):
+        out, lse = _ring_forward(q, k, v, plan)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
+        return dq, dk, dv, None
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def check_args(*, layout: str, causal: object, softmax_scale: float | None) -> None:
+    """Arguments that are the same on every rank: checked before anything is exchanged."""
+    chunks_per_rank(layout)  # raises ShardingError naming the valid layouts
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal={causal!r} must be True or False (sequence-parallel masks are global)")
+    ok = isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0
+    if softmax_scale is not None and not ok:
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive finite float (None: D**-0.5)")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, layout: str) -> None:
+    """Same shapes on every rank (collective), then local consistency (identical on every rank after that)."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, L/N, heads, D], got {type(t).__name__}")
+        check_same_shape(t, group=group, name=name)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be 4-D "
+                         "[B, L/N, heads, D]: reshape [B, L, H*D] activations to [B, L, H, D]")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch, local length "
+                         "and head_dim must match and k, v must have one shape (shard q, k and v alike)")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads k.shape[2]={k.shape[2]} must divide query heads q.shape[2]={q.shape[2]} "
+                         "(GQA): use a kv head count that divides the head count")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must be one floating dtype: "
+                         "cast them to one")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v live on {q.device}, {k.device}, {v.device}: move them to one device")
+    world = group_size(group)
+    name = f"sequence length (q.shape[1]={q.shape[1]} x {world} ranks)"
+    check_divisible(q.shape[1] * world, world, layout, name=name)
+
+
+def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int, world: int, layout: str,
+                 device: torch.device) -> list[torch.Tensor] | None:
+    """Validate ``cu_seqlens`` (global boundaries) and return the document id of each token of every shard."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens={cu_seqlens!r} must be a 1-D integer tensor [num_docs + 1] of global "
+                         "document boundaries, e.g. torch.tensor([0, 100, 250, L])")
+    cu = cu_seqlens.tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len:
+        raise ValueError(f"cu_seqlens={cu} must start at 0 and end at the global sequence length {seq_len} "
+                         "(N x local length): pass the boundaries of the whole packed sequence")
+    if any(b < a for a, b in itertools.pairwise(cu)):
+        raise ValueError(f"cu_seqlens={cu} must be non-decreasing (cumulative document lengths)")
+    cu_t = torch.tensor(cu, device=device)
+    return [torch.searchsorted(cu_t, global_index(seq_len, world, j, layout, device=device), right=True) - 1
+            for j in range(world)]
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    layout: Layout = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention of this rank's queries over the whole sharded sequence, K/V travelling on a ring.
+
+    Args:
+        q: ``[B, L/N, H, D]`` this rank's queries, sharded in ``layout`` (seqpar.sharding.shard).
+        k, v: ``[B, L/N, Hkv, D]`` with Hkv dividing H (GQA: only the kv heads travel).
+        group: the SP process group of N ranks; None is a single device.
+        causal: causal mask over GLOBAL positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        layout: ``"zigzag"`` (balanced causal work; L divisible by 2N) or ``"contiguous"`` (L divisible by N).
+        cu_seqlens: optional int ``[num_docs + 1]`` global document boundaries (0, ..., L) of a packed
+            sequence; attention stays inside documents.
+
+    Returns:
+        ``[B, L/N, H, D]`` in q's dtype, sharded like q (partials accumulated in float32).
+
+    Bytes sent per rank: forward ``(N-1)·2·B·(L/N)·Hkv·D·itemsize``; backward that plus
+    ``N·2·B·(L/N)·Hkv·D·4`` (float32 dK/dV; 8 bytes for float64) when N > 1.
+    """
+    check_args(layout=layout, causal=causal, softmax_scale=softmax_scale)
+    check_qkv(q, k, v, group=group, layout=layout)
+    world = group_size(group)
+    segs = document_ids(cu_seqlens, q.shape[1] * world, world, layout, q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, segs)
+    return RingAttentionFunc.apply(q, k, v, plan)
