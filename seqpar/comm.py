@@ -150,6 +150,26 @@ def ring_shift(tensors: list[torch.Tensor], group: Group, *, reverse: bool = Fal
     return [piece.view_as(t) for piece, t in zip(got.split([t.numel() for t in tensors]), tensors)]
 
 
+def chain_scan(x: torch.Tensor, step, group: Group, *, reverse: bool = False) -> torch.Tensor:
+    """Serial chain over the group (LASP-1's prefix pass): rank r receives ``carry`` from rank r-1
+    (zeros on rank 0), sends ``step(carry)`` to rank r+1, and returns ``carry``. ``reverse`` runs from the
+    last rank down. ``x`` gives the carry's shape and dtype. Each rank sends and receives at most one
+    tensor (N-1 hops in all).
+    """
+    n, rank = group_size(group), group_rank(group)
+    pos = n - 1 - rank if reverse else rank  # place in the chain
+    nxt, prev = (rank - 1, rank + 1) if reverse else (rank + 1, rank - 1)
+    carry = torch.zeros_like(x).contiguous()
+    if pos > 0:
+        dist.recv(carry, src=global_rank(group, prev), group=group)
+        _record("p2p", 0, nbytes(carry))
+    if pos < n - 1:
+        out = step(carry).contiguous()
+        _record("p2p", nbytes(out), 0)
+        dist.send(out, dst=global_rank(group, nxt), group=group)
+    return carry
+
+
 # ---------------------------------------------------------------------------------------------- collectives
 
 

@@ -1,0 +1,142 @@
+"""LASP-2: sequence-parallel linear attention with ONE all-gather of memory states (Sun et al. 2025,
+"LASP-2: Rethinking Sequence Parallelism for Linear Attention and Its Hybrid").
+
+Causal linear attention with per-head decay λ (no softmax, no normalisation: feature maps and norms belong
+to the model), o_t = q_t · Σ_{s<=t} λ^(t-s) k_s^T v_s, on N ranks holding contiguous chunks of n tokens.
+Rank i:
+
+    M_i = Σ_{s in chunk i} λ^(n-1-s) k_s^T v_s                      memory state, d_k x d_v per head
+    all-gather M_0 .. M_{N-1}                                       (in flight while the intra term runs)
+    O_i = LightningAttn2(Q_i, K_i, V_i) + (Q_i ⊙ λ^(t+1)) P_i,     P_i = Σ_{j<i} λ^(n(i-1-j)) M_j
+
+Backward: dP_i = (Q_i ⊙ λ^(t+1))^T dO_i, ONE all-gather of the dP_j, then the suffix sum
+dM_i = Σ_{j>i} λ^(n(j-1-i)) dP_j feeds dK_i, dV_i through M_i; the local terms use the hand-written
+chunked backward of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.linear``). Non-causal mode
+(no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
+
+Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
+Hkv divides H and k, v are repeated to H heads), ``decay`` None, a float or ``[H]`` in (0, 1] (a constant);
+output ``[B, L/N, H, Dv]`` in q's dtype. States travel in float32 (float64 for float64 inputs).
+
+Bytes per call, per rank (itemsize of the state dtype: 4, or 8 for float64):
+forward (N-1)·B·H·Dk·Dv·itemsize sent and received (one all-gather), backward the same; independent of L.
+
+Raises ValueError naming the argument on bad shapes, dtypes, decay or block_size, on every rank
+(lengths that differ across ranks are detected collectively before any other communication).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.comm import Group, all_gather_tensor, check_same_shape, group_rank, group_size
+from seqpar.kernels.linear import (
+    DEFAULT_LINEAR_BLOCK,
+    acc_dtype,
+    apply_prefix,
+    apply_prefix_bwd,
+    chunk_state,
+    chunk_state_bwd,
+    heads_first,
+    linear_attention_bwd,
+    linear_attention_fwd,
+    powers,
+    validate_linear_args,
+)
+
+
+def prefix_from_states(states: torch.Tensor, log_decay: torch.Tensor, n: int, rank: int) -> torch.Tensor:
+    """P_rank = Σ_{j<rank} λ^(n(rank-1-j)) M_j from ``states [N, B, H, Dk, Dv]`` (Horner: P = λ^n P + M_j)."""
+    lam_n = powers(log_decay, n)
+    P = torch.zeros_like(states[0])
+    for j in range(rank):
+        P = P * lam_n + states[j]
+    return P
+
+
+def suffix_from_grads(grads: torch.Tensor, log_decay: torch.Tensor, n: int, rank: int) -> torch.Tensor:
+    """dM_rank = Σ_{j>rank} λ^(n(j-1-rank)) dP_j from ``grads [N, B, H, Dk, Dv]`` (Horner from the end)."""
+    lam_n = powers(log_decay, n)
+    G = torch.zeros_like(grads[0])
+    for j in range(grads.shape[0] - 1, rank, -1):
+        G = G * lam_n + grads[j]
+    return G
+
+
+class _LASP2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, group, causal, block_size):
+        acc, N, rank = acc_dtype(q.dtype), group_size(group), group_rank(group)
+        qh, kh, vh = (heads_first(t, acc) for t in (q, k, v))
+        M = chunk_state(kh, vh, log_decay)  # [B, H, Dk, Dv]
+        _, finish = all_gather_tensor(M, group, async_op=True)
+        # The intra-chunk term needs no remote data: compute it while the states travel.
+        local = linear_attention_fwd(qh, kh, vh, log_decay, block_size) if causal else None
+        states = finish().view(N, *M.shape)
+        n = q.shape[1]
+        P = prefix_from_states(states, log_decay, n, rank) if causal else states.sum(0)
+        out = apply_prefix(qh, P, log_decay)
+        out = out if local is None else out + local
+        ctx.save_for_backward(q, k, v, log_decay, P)
+        ctx.group, ctx.causal, ctx.block_size = group, causal, block_size
+        return out.transpose(1, 2).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, log_decay, P = ctx.saved_tensors
+        group, causal, acc = ctx.group, ctx.causal, P.dtype
+        N, rank, n = group_size(group), group_rank(group), q.shape[1]
+        qh, kh, vh, doh = (heads_first(t, acc) for t in (q, k, v, dout))
+        dq, dP = apply_prefix_bwd(qh, doh, P, log_decay)
+        _, finish = all_gather_tensor(dP, group, async_op=True)
+        if causal:  # local backward overlaps the all-gather of the state gradients
+            dq_l, dk, dv = linear_attention_bwd(doh, qh, kh, vh, log_decay, ctx.block_size)
+            dq = dq + dq_l
+        grads = finish().view(N, *dP.shape)
+        dM = suffix_from_grads(grads, log_decay, n, rank) if causal else grads.sum(0)
+        dk_m, dv_m = chunk_state_bwd(kh, vh, dM, log_decay)
+        if causal:
+            dk_m, dv_m = dk + dk_m, dv + dv_m
+        grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk_m, k), (dv_m, v)))
+        return (*grads_out, None, None, None, None)
+
+
+def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_size: int):
+    """Validate (locally, then lengths collectively) and repeat GQA k, v heads; returns (k, v, log_decay).
+
+    Shared with LASP-1 (``seqpar.attention.lasp1``)."""
+    log_decay = validate_linear_args(q, k, v, decay=decay, causal=causal, block_size=block_size)
+    check_same_shape(q, group=group, name="q")
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:  # autograd sums the repeated heads' gradients back
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    return k, v, log_decay
+
+
+def lasp2_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group = None,
+    decay: torch.Tensor | float | None = None,
+    causal: bool = True,
+    block_size: int = DEFAULT_LINEAR_BLOCK,
+) -> torch.Tensor:
+    """Exact linear attention over the whole sequence from this rank's contiguous shard (LASP-2).
+
+    Args:
+        q, k, v: this rank's shard ``[B, L/N, H(kv), D]`` of a sequence laid out contiguously
+            (``seqpar.sharding.shard(x, layout="contiguous")``).
+        group: the SP process group (None = one device).
+        decay: per-head λ in (0, 1] (None = 1, no decay), a constant; only with ``causal=True``.
+        causal: False gives O = Q · Σ_s k_s^T v_s over the whole sequence.
+        block_size: tokens per intra-chunk block (memory O(L/N · block_size) per head).
+
+    Returns:
+        ``[B, L/N, H, Dv]``, this rank's shard of the output, in q's dtype.
+    """
+    k, v, log_decay = prepare_linear_inputs(
+        q, k, v, group=group, decay=decay, causal=causal, block_size=block_size
+    )
+    return _LASP2.apply(q, k, v, log_decay, group, causal, block_size)

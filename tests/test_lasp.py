@@ -1,0 +1,188 @@
+"""LASP-2 and LASP-1 linear attention vs a float64 O(L^2) reference on the whole sequence, on W gloo ranks.
+
+One spawn per world size (W = 1, 2, 3, 4) runs every case: outputs and gradients of q, k, v for both
+primitives, causal with and without per-head decay, non-causal, GQA and head_dim 80, in float64, float32 and
+bfloat16; the bytes each call communicates; and the errors raised on bad input (on every rank, no hang).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.attention import lasp1_linear_attention, lasp2_linear_attention
+from seqpar.comm import ByteCounter
+from seqpar.sharding import shard
+from tests.dist import run_ranks
+from tests.reference import rel_err
+
+PRIMITIVES = {"lasp2": lasp2_linear_attention, "lasp1": lasp1_linear_attention}
+DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
+# float32: the state sums run over at most 96 tokens, so 1e-5 of the output scale is ample; bfloat16 rounds
+# inputs and the output to 8 bits (2^-8 ≈ 4e-3 relative) and is checked loosely.
+TOL = {"f64": 1e-10, "f32": 1e-5, "bf16": 2e-2}
+DECAY = torch.tensor([1.0, 0.97, 0.9, 0.8], dtype=torch.float64)  # λ^24 from 1 to 0.005: rank prefixes matter
+N_LOCAL, BLOCK = 24, 16  # 1.5 blocks per rank: a full and a partial intra-chunk block
+
+
+def reference(q, k, v, decay, causal):
+    """o_t = Σ_s (q_t · k_s) D_ts v_s with D_ts = λ^(t-s) for s <= t (causal), all ones otherwise; float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    H, L = q.shape[2], q.shape[1]
+    k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+    lam = torch.ones(H, dtype=torch.float64) if decay is None else decay.double()
+    t = torch.arange(L, dtype=torch.float64)
+    diff = t[:, None] - t[None, :]
+    D = lam[:, None, None] ** diff.clamp_min(0) * (diff >= 0) if causal else torch.ones(H, L, L).double()
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * D
+    return torch.einsum("bhts,bshd->bthd", scores, v)
+
+
+def _cases():
+    cases = []
+    for prim in PRIMITIVES:
+        for mode in ("causal", "decay", "noncausal"):
+            for dt in DTYPES:
+                cases.append(dict(prim=prim, mode=mode, dtype=dt, H=4, Hkv=4, Dk=16, Dv=16))
+        # GQA (2 query heads per kv head), head_dim 80 and a different value dim
+        cases.append(dict(prim=prim, mode="decay", dtype="f32", H=4, Hkv=2, Dk=80, Dv=24))
+    return cases
+
+
+def _run_case(rank, world, group, index, c) -> dict:
+    gen = torch.Generator().manual_seed(index)  # the same global tensors on every rank
+    L, dt = N_LOCAL * world, DTYPES[c["dtype"]]
+    full = [torch.randn(2, L, h, d, generator=gen, dtype=torch.float64).to(dt)
+            for h, d in ((c["H"], c["Dk"]), (c["Hkv"], c["Dk"]), (c["Hkv"], c["Dv"]))]
+    dout = torch.randn(2, L, c["H"], c["Dv"], generator=gen, dtype=torch.float64)
+    decay = DECAY[: c["H"]] if c["mode"] == "decay" else None
+    causal = c["mode"] != "noncausal"
+
+    ref_in = [t.double().clone().requires_grad_() for t in full]
+    ref_out = reference(*ref_in, decay, causal)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout)
+
+    local = [shard(t, group=group, layout="contiguous").clone().requires_grad_() for t in full]
+    out = PRIMITIVES[c["prim"]](*local, group=group, decay=decay, causal=causal, block_size=BLOCK)
+    out.backward(shard(dout, group=group, layout="contiguous").to(dt))
+    assert out.dtype == dt and out.shape == (2, N_LOCAL, c["H"], c["Dv"])
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    errs = {"out": rel_err(out, ref_out.detach()[:, sl])}
+    for name, t, g in zip("qkv", local, ref_grads):
+        assert t.grad.dtype == dt
+        errs["d" + name] = rel_err(t.grad, g[:, sl])
+    return errs
+
+
+def _byte_checks(rank, world, group) -> dict:
+    """Bytes per call for L = 256 and 4096 (B=1, H=2, d=16, float32), forward and backward separately."""
+    out = {}
+    for L in (256, 4096):
+        for prim in PRIMITIVES:
+            for causal in (True, False):
+                q, k, v = (torch.randn(1, L // world, 2, 16).requires_grad_() for _ in range(3))
+                with ByteCounter() as fwd:
+                    o = PRIMITIVES[prim](q, k, v, group=group, causal=causal, decay=0.99 if causal else None)
+                with ByteCounter() as bwd:
+                    o.sum().backward()
+                out[(L, prim, causal)] = {
+                    name: (cnt.sent, cnt.received, dict(cnt.by_op))
+                    for name, cnt in (("fwd", fwd), ("bwd", bwd))
+                }
+    return out
+
+
+def _error_checks(rank, world, group) -> dict:
+    """Each bad call must raise ValueError on this rank (no hang); return the messages."""
+    q = torch.randn(1, 8, 4, 16)
+    lam_bad, lam_grad = torch.tensor([0.9, 1.5, 1, 1]), torch.ones(4).requires_grad_()
+    uneven = torch.randn(1, 8 + (rank == world - 1), 4, 16)
+    bad = {
+        "decay_noncausal": lambda: lasp2_linear_attention(q, q, q, group=group, decay=0.9, causal=False),
+        "decay_range": lambda: lasp1_linear_attention(q, q, q, group=group, decay=lam_bad),
+        "decay_shape": lambda: lasp2_linear_attention(q, q, q, group=group, decay=torch.ones(3)),
+        "decay_grad": lambda: lasp2_linear_attention(q, q, q, group=group, decay=lam_grad),
+        "kv_heads": lambda: lasp2_linear_attention(q, q[:, :, :3], q[:, :, :3], group=group),
+        "dtype": lambda: lasp1_linear_attention(q, q.double(), q, group=group),
+        "block_size": lambda: lasp2_linear_attention(q, q, q, group=group, block_size=0),
+        # rank-dependent length: detected collectively, so every rank raises
+        "length": lambda: lasp2_linear_attention(uneven, uneven, uneven, group=group),
+    }
+    msgs = {}
+    for name, call in bad.items():
+        try:
+            call()
+            msgs[name] = None
+        except ValueError as err:
+            msgs[name] = str(err)
+    return msgs
+
+
+def _all_checks(rank: int, world: int, group, cases) -> dict:
+    return {
+        "cases": [_run_case(rank, world, group, i, c) for i, c in enumerate(cases)],
+        "bytes": _byte_checks(rank, world, group),
+        "errors": _error_checks(rank, world, group),
+    }
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
+def world_results(request):
+    cases = _cases()
+    return request.param, cases, run_ranks(_all_checks, request.param, args=(cases,))
+
+
+def test_outputs_and_gradients_match_reference(world_results):
+    world, cases, results = world_results
+    worst = {}
+    for i, c in enumerate(cases):
+        for res in results:
+            for name, err in res["cases"][i].items():
+                key = (c["prim"], c["mode"], c["dtype"], c["Dk"], name)
+                worst[key] = max(worst.get(key, 0.0), err)
+    failed = {k: e for k, e in worst.items() if not e <= TOL[k[2]]}
+    assert not failed, f"W={world}: errors above tolerance {failed}"
+
+
+def test_bytes_are_the_formula_and_independent_of_length(world_results):
+    world, _, results = world_results
+    state = 1 * 2 * 16 * 16 * 4  # B·H·Dk·Dv·itemsize of one float32 state
+    for rank, res in enumerate(results):
+        b = res["bytes"]
+        for L in (256, 4096):
+            for causal in (True, False):
+                for phase in ("fwd", "bwd"):
+                    want = (world - 1) * state
+                    op = {"all_gather": want} if world > 1 else {}
+                    assert b[(L, "lasp2", causal)][phase] == (want, want, op), (L, causal, phase)
+            # LASP-1 causal: a serial chain, one state per link (forward rank r -> r+1, backward r+1 -> r)
+            first, last = rank == 0, rank == world - 1
+            sent, recv = b[(L, "lasp1", True)]["fwd"][:2]
+            assert (sent, recv) == ((0 if last else state), (0 if first else state))
+            sent, recv = b[(L, "lasp1", True)]["bwd"][:2]
+            assert (sent, recv) == ((0 if first else state), (0 if last else state))
+            for phase in ("fwd", "bwd"):  # non-causal LASP-1: N-1 ring steps of one state
+                assert b[(L, "lasp1", False)][phase][:2] == ((world - 1) * state,) * 2
+        for key in b:  # nothing that grows with L is communicated
+            assert b[(256, *key[1:])] == b[(4096, *key[1:])]
+
+
+def test_bad_inputs_raise_on_every_rank(world_results):
+    world, _, results = world_results
+    expect = {
+        "decay_noncausal": "causal=False",
+        "decay_range": "(0, 1]",
+        "decay_shape": "tensor [4]",
+        "decay_grad": "decay.detach()",
+        "kv_heads": "Hkv dividing",
+        "dtype": "k.dtype",
+        "block_size": "block_size=0",
+        "length": "different shapes",
+    }
+    for rank, res in enumerate(results):
+        for name, fragment in expect.items():
+            msg = res["errors"][name]
+            if name == "length" and world == 1:
+                assert msg is None  # one rank cannot disagree with itself
+                continue
+            assert msg is not None and fragment in msg, (rank, name, msg)
