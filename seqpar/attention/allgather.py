@@ -1,0 +1,127 @@
+"""All-gather attention: the softmax-attention half of LASP-2H (Sun et al. 2025, "LASP-2: Rethinking
+Sequence Parallelism for Linear Attention and Its Hybrid", arXiv:2502.07563).
+
+Every rank all-gathers K and V once, then its local queries attend to the whole sequence with their GLOBAL
+positions (so any layout works: the causal mask is ``k_pos <= q_pos``, documents of a packed sequence are
+kept apart with segment ids). One collective forward, one backward, independent of the causal structure:
+
+    K, V = all_gather(K_i, V_i)                    # [B, L, Hkv, D], rank-major
+    O_i  = softmax(scale Q_i K^T + M_i) V          # M_i: global causal / document mask of Q_i's rows
+    dQ_i = local;   dK_i, dV_i = reduce_scatter(dK, dV)   # every rank's queries touched every key
+
+Shapes: ``q [B, L/N, H, D]``, ``k, v [B, L/N, Hkv, D]`` (Hkv divides H), output ``[B, L/N, H, D]``.
+
+Bytes per call, per rank (``b_kv`` = bytes of the local k; ``a`` = 1 for float32/float64 inputs, 2 for
+16-bit inputs because dK, dV are summed in float32 so bf16 rounding does not grow with N):
+
+    forward:  all-gather of K and V packed in one buffer: (N-1) * 2 b_kv sent and received
+    backward: reduce-scatter of dK and dV in one buffer:  (N-1) * 2 a b_kv sent and received
+
+Memory: the gathered K, V (``2 b_kv N``) are kept for the backward instead of gathered again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.attention.ulysses import check_qkv
+from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
+from seqpar.kernels import block_attention, block_attention_backward
+from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [num_docs + 1] of document boundaries, got "
+            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq_len or bounds != sorted(bounds):
+        raise ValueError(
+            f"cu_seqlens={bounds} must rise from 0 to the global sequence length {seq_len} "
+            "(q.shape[1] * N): pass the boundaries of the whole packed sequence, the same on every rank"
+        )
+
+
+def _mask_args(seq_len: int, n: int, rank: int, layout: str, causal: bool, cu_seqlens, device) -> dict:
+    """Kernel mask arguments for this rank's queries against the rank-major gathered keys."""
+    if n == 1 and cu_seqlens is None:
+        return {}  # plain (square) causal or no mask: lets the fused kernels run
+    q_pos = global_index(seq_len, n, rank, layout, device=device)
+    k_pos = torch.cat([global_index(seq_len, n, r, layout, device=device) for r in range(n)])
+    args = {"q_pos": q_pos, "k_pos": k_pos} if causal else {}
+    if cu_seqlens is not None:  # document id of every global position
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        args["q_seg"] = torch.searchsorted(cu, q_pos, right=True) - 1
+        args["k_seg"] = torch.searchsorted(cu, k_pos, right=True) - 1
+    return args
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
+        n, rank = group_size(group), group_rank(group)
+        # Step 1: one all-gather of K and V together -> [2, B, L, Hkv, D] in rank-major order.
+        kv = all_gather_tensor(torch.stack([k, v]), group, dim=2)
+        mask = _mask_args(q.shape[1] * n, n, rank, layout, causal, cu_seqlens, q.device)
+        # Step 2: local queries over the whole sequence, masked by global positions / documents.
+        out, lse = block_attention(q, kv[0], kv[1], causal=causal, softmax_scale=scale, **mask)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.mask = group, causal, scale, mask
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(
+            dout.contiguous(), q, kv[0], kv[1], out, lse, causal=ctx.causal, softmax_scale=ctx.scale, **ctx.mask
+        )
+        # Step 3: every rank's queries contributed to every key: sum dK, dV and keep this rank's slice.
+        dkv = reduce_scatter_tensor(torch.stack([dk, dv]), ctx.group, dim=2)
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None
+
+
+def allgather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    layout: Layout = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention of a sequence sharded over ``group``: all-gather K, V; attend with global positions.
+
+    Args:
+        q: ``[B, L/N, H, D]`` this rank's shard in ``layout``.
+        k, v: ``[B, L/N, Hkv, D]``, Hkv dividing H (GQA).
+        group: the SP process group (None = one device).
+        causal: causal mask over global positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        layout: ``"zigzag"`` or ``"contiguous"`` (seqpar.sharding); the output uses the same layout.
+        cu_seqlens: optional int ``[num_docs + 1]`` global document boundaries of the packed sequence
+            (same on every rank, 0 first, L last); no token attends across documents.
+
+    Returns:
+        ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
+
+    Raises:
+        ValueError on every rank: shapes differing across ranks, kv heads not dividing heads, a sequence
+        the layout cannot split, malformed ``cu_seqlens``.
+    """
+    n = group_size(group)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    check_qkv(q, k, v, group=group)
+    seq_len = q.shape[1] * n
+    check_divisible(seq_len, n, layout, name="sequence length (q.shape[1] * N)")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads={k.shape[2]} must divide query heads={q.shape[2]} (GQA)")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, seq_len)
+    return _AllGatherAttention.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), group, bool(causal), softmax_scale, layout, cu_seqlens
+    )

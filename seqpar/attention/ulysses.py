@@ -1,0 +1,155 @@
+"""DeepSpeed-Ulysses sequence parallelism (Jacobs et al. 2023, arXiv:2309.14509).
+
+Each of the N ranks holds a sequence shard of every head. One all-to-all turns that into the whole
+sequence for H/N heads, attention runs locally and exactly over the whole sequence, and a second all-to-all
+returns the output to sequence shards:
+
+    [B, L/N, H, D] --all-to-all--> [B, L, H/N, D] --attention--> [B, L, H/N, D] --all-to-all--> [B, L/N, H, D]
+
+GQA: rank r needs the kv heads of its q heads [r H/N, (r+1) H/N). When N does not divide the kv heads
+Hkv, every kv head is repeated ``rep = N / gcd(N, Hkv)`` times (the least that makes Hkv * rep a multiple
+of N; it always divides H because N and Hkv both do). Autograd sums the repeats' gradients back.
+
+Bytes per call, per rank (``b_q`` = bytes of the local q, ``b_kv`` = bytes of the local k; k, v and out
+have q's dtype; q, k, v travel in ONE all-to-all):
+
+    forward:  (N-1)/N * (b_q + 2 rep b_kv)   +   (N-1)/N * b_q          (q, k, v in; out back)
+    backward: (N-1)/N * b_q   +   (N-1)/N * (b_q + 2 rep b_kv)          (dout in; dq, dk, dv back)
+
+sent and received alike, so a call moves 2 (N-1)/N (2 b_q + 2 rep b_kv) bytes each way in total.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seqpar.comm import Group, all_to_all, check_same_shape, group_size
+from seqpar.kernels import block_attention, block_attention_backward
+from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
+
+
+class _LocalAttention(torch.autograd.Function):
+    """Exact attention over the whole (gathered) sequence; backward recomputes from the saved lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float | None):
+        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, causal=ctx.causal, softmax_scale=ctx.scale
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def kv_replication(heads: int, kv_heads: int, world: int) -> int:
+    """How many times each kv head is repeated so that ``world`` ranks can each take whole kv heads."""
+    if heads % world:
+        valid = [n for n in range(1, heads + 1) if heads % n == 0]
+        raise ValueError(
+            f"Ulysses splits the heads over the ranks: heads={heads} is not divisible by the group size "
+            f"N={world}; use a group size that divides {heads} (valid: {valid}) or a model with more heads"
+        )
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"kv heads={kv_heads} must divide query heads={heads} (GQA); kv heads cannot be replicated "
+            f"evenly over N={world} ranks otherwise"
+        )
+    return world // math.gcd(world, kv_heads)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group) -> None:
+    """Same shapes on every rank (collective, so a mismatch raises everywhere), then local consistency."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_same_shape(t, group=group, name=name)
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(
+            f"q {tuple(q.shape)} must be [B, L/N, H, D] and k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "[B, L/N, Hkv, D] with equal shapes"
+        )
+    B, Lq, _, D = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, Lq, D):
+        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, local length and head_dim")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+
+
+def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group):
+    """``[B, L/N, H, D]`` sequence shards -> ``[B, L, H/N, D]`` head shards of q, k, v (one all-to-all).
+
+    The gathered sequence is rank-major (rank 0's shard first), i.e. the layout's order, not global order.
+    """
+    n = group_size(group)
+    B, Lq, H, D = q.shape
+    rep = kv_replication(H, k.shape[2], n)  # raises (on every rank alike) before any communication
+    if rep > 1:  # GQA with fewer kv heads than ranks: the least replication that splits evenly
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    Hk = k.shape[2]
+    # Interleave per destination rank so that one all-to-all carries q, k and v: piece j = (q_j, k_j, v_j).
+    packed = torch.cat([t.reshape(B, Lq, n, -1, D) for t in (q, k, v)], dim=3).reshape(B, Lq, -1, D)
+    heads = all_to_all(packed, group=group, scatter_dim=2, gather_dim=1)
+    return heads.split([H // n, Hk // n, Hk // n], dim=2)
+
+
+def heads_to_seq(out: torch.Tensor, *, group: Group) -> torch.Tensor:
+    """``[B, L, H/N, D]`` head shard -> ``[B, L/N, H, D]`` sequence shard (the inverse all-to-all)."""
+    return all_to_all(out, group=group, scatter_dim=1, gather_dim=2)
+
+
+def layout_order(seq_len: int, world: int, layout: str, device=None) -> torch.Tensor:
+    """Global position of each token of the rank-major concatenation of all shards, ``[L]``."""
+    return torch.cat([global_index(seq_len, world, r, layout, device=device) for r in range(world)])
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    layout: Layout = "contiguous",
+) -> torch.Tensor:
+    """Exact attention of a sequence sharded over ``group``, by two all-to-alls (DeepSpeed-Ulysses).
+
+    Args:
+        q: ``[B, L/N, H, D]`` this rank's shard in ``layout``; H must be divisible by N.
+        k, v: ``[B, L/N, Hkv, D]``, Hkv dividing H (GQA; Hkv < N is fine, see the module docstring).
+        group: the SP process group (None = one device).
+        causal: causal mask over GLOBAL positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        layout: ``"contiguous"`` or ``"zigzag"`` (seqpar.sharding); the output uses the same layout.
+
+    Returns:
+        ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
+
+    Raises:
+        ValueError on every rank: heads not divisible by N, kv heads not dividing heads, shapes differing
+        across ranks, a sequence that the layout cannot split.
+    """
+    n = group_size(group)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    check_qkv(q, k, v, group=group)
+    seq_len = q.shape[1] * n
+    check_divisible(seq_len, n, layout, name="sequence length (q.shape[1] * N)")
+    qh, kh, vh = seq_to_heads(q, k, v, group=group)
+    if layout == "zigzag" and n > 1 and causal:
+        # Put the gathered sequence into global order: the mask becomes plain causal (fused kernels apply),
+        # and a permutation of [B, L, H/N, D] is cheap next to O(L^2) attention.
+        order = layout_order(seq_len, n, layout, device=q.device)
+        to_global = torch.argsort(order)
+        qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
+        out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), True, softmax_scale)
+        out = out.index_select(1, order)
+    else:  # contiguous is already in global order; without a mask the order does not matter
+        out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), bool(causal), softmax_scale)
+    return heads_to_seq(out, group=group)

@@ -1,0 +1,207 @@
+"""allgather_attention (LASP-2H softmax part) vs the float64 dense reference on the whole sequence.
+
+Two spawns run every case: W=3, and W=4 which also runs W=2 on the sub-groups {0, 1} and {2, 3} (group
+ranks then differ from global ranks, as under DP x SP); W=1 runs in-process with group=None. The helpers
+here (``compare_case``, ``spawn_worlds``, ``collect_errors``, ``assert_errors``, ``TOL``) are shared by
+tests/test_ulysses.py and tests/test_usp.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from seqpar.comm import ByteCounter
+from seqpar.sharding import shard
+from tests.dist import run_ranks
+from tests.reference import causal_mask, dense_attention, rel_err, segment_mask
+
+# float32: 1e-5 of the output scale (the brief's bound); bf16: inputs, output and gradients are rounded
+# to 8 bits of mantissa, so ~2e-2; float64: only summation order differs.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+
+
+def full_inputs(B, L, H, Hkv, D, dtype, seed):
+    """Whole-sequence q, k, v and upstream gradient, generated in float64 and rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, L, H, D), (B, L, Hkv, D), (B, L, Hkv, D), (B, L, H, D)]
+    return [torch.randn(s, generator=g, dtype=F64).to(dtype) for s in shapes]
+
+
+def reference(q, k, v, dout, causal, cu_seqlens=None, scale=None):
+    """float64 dense attention of the (rounded) inputs, with its gradients."""
+    L = q.shape[1]
+    mask = causal_mask(L, L) if causal else torch.ones(L, L, dtype=torch.bool)
+    if cu_seqlens is not None:
+        seg = torch.zeros(L, dtype=torch.long)
+        for start in cu_seqlens[1:-1].tolist():  # document id: how many boundaries lie at or before
+            seg[start:] += 1
+        mask = mask & segment_mask(seg, seg)
+    qr, kr, vr = (t.to(F64, copy=True).requires_grad_() for t in (q, k, v))
+    out, _ = dense_attention(qr, kr, vr, mask, scale=scale)
+    out.backward(dout.double())
+    return out.detach(), qr.grad, kr.grad, vr.grad
+
+
+def compare_case(fn, rank, world, group, *, B=2, Lq=16, H=4, Hkv=4, D=16, dtype=F64, causal=True,
+                 seed=0, shard_layout="zigzag", cu_seqlens=None, **kw) -> dict:
+    """Run ``fn`` on this rank's shard; relative errors of out, dq, dk, dv against the reference."""
+    L = Lq * world
+    q, k, v, dout = full_inputs(B, L, H, Hkv, D, dtype, seed)
+    ref = reference(q, k, v, dout, causal, cu_seqlens, kw.get("softmax_scale"))
+    local = [shard(t, layout=shard_layout, rank=rank, world_size=world).requires_grad_() for t in (q, k, v)]
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    out = fn(*local, group=group, causal=causal, **extra, **kw)
+    out.backward(shard(dout, layout=shard_layout, rank=rank, world_size=world))
+    got = [out, *(t.grad for t in local)]
+    assert all(t.dtype == dtype for t in got), [t.dtype for t in got]
+    assert all(t.shape == x.shape for t, x in zip(got, [local[0], *local])), "output/gradient shapes"
+    return {name: rel_err(g, shard(r, layout=shard_layout, rank=rank, world_size=world))
+            for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+
+
+def _worlds(rank, world, group, check) -> dict:
+    """Run ``check`` on the spawned world and, in a world of 4, again on two sub-groups of 2."""
+    out = {world: check(rank, world, group)}
+    if world == 4:
+        subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
+        out[2] = check(rank % 2, 2, subs[rank // 2])
+    return out
+
+
+def spawn_worlds(check, world: int) -> dict[int, list]:
+    """``{W: per-rank results}``: W=1 in-process (group=None), W=3 alone, W=4 with W=2 inside."""
+    if world == 1:
+        return {1: [check(0, 1, None)]}
+    per_rank = run_ranks(_worlds, world, args=(check,), timeout=150)
+    return {w: [r[w] for r in per_rank] for w in per_rank[0]}
+
+
+WORLDS = dict(params=[1, 3, 4], ids=["W1", "W3", "W4+W2"])
+
+
+def collect_errors(results: list[dict]) -> dict:
+    """Worst error over ranks per case (and the case's tolerance under ``"tol"``)."""
+    cases = results[0]["cases"]
+    return {c: {k: max(r["cases"][c][k] for r in results) for k in cases[c]} for c in cases}
+
+
+def error_of(call, *words) -> tuple[str, tuple]:
+    """Run ``call``; return (its ValueError message or what happened instead, the words it must name)."""
+    try:
+        call()
+    except ValueError as err:
+        return str(err), words
+    return "no error raised", words
+
+
+def assert_errors(results: list[dict], world: int) -> None:
+    """Every rank raised every expected error, each naming its words."""
+    for rank, r in enumerate(results):
+        for case, (msg, words) in r["bad"].items():
+            assert all(w in msg for w in words), (world, rank, case, words, msg)
+    assert all(set(r["bad"]) == set(results[0]["bad"]) for r in results)
+    assert ("shape" in results[0]["bad"]) == (world > 1)
+
+
+# ----------------------------------------------------------------------------------------- rank side
+
+
+def _cases(world: int) -> dict:
+    cases = {}
+    for layout in ("zigzag", "contiguous"):
+        for causal in (True, False):
+            for H, Hkv in ((4, 4), (8, 2)):
+                for dtype in (F64, F32):
+                    cases[f"{layout}-c{int(causal)}-{H}x{Hkv}-{dtype}"] = dict(
+                        layout=layout, causal=causal, H=H, Hkv=Hkv, dtype=dtype)
+        cases[f"{layout}-bf16"] = dict(layout=layout, causal=True, H=8, Hkv=2, dtype=BF16)
+    cases["zigzag-d80"] = dict(layout="zigzag", causal=True, H=4, Hkv=1, D=80, dtype=F32, Lq=8)
+    # Packed documents crossing rank boundaries (and one empty document).
+    L = 16 * world
+    cu = torch.tensor([0, 5, 5, L // 2 + 3, L - 2, L])
+    for layout in ("zigzag", "contiguous"):
+        for causal in (True, False):
+            for dtype in (F64, F32):
+                cases[f"varlen-{layout}-c{int(causal)}-{dtype}"] = dict(
+                    layout=layout, causal=causal, H=4, Hkv=2, dtype=dtype, cu_seqlens=cu)
+    return cases
+
+
+def _bytes_checks(rank, world, group) -> dict:
+    """ByteCounter totals vs the docstring's formulas (forward all-gather, backward reduce-scatter)."""
+    from seqpar.attention import allgather_attention
+
+    found = {}
+    for dtype in (F32, BF16):
+        B, Lq, H, Hkv, D = 2, 8, 4, 2, 16
+        q, k, v = (torch.randn(B, Lq, h, D, dtype=dtype, requires_grad=True) for h in (H, Hkv, Hkv))
+        b_kv = B * Lq * Hkv * D * k.element_size()
+        a = 2 if dtype == BF16 else 1
+        with ByteCounter() as fwd:
+            out = allgather_attention(q, k, v, group=group)
+        with ByteCounter() as bwd:
+            out.sum().backward()
+        fwd_bytes, bwd_bytes = (world - 1) * 2 * b_kv, (world - 1) * 2 * a * b_kv
+        found[str(dtype)] = {
+            "measured": (fwd.sent, fwd.received, dict(fwd.by_op), bwd.sent, bwd.received, dict(bwd.by_op)),
+            "formula": (fwd_bytes, fwd_bytes, {"all_gather": fwd_bytes} if world > 1 else {},
+                        bwd_bytes, bwd_bytes, {"reduce_scatter": bwd_bytes} if world > 1 else {}),
+        }
+    return found
+
+
+def _bad_input_checks(rank, world, group) -> dict:
+    from seqpar.attention import allgather_attention
+
+    def call(Lq=8, H=4, Hkv=2, **kw):
+        q, k, v = (torch.randn(2, Lq, h, 16) for h in (H, Hkv, Hkv))
+        return lambda: allgather_attention(q, k, v, group=group, **kw)
+
+    msgs = {
+        "kv_heads": error_of(call(H=8, Hkv=3), "kv heads=3", "heads=8"),
+        "odd_zigzag": error_of(call(Lq=5), "sequence length", "multiple of", "zigzag"),
+        "layout": error_of(call(layout="zig"), "layout='zig'", "contiguous"),
+        "cu_seqlens": error_of(call(cu_seqlens=torch.tensor([0, 3, 8 * world - 1])), "cu_seqlens", "0 to"),
+    }
+    if world > 1:  # the last rank passes a longer shard: every rank must raise, none may hang
+        msgs["shape"] = error_of(call(Lq=8 + 2 * (rank == world - 1)), "q has different shapes")
+    return msgs
+
+
+def _all_checks(rank, world, group) -> dict:
+    from seqpar.attention import allgather_attention
+
+    cases = {name: {**compare_case(allgather_attention, rank, world, group, shard_layout=c["layout"], **c),
+                     "tol": TOL[c["dtype"]]} for name, c in _cases(world).items()}
+    return {"cases": cases, "bytes": _bytes_checks(rank, world, group),
+            "bad": _bad_input_checks(rank, world, group)}
+
+
+# ----------------------------------------------------------------------------------------- pytest side
+
+
+@pytest.fixture(scope="module", **WORLDS)
+def worlds(request):
+    return spawn_worlds(_all_checks, request.param)
+
+
+def test_matches_float64_reference(worlds):
+    for world, results in worlds.items():
+        for name, errs in collect_errors(results).items():
+            tol = errs.pop("tol")
+            assert max(errs.values()) <= tol, (world, name, errs)
+
+
+def test_bytes_match_formula(worlds):
+    for world, results in worlds.items():
+        for r in results:
+            for dtype, b in r["bytes"].items():
+                assert b["measured"] == b["formula"], (world, dtype, b)
+
+
+def test_bad_inputs_raise_on_every_rank(worlds):
+    for world, results in worlds.items():
+        assert_errors(results, world)
