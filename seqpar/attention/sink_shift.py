@@ -1,0 +1,163 @@
+"""SinkLoRA SF-Attn: LongLoRA's shifted groups put back in place, plus global attention to sink tokens.
+
+Zhang 2024, "SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models".
+
+Semantics on the global sequence of L tokens, group size G, S sink tokens (default 4), causal: S2-Attn
+without wrap-around (``shift_short.py``: heads ``[0, H/2)`` in groups ``[jG, (j+1)G)``, heads ``[H/2, H)`` in
+groups shifted by G/2 with a half group at each end, every output at its own position), and in every head
+each query t also sees the sink keys ``s < S`` with ``s <= t``. A key that is both in t's group and a sink is
+counted once: the sink block of query t only holds the sinks before t's group (``s < start(t)``), computed as
+one causal block with ``q_pos = start(t) - 1``, and merged with the group result by log-sum-exp.
+
+Sequence parallel (contiguous layout, ``n % G == 0``, ``S <= n`` so that the sinks live on rank 0): the group
+part exchanges the S2-Attn halo; the sinks' K/V (all kv heads) are broadcast from rank 0; in the backward their
+dK/dV are summed onto rank 0 (a reduce). Nothing else is communicated.
+
+Bytes per call and rank, halo ``h = B · (G/2) · (Hkv/2) · D · 2``, sinks ``s = B · S · Hkv · D · 2`` elements,
+e = itemsize of k/v, a = itemsize of the accumulation dtype (4; 8 for float64), ``ByteCounter`` op names:
+
+* forward:  ``"halo"``: send ``h · e`` to r+1 (r < N-1), receive ``h · e`` from r-1 (r > 0);
+  ``"broadcast"``: rank 0 sends ``(N-1) · s · e``, every other rank receives ``s · e``;
+* backward: ``"halo"``: send ``h · a`` to r-1 (r > 0), receive ``h · a`` from r+1 (r < N-1);
+  ``"reduce"``: every rank but 0 sends ``s · a``, rank 0 receives ``(N-1) · s · a``.
+
+An all-gather of K and V would send ``(N-1) · B · n · Hkv · D · 2 · e`` per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.attention.shift_short import (
+    ShiftPlan,
+    group_start,
+    make_plan,
+    shift_short_backward,
+    shift_short_forward,
+)
+from seqpar.comm import Group, _record, broadcast_tensor, global_rank, nbytes
+from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
+from seqpar.sharding import global_index
+
+# The sink block's mask comes from explicit positions; "auto" would send a square block (n == S) to the fused
+# kernel, which ignores q_pos/k_pos. The block is only [n x S], so the tiled torch path costs little.
+_SINK_BACKEND = "torch"
+
+
+def _reduce_to_first(x: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
+    """Sum ``x`` over the group onto group rank 0 (the sinks' owner); other ranks' result is meaningless."""
+    if plan.world == 1:
+        return x
+    x = x.contiguous()
+    root = plan.rank == 0
+    _record("reduce", 0 if root else nbytes(x), (plan.world - 1) * nbytes(x) if root else 0)
+    dist.reduce(x, dst=global_rank(plan.group, 0), group=plan.group)
+    return x
+
+
+def _sink_kv(k: torch.Tensor, v: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
+    """``[2, B, S, Hkv, D]``: K, V of the first S tokens of the sequence, from rank 0."""
+    S = plan.num_sink_tokens
+    sinks = torch.stack([k[:, :S], v[:, :S]]) if plan.rank == 0 else k.new_empty((2, k.shape[0], S, *k.shape[2:]))
+    return broadcast_tensor(sinks, plan.group, src=0)
+
+
+def _sink_masks(plan: ShiftPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per head half, ``(q_pos, k_pos)`` making causal mean ``s < start(t)``: the sinks outside t's group."""
+    n, G = plan.local_len, plan.group_size
+    pos = global_index(n * plan.world, plan.world, plan.rank, "contiguous", device=device)
+    k_pos = torch.arange(plan.num_sink_tokens, device=device)
+    return [(group_start(pos, G, shifted=shifted) - 1, k_pos) for shifted in (False, True)]
+
+
+def _head_halves(x: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    c = x.shape[dim] // 2
+    return [x.narrow(dim, 0, c), x.narrow(dim, c, c)]
+
+
+def sink_shift_forward(q, k, v, plan: ShiftPlan):
+    """``(out [B, n, H, D], lse [B, H, n])`` (accumulation dtype), the halo and the sinks ``[2, B, S, Hkv, D]``."""
+    sinks = _sink_kv(k, v, plan) if plan.num_sink_tokens else None
+    out, lse, halo = shift_short_forward(q, k, v, plan)
+    if sinks is None:
+        return out, lse, halo, None
+    parts = []
+    for qh, sk, sv, (q_pos, k_pos) in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
+                                          _sink_masks(plan, q.device)):
+        parts.append(block_attention(qh, sk, sv, causal=True, q_pos=q_pos, k_pos=k_pos, backend=_SINK_BACKEND,
+                                     softmax_scale=plan.softmax_scale))
+    sink_out = torch.cat([o for o, _ in parts], dim=2)
+    sink_lse = torch.cat([s for _, s in parts], dim=1)
+    out, lse = merge_partials(out, lse, sink_out, sink_lse)
+    return out, lse, halo, sinks
+
+
+def sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, plan: ShiftPlan):
+    """``(dq, dk, dv)`` in the accumulation dtype; the sinks' dK/dV are summed onto rank 0."""
+    dq, dk, dv = shift_short_backward(dout, q, k, v, out, lse, halo, plan)
+    if sinks is None:
+        return dq, dk, dv
+    d_sinks = torch.zeros(sinks.shape, dtype=acc_dtype(q.dtype), device=q.device)
+    halves = zip(_head_halves(dout, 2), _head_halves(q, 2), _head_halves(out, 2), _head_halves(lse, 1),
+                 _head_halves(sinks, 3), _head_halves(dq, 2), _head_halves(d_sinks, 3), _sink_masks(plan, q.device))
+    for do, qh, o, s, kv, dqh, dkv, (q_pos, k_pos) in halves:
+        gq, gk, gv = block_attention_backward(do, qh, kv[0], kv[1], o, s, causal=True, q_pos=q_pos, k_pos=k_pos,
+                                              backend=_SINK_BACKEND, softmax_scale=plan.softmax_scale)
+        dqh += gq  # views into dq / d_sinks
+        dkv[0] += gk
+        dkv[1] += gv
+    d_sinks = _reduce_to_first(d_sinks, plan)
+    if plan.rank == 0:
+        S = plan.num_sink_tokens
+        dk[:, :S] += d_sinks[0]
+        dv[:, :S] += d_sinks[1]
+    return dq, dk, dv
+
+
+class SinkShiftAttention(torch.autograd.Function):
+    """Shapes: q [B, n, H, D], k/v [B, n, Hkv, D] -> out [B, n, H, D]; saved: merged out/lse (accumulation
+    dtype), the halo [2, B, G/2, Hkv/2, D] and the sinks [2, B, S, Hkv, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: ShiftPlan):
+        out, lse, halo, sinks = sink_shift_forward(q, k, v, plan)
+        ctx.plan, ctx.has = plan, (halo is not None, sinks is not None)
+        ctx.save_for_backward(q, k, v, out, lse, *[t for t in (halo, sinks) if t is not None])
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *extra = ctx.saved_tensors
+        halo = extra.pop(0) if ctx.has[0] else None
+        sinks = extra.pop(0) if ctx.has[1] else None
+        dq, dk, dv = sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, ctx.plan)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def sink_shift_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group_size: int,
+    num_sink_tokens: int = 4,
+    group: Group = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """SinkLoRA SF-Attn (causal) of this rank's contiguous shard.
+
+    Args:
+        q: ``[B, n, H, D]``, this rank's tokens ``[r n, (r+1) n)`` (contiguous layout); H even.
+        k, v: ``[B, n, Hkv, D]``, Hkv even and dividing H (GQA).
+        group_size: G, even, dividing n.
+        num_sink_tokens: S in ``[0, n]``: the first S tokens of the sequence, seen by every query (0: S2-Attn).
+        group: the SP process group; None = one device.
+        softmax_scale: defaults to ``D ** -0.5``.
+
+    Returns:
+        ``[B, n, H, D]`` in q's dtype; differentiable in q, k, v (hand-written backward).
+    """
+    plan = make_plan(q, k, v, group=group, group_size=group_size, wrap=False, num_sink_tokens=num_sink_tokens,
+                     softmax_scale=softmax_scale, caller="sink_shift_attention")
+    return SinkShiftAttention.apply(q, k, v, plan)

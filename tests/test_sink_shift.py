@@ -1,0 +1,153 @@
+"""SinkLoRA SF-Attn (``sink_shift_attention``) vs a dense float64 reference (S2-Attn groups without wrap plus
+causal sink tokens, mask built from the definition in ``tests/test_shift_short.py``), on one device
+(group=None, in process) and on W = 2, 3, 4 gloo ranks; one spawn per world size runs every case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.attention import sink_shift_attention
+from seqpar.comm import ByteCounter
+from seqpar.sharding import shard
+from tests.dist import run_ranks
+from tests.reference import dense_attention
+from tests.test_shift_short import TOL, raises_message, run_case, s2_mask
+
+f64, f32, bf16 = torch.float64, torch.float32, torch.bfloat16
+CASES = [  # n = local length; L = n * W; S = None: the default (4)
+    dict(name="mha", B=2, n=16, H=4, Hkv=4, D=16, G=8, S=None, dtype=f64),
+    dict(name="gqa", B=2, n=16, H=8, Hkv=2, D=16, G=4, S=3, dtype=f64),
+    # rank 1's halo [4, 8) holds sinks 4, 5: they must be counted once
+    dict(name="sinks_in_halo", B=2, n=8, H=4, Hkv=2, D=16, G=8, S=6, dtype=f64),
+    dict(name="sinks_fill_rank0", B=1, n=8, H=4, Hkv=2, D=16, G=4, S=8, dtype=f64, scale=0.3),
+    dict(name="no_sinks", B=2, n=16, H=4, Hkv=2, D=16, G=8, S=0, dtype=f64),
+    dict(name="fp32", B=2, n=16, H=4, Hkv=2, D=16, G=8, S=4, dtype=f32),
+    dict(name="bf16", B=2, n=16, H=4, Hkv=2, D=16, G=8, S=4, dtype=bf16),
+]
+
+
+def _accuracy(world: int, group) -> dict:
+    out = {}
+    for i, case in enumerate(CASES):
+        kwargs = dict(group_size=case["G"], softmax_scale=case.get("scale"))
+        if case["S"] is not None:
+            kwargs["num_sink_tokens"] = case["S"]
+        S = 4 if case["S"] is None else case["S"]
+        mask = s2_mask(case["n"] * world, case["H"], case["G"], num_sink_tokens=S)
+        out[case["name"]] = run_case(sink_shift_attention, case, kwargs, mask, world, group, seed=100 + i)
+    return out
+
+
+def _positions(world: int, group) -> list | None:
+    """Tiny case L=8, G=4, S=3: q = k = 0 (uniform attention), v = token index: out = mean of visible indices."""
+    if 8 % (4 * world):
+        return None
+    v = torch.arange(8, dtype=f64).view(1, 8, 1, 1).expand(1, 8, 2, 1)
+    v = shard(v, group=group, layout="contiguous")
+    out = sink_shift_attention(torch.zeros_like(v), torch.zeros_like(v), v, group_size=4, num_sink_tokens=3,
+                               group=group)
+    return out[0, :, :, 0].T.tolist()
+
+
+def _bytes(world: int, group) -> dict:
+    B, n, H, Hkv, D, G, S = 2, 16, 4, 4, 16, 8, 4
+    q = torch.randn(B, n, H, D, dtype=f64, requires_grad=True)
+    k, v = (torch.randn(B, n, Hkv, D, dtype=f64, requires_grad=True) for _ in range(2))
+    with ByteCounter() as fwd:
+        out = sink_shift_attention(q, k, v, group_size=G, num_sink_tokens=S, group=group)
+    with ByteCounter() as bwd:
+        out.sum().backward()
+    return {"fwd": dict(fwd.by_op), "bwd": dict(bwd.by_op), "totals": (fwd.sent, fwd.received, bwd.sent, bwd.received)}
+
+
+def _errors(world: int, group, rank: int) -> dict:
+    q, kv = torch.zeros(1, 16, 4, 8, dtype=f64), torch.zeros(1, 16, 2, 8, dtype=f64)
+    call = lambda **kw: lambda: sink_shift_attention(q, kv, kv, group=group, **kw)  # noqa: E731
+    msgs = {
+        "too_many_sinks": raises_message(call(group_size=8, num_sink_tokens=17)),
+        "negative_sinks": raises_message(call(group_size=8, num_sink_tokens=-1)),
+        "bad_group": raises_message(call(group_size=6)),
+    }
+    if world > 1:  # only the last rank differs: every rank must still raise
+        msgs["sink_mismatch"] = raises_message(call(group_size=8, num_sink_tokens=2 if rank == world - 1 else 4))
+    assert sink_shift_attention(q, kv, kv, group_size=8, group=group).shape == q.shape  # group still healthy
+    return msgs
+
+
+def _checks(rank: int, world: int, group) -> dict:
+    return {"accuracy": _accuracy(world, group), "positions": _positions(world, group),
+            "bytes": _bytes(world, group), "errors": _errors(world, group, rank)}
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
+def world_results(request):
+    world = request.param
+    if world == 1:  # group=None: the single-device path, in process
+        return world, [_checks(0, 1, None)]
+    return world, run_ranks(_checks, world)
+
+
+def test_matches_dense_reference(world_results):
+    world, results = world_results
+    dtypes = {c["name"]: c["dtype"] for c in CASES}
+    for rank, res in enumerate(results):
+        for name, errs in res["accuracy"].items():
+            tol = TOL[dtypes[name]]
+            for what, err in errs.items():
+                assert err <= tol, f"W={world} rank={rank} case={name} {what}: {err:.3g} > {tol}"
+
+
+# Hand-computed (L=8, G=4, S=3): mean of the visible token indices; heads [unshifted, shifted]. Sinks 0, 1, 2
+# inside a query's own group are counted once.
+EXPECT_POSITIONS = [
+    [0, 0.5, 1, 1.5, 7 / 4, 12 / 5, 18 / 6, 25 / 7],  # groups [0,4) [4,8) + sinks {0,1,2}
+    [0, 0.5, 1, 1.5, 2, 2.5, 9 / 4, 16 / 5],  # groups [0,2) [2,6) [6,8) + sinks {0,1,2}
+]
+
+
+def test_reference_mask_matches_hand_computed_case():
+    v = torch.arange(8, dtype=f64).view(1, 8, 1, 1).expand(1, 8, 2, 1)
+    out, _ = dense_attention(torch.zeros_like(v), torch.zeros_like(v), v, s2_mask(8, 2, 4, num_sink_tokens=3))
+    assert torch.allclose(out[0, :, :, 0].T, torch.tensor(EXPECT_POSITIONS, dtype=f64))
+
+
+def test_outputs_at_their_own_positions(world_results):
+    world, results = world_results
+    if world > 2:
+        pytest.skip("the hand-computed case has L=8, G=4: at most 2 ranks")
+    n = 8 // world
+    for rank, res in enumerate(results):
+        mine = torch.tensor([row[rank * n : (rank + 1) * n] for row in EXPECT_POSITIONS], dtype=f64)
+        got = torch.tensor(res["positions"], dtype=f64)
+        assert torch.allclose(got, mine, rtol=0, atol=1e-12), (world, rank, got)
+
+
+def test_bytes_exact(world_results):
+    """halo h = B (G/2) (Hkv/2) D * 2, sinks s = B S Hkv D * 2 elements; float64 (itemsize 8) both ways."""
+    world, results = world_results
+    h, s = 2 * 4 * 2 * 16 * 2 * 8, 2 * 4 * 4 * 16 * 2 * 8
+    for rank, res in enumerate(r["bytes"] for r in results):
+        if world == 1:
+            assert res["totals"] == (0, 0, 0, 0) and not res["fwd"] and not res["bwd"]
+            continue
+        first, last = rank == 0, rank == world - 1
+        halo_fwd = (0 if last else h, 0 if first else h)  # (sent, received)
+        bcast = ((world - 1) * s, 0) if first else (0, s)
+        reduce = (0, (world - 1) * s) if first else (s, 0)
+        assert res["fwd"] == {"halo": halo_fwd[0], "broadcast": bcast[0]}, (world, rank)
+        assert res["bwd"] == {"halo": halo_fwd[1], "reduce": reduce[0]}, (world, rank)  # by_op counts sent bytes
+        assert res["totals"] == (halo_fwd[0] + bcast[0], halo_fwd[1] + bcast[1],
+                                 halo_fwd[1] + reduce[0], halo_fwd[0] + reduce[1]), (world, rank)
+
+
+def test_bad_inputs_raise_on_every_rank(world_results):
+    world, results = world_results
+    for rank, res in enumerate(results):
+        m = res["errors"]
+        assert "num_sink_tokens=17" in m["too_many_sinks"] and "[0, 16]" in m["too_many_sinks"], rank
+        assert "num_sink_tokens=-1" in m["negative_sinks"], rank
+        assert "group_size=6" in m["bad_group"], rank
+        if world > 1:
+            assert "num_sink_tokens per rank" in m["sink_mismatch"], rank
