@@ -18,7 +18,7 @@ from tests.reference import causal_mask, dense_attention, rel_err, segment_mask
 
 N_LOCAL, B = 32, 2  # tokens per rank (zigzag chunks of 16), batch
 # float32: max abs error relative to the output's scale; bfloat16: inputs rounded to 8 bits of mantissa.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _case(layout="zigzag", causal=True, H=8, Hkv=2, D=16, dtype=torch.float64, docs=False, scale=None):
@@ -88,6 +88,8 @@ def _exact_checks(rank: int, world: int, group) -> dict:
                              layout=c["layout"], cu_seqlens=cu)
         out.backward(shard(dout, group=group, layout=c["layout"]))
         assert out.dtype == c["dtype"] and all(t.grad.dtype == c["dtype"] for t in local), name
+        assert all(torch.equal(t.detach(), shard(x, group=group, layout=c["layout"]))
+                   for t, x in zip(local, (q, k, v))), f"{name}: inputs were modified"
         got = [out.detach()] + [t.grad for t in local]
         refs = reference(q, k, v, dout, c, lengths)
         errs[name] = {key: rel_err(x, shard(r, group=group, layout=c["layout"]))
