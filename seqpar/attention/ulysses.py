@@ -49,18 +49,18 @@ class _LocalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def kv_replication(heads: int, kv_heads: int, world: int) -> int:
+def kv_replication(heads: int, kv_heads: int, world: int, *, what: str = "the group size N") -> int:
     """How many times each kv head is repeated so that ``world`` ranks can each take whole kv heads."""
     if heads % world:
         valid = [n for n in range(1, heads + 1) if heads % n == 0]
         raise ValueError(
-            f"Ulysses splits the heads over the ranks: heads={heads} is not divisible by the group size "
-            f"N={world}; use a group size that divides {heads} (valid: {valid}) or a model with more heads"
+            f"Ulysses splits the heads over the ranks: heads={heads} is not divisible by {what}={world}; "
+            f"use a size that divides {heads} (valid: {valid}) or a model with more heads"
         )
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(
             f"kv heads={kv_heads} must divide query heads={heads} (GQA); kv heads cannot be replicated "
-            f"evenly over N={world} ranks otherwise"
+            f"evenly over {what}={world} ranks otherwise"
         )
     return world // math.gcd(world, kv_heads)
 
@@ -81,14 +81,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
 
 
-def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group):
+def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group,
+                 what: str = "the group size N"):
     """``[B, L/N, H, D]`` sequence shards -> ``[B, L, H/N, D]`` head shards of q, k, v (one all-to-all).
 
     The gathered sequence is rank-major (rank 0's shard first), i.e. the layout's order, not global order.
     """
     n = group_size(group)
     B, Lq, H, D = q.shape
-    rep = kv_replication(H, k.shape[2], n)  # raises (on every rank alike) before any communication
+    rep = kv_replication(H, k.shape[2], n, what=what)  # raises (on every rank alike) before any communication
     if rep > 1:  # GQA with fewer kv heads than ranks: the least replication that splits evenly
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     Hk = k.shape[2]

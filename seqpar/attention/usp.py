@@ -1,0 +1,157 @@
+"""USP: unified (2-D) sequence parallelism, Ulysses over one sub-group and ring attention over the other
+(Fang & Zhao 2024, "USP: A Unified Sequence Parallelism Approach for Long Context Generative AI",
+arXiv:2405.07719; the yunchang library).
+
+The N = u x r ranks of ``group`` form a grid. Group rank ``g = i*u + j``: ring index i, Ulysses index j.
+
+* Ulysses sub-groups are CONSECUTIVE ranks {i*u, ..., i*u + u-1} (put them inside a node: all-to-all is
+  the bandwidth-hungry part); ring sub-groups are STRIDED {j, j+u, ..., j+(r-1)u}.
+* The input is sharded over the whole ``group`` in ``layout`` (``seqpar.sharding.shard`` with N ranks),
+  exactly as for every other primitive, and the output comes back the same way.
+
+Why that composes exactly: the all-to-all over Ulysses group i gathers the shards of ranks i*u..i*u+u-1.
+In the contiguous layout those are tokens [i L/r, (i+1) L/r): ring rank i's contiguous shard over r ranks.
+In the zigzag layout (2N chunks, rank g holds chunks g and 2N-1-g) they are chunks [iu, (i+1)u) and
+[2N-(i+1)u, 2N-iu): precisely ring rank i's two zigzag chunks over r ranks, only interleaved by rank. One
+local permutation puts them in ring-zigzag order; its inverse is applied before the all-to-all back.
+
+    [B, L/N, H, D] --a2a(u)--> [B, L/r, H/u, D] --permute--> ring_attention(r) --unpermute--> --a2a(u)-->
+
+GQA: kv heads are replicated ``rep = u / gcd(u, Hkv)`` times for the Ulysses split (see ulysses.py).
+
+Bytes per call, per rank (``b_q``, ``b_kv`` = bytes of the local q and k; itemsize s; acc = 4, 8 for float64):
+
+    forward:  (u-1)/u (2 b_q + 2 rep b_kv)                     all-to-all, Ulysses sub-group
+              + (r-1) 2 rep b_kv                               ring_attention's K/V ring
+    backward: (u-1)/u (2 b_q + 2 rep b_kv)
+              + (r-1) 2 rep b_kv + [r > 1] r 2 rep b_kv acc / s    ring_attention's K/V and dK/dV rings
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.attention.ring import ring_attention
+from seqpar.attention.ulysses import check_qkv, heads_to_seq, seq_to_heads
+from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
+from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
+
+
+def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
+    """Create the Ulysses and ring sub-groups of ``group`` (collective over the WORLD: call it on every rank,
+    once, and keep the result). Returns ``(ulysses_group, ring_group)`` of this rank.
+
+    Rank layout (group ranks): Ulysses groups {i*u + j : j < u} (consecutive), ring groups {i*u + j : i < r}
+    (strided), with u = ``ulysses_degree`` and r = N / u. When ``group`` is one of several SP groups (DP x SP),
+    every world rank passes its own SP group and the sub-groups of all of them are created.
+    """
+    n = group_size(group)
+    if not isinstance(ulysses_degree, int) or ulysses_degree < 1 or n % ulysses_degree:
+        raise ValueError(
+            f"ulysses_degree={ulysses_degree!r} must divide the SP group size N={n}: use one of "
+            f"{[d for d in range(1, n + 1) if n % d == 0]} (the ring degree is N / ulysses_degree)"
+        )
+    if group is None:
+        return None, None
+    mine = [global_rank(group, i) for i in range(n)]
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)  # every world rank must create every sub-group, in one order
+    u, r = ulysses_degree, n // ulysses_degree
+    sp_groups = sorted({tuple(g) for g in everyone})
+    ulysses, ring = None, None
+    for members in sp_groups:
+        for i in range(r):
+            sub = dist.new_group(list(members[i * u : (i + 1) * u]))
+            ulysses = sub if tuple(mine) == members and group_rank(group) // u == i else ulysses
+        for j in range(u):
+            sub = dist.new_group(list(members[j::u]))
+            ring = sub if tuple(mine) == members and group_rank(group) % u == j else ring
+    return ulysses, ring
+
+
+def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str, device=None) -> torch.Tensor | None:
+    """Index that reorders the rank-major tokens gathered by Ulysses group ``ring_rank`` into the ring
+    rank's ``layout`` shard over ``r`` ranks; None when that is already the order (contiguous, u = 1)."""
+    n = u * r
+    gathered = torch.cat([global_index(seq_len, n, ring_rank * u + j, layout, device=device) for j in range(u)])
+    target = global_index(seq_len, r, ring_rank, layout, device=device)
+    order = torch.argsort(gathered)
+    perm = order[torch.searchsorted(gathered[order], target)]
+    if not torch.equal(gathered[perm], target):  # the composition argument of the module docstring
+        raise AssertionError(f"{layout} shards of a Ulysses group are not a ring shard (u={u}, r={r})")
+    return None if torch.equal(perm, torch.arange(len(perm), device=device)) else perm
+
+
+def _check_groups(group: Group, ulysses_group: Group, ring_group: Group) -> tuple[int, int]:
+    """Sizes (u, r); raises on every rank when the sub-groups do not match make_usp_groups' layout."""
+    n, u, r = group_size(group), group_size(ulysses_group), group_size(ring_group)
+    if n > 1 and ulysses_group is None and ring_group is None:
+        raise ValueError(
+            f"usp_attention over N={n} ranks needs ulysses_group and ring_group: create them once with "
+            "seqpar.attention.usp.make_usp_groups(group, ulysses_degree)"
+        )
+    ok = u * r == n and group_rank(group) == group_rank(ring_group) * u + group_rank(ulysses_group)
+    try:  # a collective comparison, so that a mismatch on some ranks raises on all of them
+        check_same_shape(torch.empty(u, r, int(ok), device="meta"), group=group, name="(u, r, ok)")
+        agreed = True
+    except ValueError:
+        agreed = False
+    if not (agreed and ok):
+        raise ValueError(
+            f"ulysses_group (size u={u}) and ring_group (size r={r}) do not split group (N={n}) as "
+            "make_usp_groups does (u * r = N, group rank = ring rank * u + ulysses rank) on every rank: "
+            "create them with make_usp_groups(group, ulysses_degree)"
+        )
+    return u, r
+
+
+def usp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group = None,
+    ulysses_group: Group = None,
+    ring_group: Group = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    layout: Layout = "zigzag",
+) -> torch.Tensor:
+    """Exact attention of a sequence sharded over ``group``: all-to-all over ``ulysses_group``, ring
+    attention over ``ring_group``, all-to-all back.
+
+    Args:
+        q: ``[B, L/N, H, D]`` this rank's shard over ``group`` in ``layout``; H divisible by u.
+        k, v: ``[B, L/N, Hkv, D]``, Hkv dividing H (GQA).
+        group: the whole SP group of N = u * r ranks (None = one device).
+        ulysses_group, ring_group: this rank's sub-groups from ``make_usp_groups(group, u)``.
+        causal: causal mask over global positions.
+        softmax_scale: defaults to ``D ** -0.5``.
+        layout: ``"zigzag"`` or ``"contiguous"``; the output uses the same layout over ``group``.
+
+    Returns:
+        ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
+
+    Raises:
+        ValueError on every rank: missing or mismatched sub-groups, heads not divisible by u, kv heads not
+        dividing heads, shapes differing across ranks, a sequence the layout cannot split.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    u, r = _check_groups(group, ulysses_group, ring_group)
+    check_qkv(q, k, v, group=group)
+    seq_len = q.shape[1] * u * r
+    check_divisible(seq_len, u * r, layout, name="sequence length (q.shape[1] * N)")
+    # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
+    qh, kh, vh = seq_to_heads(q, k, v, group=ulysses_group, what="the Ulysses degree u")
+    perm = ring_order(seq_len, u, r, group_rank(ring_group), layout, device=q.device)
+    if perm is not None:
+        qh, kh, vh = (t.index_select(1, perm) for t in (qh, kh, vh))
+    # Step 2: exact attention of the ring shard against the whole sequence.
+    out = ring_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), group=ring_group, causal=causal,
+                         softmax_scale=softmax_scale, layout=layout)
+    # Step 3: undo the permutation, back to sequence shards of all heads.
+    if perm is not None:
+        out = out.index_select(1, torch.argsort(perm))
+    return heads_to_seq(out, group=ulysses_group)
