@@ -141,3 +141,17 @@ def test_kept_set_is_top_heavy_plus_recent():
                 assert (layer.scores[b, hk] - want).abs().max() < 1e-12
                 assert torch.equal(layer.keys[b, hk], torch.cat(state["k"], 2)[b, hk, kept])
     assert layer.keys.shape[-2] == heavy + recent and cache.get_seq_length() == 16
+
+
+def test_left_padding_with_eviction_equals_unpadded_row(saved_models):
+    """A left-padded row under a small budget generates what the same row does alone: padding never takes a
+    heavy slot, padded queries add no score, and kept tokens keep their padding flag after eviction."""
+    model = _load(saved_models["llama"], H2O_ATTENTION)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    for pad in (4, 9):  # 9: too few real tokens, so a (masked) padding token must fill a heavy slot
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        seq, logits = _generate(model, ids, mask, H2OCache(heavy=3, recent=2), new=8)
+        alone, alone_logits = _generate(model, ids[1:, pad:], mask[1:, pad:], H2OCache(heavy=3, recent=2), new=8)
+        assert torch.equal(seq[1, pad:], alone[0])
+        assert (logits[:, 1] - alone_logits[:, 0]).abs().max() < 1e-10

@@ -26,6 +26,10 @@ Example::
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=H2O_ATTENTION)
     out = model.generate(ids, max_new_tokens=64, past_key_values=H2OCache(heavy=64, recent=64))
+    # transformers >= 5.2x also accepts (and prefers) cache=H2OCache(...); past_key_values= warns but works.
+
+Limits: sliding-window layers see the kept tokens as the last ``kept`` positions (exact until eviction starts);
+no crop(), so no assisted/speculative decoding; beam search reorders the scores with the keys.
 """
 
 from __future__ import annotations
