@@ -1,0 +1,93 @@
+"""``seqpar train RECIPE [key=value ...] [--dry-run] [--resume]``.
+
+Started by ``torchrun --nproc_per_node N -m seqpar train ...``, by ``srun`` (one task per rank, SLURM
+variables), by ``accelerate launch -m seqpar train ...``, or as one plain process. ``--dry-run`` resolves
+and validates the recipe and prints the process layout without starting any process group or reading
+model weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from seqpar.train.recipe import Recipe, RecipeError, load_recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides read as YAML scalars, e.g. trainer.max_steps=10 attention.sp_size=2")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe and process layout, then exit")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="world size to plan for in --dry-run (default: WORLD_SIZE, else launch.nnodes x "
+                             "launch.nproc_per_node)")
+
+
+def planned_world(recipe: Recipe, override: int | None) -> int:
+    if override is not None:
+        return override
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return recipe.launch.nnodes * recipe.launch.nproc_per_node
+
+
+def describe_plan(recipe: Recipe, world: int, config) -> str:
+    from seqpar.parallel import group_ranks
+    from seqpar.train.model import config_source, rope_factor
+    from seqpar.train.validate import effective_layout
+
+    a, t, d = recipe.attention, recipe.trainer, recipe.data
+    sp_groups, dp_groups = group_ranks(world, a.sp_size)
+    dp = world // a.sp_size
+    lines = [
+        f"model facts from: {config_source(recipe)}",
+        f"model_type {getattr(config, 'model_type', '?')}, heads {getattr(config, 'num_attention_heads', '?')}, "
+        f"kv heads {getattr(config, 'num_key_value_heads', '?')}, "
+        f"max positions {getattr(config, 'max_position_embeddings', '?')}",
+        f"world {world} = {recipe.launch.nnodes} node(s) x {recipe.launch.nproc_per_node}: "
+        f"sp_size {a.sp_size} x dp_size {dp}",
+        f"SP groups (consecutive ranks): {sp_groups}",
+        f"DP groups (strided ranks): {dp_groups}",
+        f"attention {a.name}, layout {effective_layout(recipe)}: {d.seq_len} tokens per sequence, "
+        f"{d.seq_len // a.sp_size} per rank",
+        f"global batch {t.micro_batch} x {t.grad_accum} (accum) x {dp} (dp) = "
+        f"{t.micro_batch * t.grad_accum * dp} sequences = {t.micro_batch * t.grad_accum * dp * d.seq_len} tokens/step",
+        f"deepspeed ZeRO-{recipe.deepspeed.zero_stage}, offload {recipe.deepspeed.offload}, dtype {t.dtype}, "
+        f"{t.max_steps} steps, lr {t.lr:g} ({t.schedule}, warm-up {t.warmup_steps})",
+    ]
+    if recipe.rope_scaling.type:
+        lines.append(f"rope_scaling {recipe.rope_scaling.type}, factor {rope_factor(recipe, config):g}")
+    if recipe.lora.enabled:
+        lo = recipe.lora
+        lines.append(f"LoRA r={lo.r} alpha={lo.alpha:g} on {lo.targets}; also trainable: {lo.trainable}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from seqpar.train.validate import validate
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            world = planned_world(recipe, args.world_size)
+            config = validate(recipe, world)
+            print("# resolved recipe")
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
+            print("# planned process layout (dry run: no process group started, no weights read)")
+            print(describe_plan(recipe, world, config))
+            return 0
+        validate(recipe)  # fail fast, before the rendezvous; the world-size checks run again inside train()
+    except RecipeError as err:
+        print(f"seqpar train: {err}", file=sys.stderr)
+        return 2
+    from seqpar.train.trainer import train
+
+    train(recipe, resume=args.resume)
+    return 0

@@ -1,0 +1,93 @@
+"""Run metrics: a JSONL file in the output folder (always; tests and scripts read it), wandb (offline unless
+the recipe says otherwise, files under ``<output_dir>/wandb``), and a tqdm bar with loss, tokens/s and ETA.
+
+Only rank 0 writes; peak memory is gathered from every rank at each logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from seqpar.train.recipe import Recipe
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def gather_floats(value: float) -> list[float]:
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+class MetricsLogger:
+    def __init__(self, recipe: Recipe, *, rank: int, start_step: int, resumed: bool):
+        self.rank, self.every = rank, recipe.logging.log_every
+        self.out = Path(recipe.trainer.output_dir)
+        self.wandb = self.bar = None
+        if rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.file = (self.out / "metrics.jsonl").open("a")
+        lg = recipe.logging
+        if lg.wandb and lg.mode != "disabled":
+            os.environ.setdefault("WANDB_DIR", str(self.out / "wandb"))
+            os.environ.setdefault("WANDB_SILENT", "true")
+            (self.out / "wandb").mkdir(exist_ok=True)
+            import wandb
+
+            self.wandb = wandb.init(project=lg.project, name=lg.name, mode=lg.mode, config=recipe.to_dict(),
+                                    dir=os.environ["WANDB_DIR"], resume="allow" if resumed else None)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=recipe.trainer.max_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not sys.stderr.isatty() and os.environ.get("SEQPAR_TQDM") != "1")
+
+    def log(self, step: int, metrics: dict, device: torch.device) -> None:
+        """Collective when the step is logged (peak memory of every rank)."""
+        if step % self.every and step != metrics.get("max_steps"):
+            if self.bar is not None:
+                self.bar.update(1)
+            return
+        metrics = {k: v for k, v in metrics.items() if k != "max_steps"}
+        metrics["peak_memory_mb"] = [round(m, 1) for m in gather_floats(peak_memory_mb(device))]
+        if self.rank != 0:
+            return
+        record = {"step": step, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+            flat.update({f"peak_memory_mb/rank{r}": m for r, m in enumerate(metrics["peak_memory_mb"])})
+            self.wandb.log(flat, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            self.bar.update(1)
+            if not self.bar.disable:
+                return
+        print(f"step {step} loss {metrics['loss']:.6f} lr {metrics['lr']:.3g} "
+              f"tokens/s {metrics['tokens_per_s']:.0f}", flush=True)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,127 @@
+"""Model facts and loading: config (from a local folder, a tiny one from the recipe, or recipe facts for
+--dry-run), RoPE scaling written into that config, and the model itself.
+
+No hub access: ``model.path`` is a local Hugging Face folder; ``model.from_config`` builds a tiny random
+model that rank 0 saves under ``<output_dir>/base_model`` so every rank (and ``seqpar merge-lora`` later)
+loads the very same weights with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from seqpar.train.recipe import LINEAR_MODEL_TYPES, Recipe, RecipeError
+
+BASE_DIR = "base_model"
+
+
+def config_source(recipe: Recipe) -> str:
+    m = recipe.model
+    if m.from_config is not None:
+        return "model.from_config (a randomly initialised model built on the spot)"
+    if m.path and Path(m.path).is_dir():
+        return f"model.path {m.path}"
+    return f"model.config facts written in the recipe (model.path {m.path!r} is not on this machine)"
+
+
+def base_config(recipe: Recipe) -> Any:
+    """The model's config before RoPE scaling: a transformers config, or a namespace of facts."""
+    from transformers import AutoConfig
+
+    m = recipe.model
+    if m.from_config is not None:
+        facts, key = dict(m.from_config), "model.from_config"
+    elif m.path and Path(m.path).is_dir():
+        return AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
+    elif m.config:
+        facts, key = dict(m.config), "model.config"
+    else:
+        raise RecipeError(
+            f"model.path={m.path!r} does not exist and model.config is empty: put the Hugging Face model "
+            "folder at model.path, or (for --dry-run) write its facts under model.config "
+            "(model_type, num_attention_heads, num_key_value_heads, max_position_embeddings, ...)"
+        )
+    model_type = facts.pop("model_type", None)
+    if model_type in LINEAR_MODEL_TYPES:
+        return SimpleNamespace(model_type=model_type, **facts)
+    try:
+        return AutoConfig.for_model(model_type, **facts)
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(f"{key}.model_type={model_type!r}: {err} (use llama, mistral or qwen2)") from err
+
+
+def rope_factor(recipe: Recipe, config: Any) -> float | None:
+    """LongLoRA's linear position interpolation factor: ceil(target length / original context) for 'auto'."""
+    rs = recipe.rope_scaling
+    if rs.type is None:
+        return None
+    if rs.factor in (None, "auto"):
+        orig = rs.original_max_position_embeddings or getattr(config, "max_position_embeddings", None)
+        return float(max(1, math.ceil(recipe.data.seq_len / orig)))
+    return float(rs.factor)
+
+
+def apply_rope_scaling(recipe: Recipe, config: Any) -> dict | None:
+    """Write the recipe's RoPE scaling into ``config`` (so it is saved with every checkpoint)."""
+    factor = rope_factor(recipe, config)
+    if factor is None:
+        return None
+    rs = recipe.rope_scaling
+    spec: dict = {"rope_type": rs.type, "factor": factor}
+    orig = rs.original_max_position_embeddings or getattr(config, "max_position_embeddings", None)
+    if rs.type in ("yarn", "longrope", "llama3", "dynamic"):
+        spec["original_max_position_embeddings"] = orig
+    if hasattr(config, "rope_parameters"):  # transformers >= 5
+        old = dict(getattr(config, "rope_parameters", None) or {})
+        spec["rope_theta"] = old.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        config.rope_parameters = spec
+    else:
+        config.rope_scaling = {"type": rs.type, **spec}
+    return spec
+
+
+def torch_dtype(recipe: Recipe) -> torch.dtype:
+    return torch.bfloat16 if recipe.trainer.dtype == "bf16" else torch.float32
+
+
+def build_base_model(recipe: Recipe, folder: Path, tokenizer) -> None:
+    """Rank 0: build the tiny ``from_config`` model with the recipe's seed and save it (safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    config = base_config(recipe)
+    torch.manual_seed(recipe.trainer.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_model(recipe: Recipe, path: str | Path) -> Any:
+    """The causal LM at ``path`` with the recipe's RoPE scaling and dtype (on CPU; the engine moves it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    if not Path(path).is_dir():
+        raise RecipeError(f"model.path={str(path)!r} does not exist: download the model to that local folder "
+                          "(no hub access is attempted)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    apply_rope_scaling(recipe, config)
+    return AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch_dtype(recipe), trust_remote_code=m.trust_remote_code,
+    )
+
+
+def module_leaf_names(config: Any) -> set[str] | None:
+    """Leaf module names of the model (built on the meta device: no memory), or None when unknown."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    if not isinstance(config, PretrainedConfig):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}

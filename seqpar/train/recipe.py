@@ -1,0 +1,273 @@
+"""Recipe schema: dataclasses are the schema, a YAML file fills them, ``dotted.key=value`` overrides win.
+
+    recipe = load_recipe("recipes/quickstart-cpu.yaml", ["trainer.max_steps=20", "attention.sp_size=1"])
+    validate(recipe, world_size=2)          # raises RecipeError naming every bad key, before any rendezvous
+
+Every check runs before a process group starts, so a bad recipe fails in a second on every rank with the
+key's dotted path, the value it had and what would be valid, instead of after minutes of model loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ATTENTIONS = ("ring", "rsa", "ulysses", "usp", "allgather", "lasp2", "s2", "sf", "full")
+SOFTMAX_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LINEAR_MODEL_TYPES = ("linear_llama", "hybrid_llama")
+# Names other tools use for our keys, suggested when difflib finds nothing close.
+ALIASES = {"learning_rate": "lr", "scheduler": "schedule", "lr_scheduler": "schedule", "warmup": "warmup_steps",
+           "batch_size": "micro_batch", "gradient_accumulation_steps": "grad_accum", "stage": "zero_stage",
+           "rank": "r", "lora_alpha": "alpha", "target_modules": "targets", "max_length": "seq_len",
+           "seq_length": "seq_len", "sequence_length": "seq_len", "steps": "max_steps", "precision": "dtype"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: every message names the dotted key, its value and the fix."""
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # local Hugging Face folder
+    from_config: dict | None = None  # a tiny model built on the spot: {model_type: llama, hidden_size: 64, ...}
+    config: dict = field(default_factory=dict)  # config facts used by --dry-run when `path` is not on disk
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AttentionSection:
+    name: Literal["ring", "rsa", "ulysses", "usp", "allgather", "lasp2", "s2", "sf", "full"] = "full"
+    sp_size: int = 1
+    layout: Literal["zigzag", "contiguous"] | None = None  # None: the primitive's default (zigzag for ring)
+    group_size_ratio: float = 0.25  # s2/sf: group G = ratio x global sequence length (LongLoRA uses 1/4)
+    num_sink_tokens: int = 4  # sf
+    ulysses_degree: int | None = None  # usp: size of the all-to-all sub-group (the ring gets the rest)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    trainable: list[str] = field(default_factory=lambda: ["embed", "norm"])  # LongLoRA+: also train these
+
+
+@dataclass
+class RopeScalingSection:
+    type: Literal["linear", "dynamic", "yarn", "longrope", "llama3"] | None = None
+    factor: float | str | None = None  # a number, or "auto" = ceil(data.seq_len / original max positions)
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass
+class PasskeySection:
+    num_samples: int = 256
+    min_depth: float = 0.0
+    max_depth: float = 1.0
+
+
+@dataclass
+class DataSection:
+    source: Literal["passkey", "files"] = "passkey"
+    files: list[str] = field(default_factory=list)
+    format: Literal["jsonl", "json", "text", "parquet"] | None = None  # None: from the file extension
+    text_field: str = "text"
+    tokenizer: str | None = None  # local folder; default: model.path, or a byte tokenizer for from_config
+    seq_len: int = 256
+    pack: bool = True  # concatenate documents to seq_len, keeping their boundaries (cu_seqlens)
+    passkey: PasskeySection = field(default_factory=PasskeySection)
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 100
+    lr: float = 2e-5
+    schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
+    warmup_steps: int = 20
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 42
+    max_grad_norm: float = 1.0
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: Literal["none", "cpu"] = "none"  # optimizer (and, for ZeRO-3, parameter) offload
+
+
+@dataclass
+class LaunchSection:
+    nnodes: int = 1
+    nproc_per_node: int = 1  # the intended world is nnodes x nproc_per_node (used by --dry-run)
+    device: Literal["cuda", "cpu"] | None = None  # None: cuda when visible
+
+
+@dataclass
+class LoggingSection:
+    wandb: bool = True
+    project: str = "seqpar"
+    name: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # 0: only at the end
+    keep: int = 2
+    resume: Literal["never", "auto"] = "never"
+    dir: str | None = None  # default: <output_dir>/checkpoints
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # 0: never
+    batches: int = 2
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    rope_scaling: RopeScalingSection = field(default_factory=RopeScalingSection)
+    data: DataSection = field(default_factory=DataSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building: YAML dict -> dataclasses, with type checks that name the dotted key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """``value`` checked against ``tp``; raises RecipeError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, "
+                              f"got {value!r}")
+        return _build(tp, value, path + ".")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except RecipeError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+    elif origin is list:
+        if isinstance(value, str) and typing.get_args(tp)[0] is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]  # `lora.targets=q_proj,v_proj`
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif (tp is int and isinstance(value, int) and not isinstance(value, bool)) or (
+        tp in (bool, str, dict, type(None)) and type(value) is tp
+    ):
+        return value
+    raise RecipeError(f"{path}={value!r}: expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = [ALIASES[key]] if ALIASES.get(key) in names else difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise RecipeError(f"{prefix}{key}: unknown key ({hint}valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"trainer.lr=1e-4"`` -> (["trainer", "lr"], 1e-4); the value is read as a YAML scalar."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not dotted.key=value (e.g. trainer.max_steps=10)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _looks_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return key.strip().split("."), value
+
+
+def _looks_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _fix_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    return float(node) if isinstance(node, str) and _looks_float(node) and node.strip().lower() not in (
+        "nan", "inf", "-inf", "infinity") else node
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    data = _fix_floats(dict(data or {}))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(Recipe, data)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist: pass a YAML file such as recipes/quickstart-cpu.yaml")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {str(path)!r}: the top level must be a mapping of sections")
+    return recipe_from_dict(data, overrides)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,165 @@
+"""The training loop: recipe -> process groups -> model (+ LoRA, + seqpar attention) -> DeepSpeed -> steps.
+
+Per optimizer step, each DP rank takes its global batch (all ranks of an SP group take the same one),
+``shard_batch`` keeps this rank's tokens (globally shifted labels, global positions, packed-document
+boundaries), the patched model runs the SP attention primitive, ``sp_cross_entropy`` gives the mean over
+the whole sequence, and ``S x loss`` is backpropagated so that DeepSpeed's average over all ranks is the
+exact data-parallel gradient (seqpar/train/engine.py explains the factor).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from seqpar.parallel import ParallelState
+from seqpar.train import checkpoint as ckpt
+from seqpar.train.data import batch_at, build_dataset, load_tokenizer
+from seqpar.train.engine import build_engine
+from seqpar.train.logging import MetricsLogger
+from seqpar.train.model import BASE_DIR, build_base_model, load_model
+from seqpar.train.recipe import Recipe, RecipeError
+from seqpar.train.validate import validate
+
+VARLEN = ("ring", "allgather", "full")  # primitives that keep packed documents apart (cu_seqlens)
+
+
+def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
+    """The folder every rank loads: model.path, or the tiny from_config model rank 0 saves once."""
+    if recipe.model.from_config is None:
+        return Path(recipe.model.path)
+    folder = Path(recipe.trainer.output_dir) / BASE_DIR
+    if rank == 0 and not (folder / "config.json").is_file():
+        build_base_model(recipe, folder, tokenizer)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
+
+
+def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
+    from seqpar.models import patch_model
+
+    if recipe.attention.name == "lasp2":
+        raise RecipeError("attention.name='lasp2' training needs seqpar.models.linear_llama (not in this build): "
+                          "use --dry-run for LASP-2 recipes for now")
+    model = load_model(recipe, path)
+    model.config.use_cache = False
+    a = recipe.attention
+    patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
+                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree)
+    if recipe.trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.enabled:
+        from seqpar.train.lora import apply_lora
+
+        model = apply_lora(model, recipe.lora)
+    return model
+
+
+def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: torch.device) -> dict:
+    """This rank's shard; packed documents become ``seq_lens`` (rows flattened into one sequence if B > 1)."""
+    from seqpar.models import shard_batch
+    from seqpar.models.patch import resolve_layout
+
+    ids, docs = batch["input_ids"], batch["doc_lens"]
+    full = {"input_ids": ids}
+    if recipe.attention.name in VARLEN and any(len(d) > 1 for d in docs):
+        # Row ends are document ends, so one row of B x L tokens with the documents marked is the same batch.
+        full = {"input_ids": ids.reshape(1, -1), "seq_lens": [n for d in docs for n in d]}
+    layout = resolve_layout(recipe.attention.name, recipe.attention.layout)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in shard_batch(full, parallel, layout).items()}
+
+
+def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: ParallelState) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the loss averaged over micro-batches and DP."""
+    from seqpar.models import sp_cross_entropy
+
+    total = 0.0
+    for micro in range(recipe.trainer.grad_accum):
+        batch = batch_at(samples, recipe, step, micro, parallel.dp_rank, parallel.dp_size)
+        sp = local_batch(batch, recipe, parallel, parallel.device)
+        labels = sp.pop("labels")
+        logits = engine(**sp, use_cache=False).logits
+        loss = sp_cross_entropy(logits, labels, parallel)
+        engine.backward(loss * parallel.sp_size)  # DeepSpeed divides by W; SP needs a sum (see engine.py)
+        engine.step()
+        total += loss.item()
+    return _dp_mean(total / recipe.trainer.grad_accum, parallel)
+
+
+def _dp_mean(value: float, parallel: ParallelState) -> float:
+    if parallel.dp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=parallel.device)
+    dist.all_reduce(t, group=parallel.dp_group)
+    return t.item() / parallel.dp_size
+
+
+@torch.no_grad()
+def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState) -> float:
+    """Mean loss over ``eval.batches`` fixed batches, model in eval mode (s2/sf use full attention)."""
+    from seqpar.models import sp_cross_entropy
+
+    engine.module.eval()
+    losses = []
+    for i in range(recipe.eval.batches):
+        batch = batch_at(samples, recipe, 0, 0, parallel.dp_rank, parallel.dp_size, offset=10**6 + i)
+        sp = local_batch(batch, recipe, parallel, parallel.device)
+        labels = sp.pop("labels")
+        losses.append(sp_cross_entropy(engine(**sp, use_cache=False).logits, labels, parallel).item())
+    engine.module.train()
+    return _dp_mean(sum(losses) / len(losses), parallel)
+
+
+def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
+    """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
+    import deepspeed
+
+    parallel = ParallelState.from_env(recipe.attention.sp_size, device=recipe.launch.device)
+    validate(recipe, parallel.world_size, check_paths=True)
+    # DeepSpeed reads these; srun and single-process runs do not set them (torchrun does).
+    for var, value in (("RANK", parallel.rank), ("WORLD_SIZE", parallel.world_size),
+                       ("LOCAL_RANK", parallel.local_rank)):
+        os.environ.setdefault(var, str(value))
+    deepspeed.init_distributed(dist_backend=parallel.backend)
+    torch.manual_seed(recipe.trainer.seed)
+    tokenizer = load_tokenizer(recipe)
+    samples = build_dataset(recipe, tokenizer)
+    base = base_model_path(recipe, parallel.rank, tokenizer)
+    model = prepare_model(recipe, base, parallel)
+    engine = build_engine(model.to(parallel.device), recipe, parallel.device)
+    start, root = 0, ckpt.checkpoint_root(recipe)
+    resume = resume or recipe.checkpoint.resume == "auto"
+    latest = ckpt.latest_checkpoint(root) if resume else None
+    if latest is not None:
+        start = ckpt.load_checkpoint(engine, latest, rank=parallel.rank, lora=recipe.lora.enabled)
+        if parallel.is_main:
+            print(f"resumed from {latest} at step {start}", flush=True)
+    logger = MetricsLogger(recipe, rank=parallel.rank, start_step=start, resumed=latest is not None)
+    tokens_per_step = recipe.data.seq_len * recipe.trainer.micro_batch * recipe.trainer.grad_accum * parallel.dp_size
+    history, every = [], recipe.checkpoint.every
+    for step in range(start + 1, recipe.trainer.max_steps + 1):
+        t0, lr = time.perf_counter(), engine.get_lr()[0]  # the lr this step uses
+        loss = train_step(engine, samples, recipe, step - 1, parallel)
+        metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
+                   "tokens_per_s": tokens_per_step / (time.perf_counter() - t0), "seq_len": recipe.data.seq_len,
+                   "max_steps": recipe.trainer.max_steps}
+        if recipe.eval.every and step % recipe.eval.every == 0:
+            metrics["eval_loss"] = evaluate(engine, samples, recipe, parallel)
+        logger.log(step, metrics, parallel.device)
+        history.append({"step": step, "loss": loss})
+        if (every and step % every == 0) or step == recipe.trainer.max_steps:
+            ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=base, tokenizer=tokenizer)
+    logger.close()
+    return history
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

@@ -1,0 +1,164 @@
+"""Recipe checks that need more than types: impossible combinations, caught before any process group starts.
+
+Each check appends a message naming the dotted key, the value and what would be valid; ``validate`` raises
+one RecipeError listing them all, so a user fixes a recipe in one round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from seqpar.sharding import ShardingError, check_divisible
+from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
+
+TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}
+BYTE_VOCAB = 259  # 256 bytes + <pad>, <s>, </s> (seqpar.train.data.byte_tokenizer)
+
+
+def effective_layout(recipe: Recipe) -> str:
+    """The layout the patched model shards with (seqpar.models.patch.resolve_layout's rule)."""
+    from seqpar.models.patch import resolve_layout
+
+    if recipe.attention.name == "lasp2":
+        return recipe.attention.layout or "contiguous"
+    try:
+        return resolve_layout(recipe.attention.name, recipe.attention.layout)
+    except ValueError as err:
+        raise RecipeError(f"attention.layout={recipe.attention.layout!r}: {err}") from err
+
+
+def s2_group_size(recipe: Recipe) -> float:
+    return recipe.attention.group_size_ratio * recipe.data.seq_len
+
+
+def _positive(errors: list[str], key: str, value: float, minimum: float = 1) -> None:
+    if value < minimum:
+        errors.append(f"{key}={value!r}: must be >= {minimum}")
+
+
+def _check_numbers(r: Recipe, errors: list[str]) -> None:
+    t = r.trainer
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.micro_batch", t.micro_batch),
+                       ("trainer.grad_accum", t.grad_accum), ("data.seq_len", r.data.seq_len),
+                       ("attention.sp_size", r.attention.sp_size), ("checkpoint.keep", r.checkpoint.keep),
+                       ("logging.log_every", r.logging.log_every), ("launch.nnodes", r.launch.nnodes),
+                       ("launch.nproc_per_node", r.launch.nproc_per_node)):
+        _positive(errors, key, value)
+    for key, value in (("trainer.warmup_steps", t.warmup_steps), ("checkpoint.every", r.checkpoint.every),
+                       ("eval.every", r.eval.every), ("trainer.max_grad_norm", t.max_grad_norm),
+                       ("trainer.weight_decay", t.weight_decay)):
+        _positive(errors, key, value, 0)
+    if not t.lr > 0:
+        errors.append(f"trainer.lr={t.lr!r}: must be > 0 (LongLoRA uses 2e-5)")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        errors.append(f"trainer.betas={t.betas!r}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if r.deepspeed.offload != "none" and r.deepspeed.zero_stage == 0:
+        errors.append(f"deepspeed.offload={r.deepspeed.offload!r} needs ZeRO: set deepspeed.zero_stage to 2 or 3 "
+                      "or deepspeed.offload=none")
+
+
+def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: list[str]) -> None:
+    a, seq_len = r.attention, r.data.seq_len
+    if world_size is not None and a.sp_size >= 1 and world_size % a.sp_size:
+        ok = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        errors.append(f"attention.sp_size={a.sp_size} does not divide the world size {world_size}: use one of {ok} "
+                      f"or launch a multiple of {a.sp_size} processes")
+    if a.sp_size >= 1 and seq_len >= 1:
+        try:
+            check_divisible(seq_len, a.sp_size, effective_layout(r), name="data.seq_len")
+        except ShardingError as err:
+            errors.append(f"{err} [attention.name={a.name}, attention.sp_size={a.sp_size}]")
+        except RecipeError as err:
+            errors.append(str(err))
+    heads = getattr(config, "num_attention_heads", None)
+    degree = a.sp_size if a.name == "ulysses" else a.ulysses_degree if a.name == "usp" else None
+    if a.name == "usp" and degree is not None and (degree < 1 or a.sp_size % degree):
+        errors.append(f"attention.ulysses_degree={degree} must divide attention.sp_size={a.sp_size}")
+    elif degree and heads and heads % degree:
+        errors.append(f"attention.name={a.name!r} splits the {heads} heads (num_attention_heads) over {degree} ranks: "
+                      f"use a sp_size/ulysses_degree that divides {heads}, or attention.name=ring")
+    if a.name in ("s2", "sf"):
+        g = s2_group_size(r)
+        if not 0 < a.group_size_ratio <= 1 or g != int(g) or int(g) % 2 or seq_len % int(g):
+            errors.append(f"attention.group_size_ratio={a.group_size_ratio}: the S2 group size ratio x data.seq_len"
+                          f" = {g:g} must be an even whole number dividing data.seq_len={seq_len} "
+                          "(LongLoRA uses 0.25)")
+        elif a.sp_size >= 1 and int(g) // 2 > seq_len // a.sp_size:
+            errors.append(f"attention.group_size_ratio={a.group_size_ratio}: the half-group halo {int(g) // 2} is "
+                          f"longer than a rank's {seq_len // a.sp_size} tokens: lower the ratio or sp_size")
+        if a.name == "sf" and not 0 <= a.num_sink_tokens < g:
+            errors.append(f"attention.num_sink_tokens={a.num_sink_tokens}: must be in [0, group size {g:g})")
+    model_type = getattr(config, "model_type", None)
+    if a.name == "lasp2" and model_type not in LINEAR_MODEL_TYPES:
+        errors.append(f"attention.name='lasp2' needs a linear-attention model (model_type in {LINEAR_MODEL_TYPES}),"
+                      f" got model_type={model_type!r}: use ring/ulysses/usp/allgather for softmax models")
+    if model_type in LINEAR_MODEL_TYPES and a.name != "lasp2":
+        errors.append(f"attention.name={a.name!r}: model_type={model_type!r} is a linear-attention model; "
+                      "use attention.name=lasp2 (its softmax layers of a hybrid use all-gather attention)")
+
+
+def _check_lora(r: Recipe, leaf_names: set[str] | None, errors: list[str]) -> None:
+    lo = r.lora
+    if not lo.enabled:
+        return
+    if lo.r < 1:
+        errors.append(f"lora.r={lo.r}: must be >= 1 (LongLoRA uses 8)")
+    if not 0 <= lo.dropout < 1:
+        errors.append(f"lora.dropout={lo.dropout}: must be in [0, 1)")
+    if not lo.targets:
+        errors.append("lora.targets=[]: name the projections to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    bad = [x for x in lo.trainable if x not in TRAINABLE_EXTRAS]
+    if bad:
+        errors.append(f"lora.trainable={lo.trainable}: {bad} unknown; valid extras: {sorted(TRAINABLE_EXTRAS)}")
+    if leaf_names is not None:
+        missing = [t for t in lo.targets if t not in leaf_names]
+        if missing:
+            linear = sorted(n for n in leaf_names if n.endswith("_proj"))
+            errors.append(f"lora.targets={lo.targets}: {missing} not in the model; its projections are {linear}")
+
+
+def _check_model_data(r: Recipe, config: Any, check_paths: bool, errors: list[str]) -> None:
+    m, d, rs = r.model, r.data, r.rope_scaling
+    if (m.path is None) == (m.from_config is None):
+        errors.append(f"model: set exactly one of model.path (a local folder) or model.from_config "
+                      f"(got path={m.path!r}, from_config={'set' if m.from_config else None})")
+    model_type = getattr(config, "model_type", None)
+    if config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES:
+        errors.append(f"model.model_type={model_type!r} is not supported: use one of "
+                      f"{SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES}")
+    if m.from_config is not None and d.tokenizer is None and getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
+        errors.append(f"model.from_config.vocab_size={config.vocab_size}: the built-in byte tokenizer needs >= "
+                      f"{BYTE_VOCAB}; raise it or set data.tokenizer")
+    if d.source == "files" and not d.files:
+        errors.append("data.files=[]: data.source=files needs local jsonl/json/text/parquet files")
+    if check_paths:
+        for i, f in enumerate(d.files if d.source == "files" else []):
+            if not Path(f).exists():
+                errors.append(f"data.files[{i}]={f!r} does not exist: give a local file (no hub downloads)")
+    if rs.type is None and rs.factor is not None:
+        errors.append(f"rope_scaling.factor={rs.factor!r} without rope_scaling.type: set type (e.g. linear)")
+    if isinstance(rs.factor, str) and rs.factor != "auto":
+        errors.append(f"rope_scaling.factor={rs.factor!r}: a number >= 1 or 'auto'")
+    elif isinstance(rs.factor, float) and rs.factor < 1:
+        errors.append(f"rope_scaling.factor={rs.factor}: must be >= 1 (it stretches the original context)")
+
+
+def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool = False) -> Any:
+    """Raise RecipeError listing every problem; return the model config (or facts) the checks used."""
+    from seqpar.train.model import base_config, module_leaf_names
+
+    errors: list[str] = []
+    config = None
+    try:
+        config = base_config(recipe)
+    except RecipeError as err:
+        errors.append(str(err))
+    _check_numbers(recipe, errors)
+    _check_model_data(recipe, config, check_paths, errors)
+    _check_attention(recipe, config, world_size, errors)
+    leaves = module_leaf_names(config) if config is not None and not errors else None
+    _check_lora(recipe, leaves, errors)
+    if errors:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errors))
+    return config
