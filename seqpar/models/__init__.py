@@ -1,0 +1,6 @@
+"""Integration with model code: seqpar attention inside Hugging Face models, SP batches and loss."""
+
+from seqpar.models.batch import shard_batch, sp_cross_entropy
+from seqpar.models.patch import patch_model, patched_layout, unpatch_model
+
+__all__ = ["patch_model", "patched_layout", "shard_batch", "sp_cross_entropy", "unpatch_model"]

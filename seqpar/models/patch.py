@@ -1,0 +1,297 @@
+"""Run a Hugging Face causal LM (Llama, Mistral, Qwen2) with a seqpar attention primitive on every layer.
+
+Nothing of the model's code is copied or replaced: ``patch_model`` registers one attention function with
+``transformers.AttentionInterface.register(name, fn)`` and switches the model to it with
+``model.set_attn_implementation(name)``. The model keeps doing its own projections, its own RoPE (on the
+GLOBAL position ids the caller passes, see ``seqpar.models.batch.shard_batch``) and its own output
+projection; only ``softmax(Q K^T) V`` is swapped. The registered function is a closure over a ``_Patch``
+that carries the SP process group, so nothing lives in module globals and two models can be patched with
+different primitives in one process.
+
+Because the registered name is not in ``transformers.masking_utils.AttentionMaskInterface``, the model
+builds no attention mask at all (``create_causal_mask`` returns None): nothing L x L is materialised for
+the local shard. The primitives apply the causal (and, packed, the document) mask themselves. Padding masks
+are therefore NOT applied: pad on the right, where causal attention already hides the padding from real
+tokens, and mask the padded labels (``shard_batch`` does both).
+
+Per layer, transformers calls ``fn(module, query, key, value, attention_mask, dropout=, scaling=, **kw)`` with
+``query [B, H, L/N, D]``, ``key, value [B, Hkv, L/N, D]`` (its layout); the function transposes to seqpar's
+``[B, L/N, H, D]``, calls the primitive and returns ``[B, L/N, H, D]`` as transformers expects. Bytes
+communicated per layer are those of the chosen primitive (its module docstring gives the formula); the
+patch itself adds none.
+
+Training-time only attentions (LongLoRA S2-Attn ``"s2"`` and SinkLoRA SF-Attn ``"sf"``, Chen et al. 2023;
+Zhang 2024) use full causal attention when the model is in ``eval()`` mode, as LongLoRA does: the fine-tuned
+model is evaluated and served with ordinary attention. Their group size is ``group_size`` or
+``group_size_ratio x L`` with L the global length (local length x SP size).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import AttentionInterface, PreTrainedModel
+
+from seqpar import comm
+from seqpar.comm import Group
+from seqpar.kernels.softmax import block_attention, block_attention_backward
+from seqpar.models.batch import sp_group_of
+from seqpar.parallel import ParallelState
+
+ATTENTIONS = ("ring", "rsa", "ulysses", "usp", "allgather", "s2", "sf", "full")
+# Default sequence layout per primitive: zigzag balances causal work where the primitive supports it.
+DEFAULT_LAYOUT = {"ring": "zigzag", "allgather": "zigzag", "full": "zigzag", "usp": "zigzag", "rsa": "contiguous",
+                  "ulysses": "contiguous", "s2": "contiguous", "sf": "contiguous"}
+# Primitives that take global document boundaries (packed sequences) as ``cu_seqlens``.
+VARLEN = ("ring", "allgather", "full")
+
+
+@dataclass
+class _Patch:
+    """Everything the registered attention function needs; kept in its closure and on the model."""
+
+    attention: str
+    group: Group
+    layout: str
+    group_size_ratio: float
+    group_size: int | None
+    num_sink_tokens: int
+    ulysses_group: Group
+    ring_group: Group
+    name: str
+    previous: str
+
+
+def resolve_layout(attention: str, layout: str | None = None) -> str:
+    """The sequence layout ``attention`` runs with (and that ``shard_batch`` must use)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r} is not a seqpar attention: use one of {ATTENTIONS}")
+    layout = DEFAULT_LAYOUT[attention] if layout is None else layout
+    if layout not in ("zigzag", "contiguous"):
+        raise ValueError(f"layout={layout!r} is not a layout: use 'zigzag' or 'contiguous'")
+    if attention in ("s2", "sf") and layout != "contiguous":
+        raise ValueError(
+            f"layout={layout!r} with attention={attention!r}: shifted-group attention needs the contiguous "
+            "layout (its groups are runs of consecutive tokens); pass layout='contiguous' or leave it None"
+        )
+    return layout
+
+
+def patch_model(
+    model: torch.nn.Module,
+    attention: str = "ring",
+    parallel: ParallelState | dist.ProcessGroup | None = None,
+    *,
+    layout: str | None = None,
+    group_size_ratio: float = 0.25,
+    group_size: int | None = None,
+    num_sink_tokens: int = 4,
+    ulysses_degree: int | None = None,
+) -> torch.nn.Module:
+    """Make every attention layer of ``model`` run ``attention`` over the SP group of ``parallel``.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (or a wrapper holding one, e.g. a PEFT model).
+        attention: one of ``ATTENTIONS``; ``"full"`` is exact causal attention (the local kernel on one
+            device, ``ring_attention`` on an SP group).
+        parallel: ``ParallelState``, an SP process group, or None (one device). With usp, every rank of the
+            world must call ``patch_model`` (it creates the Ulysses and ring sub-groups).
+        layout: sequence layout of the shards (default per primitive: ``resolve_layout``).
+        group_size_ratio, group_size: s2/sf group size, ``group_size`` if given else ratio x global length.
+        num_sink_tokens: sf only. ulysses_degree: usp only (default: gcd(SP size, kv heads)).
+
+    Returns the same model, patched in place. ``unpatch_model`` restores it.
+    """
+    layout = resolve_layout(attention, layout)
+    if not 0 < group_size_ratio <= 1:
+        raise ValueError(f"group_size_ratio={group_size_ratio} must be in (0, 1] (LongLoRA uses 0.25)")
+    pretrained = _find_pretrained(model)
+    if hasattr(pretrained, "_seqpar_patch"):
+        unpatch_model(pretrained)  # re-patching starts from the original implementation
+    group = sp_group_of(parallel)
+    ulysses_group = ring_group = None
+    if attention == "usp":
+        from seqpar.attention.usp import make_usp_groups
+
+        if ulysses_degree is None:
+            ulysses_degree = math.gcd(comm.group_size(group), pretrained.config.num_key_value_heads)
+        ulysses_group, ring_group = make_usp_groups(group, ulysses_degree)
+    patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
+                   ring_group, name="", previous=pretrained.config._attn_implementation)
+    patch.name = f"seqpar_{attention}_{id(patch):x}"
+    AttentionInterface.register(patch.name, functools.partial(seqpar_attention_forward, patch))
+    pretrained.set_attn_implementation(patch.name)
+    if pretrained.config._attn_implementation != patch.name:
+        del AttentionInterface._global_mapping[patch.name]
+        raise ValueError(
+            f"{type(pretrained).__name__} did not accept attn_implementation={patch.name!r}: its attention "
+            "does not dispatch through transformers' AttentionInterface, so seqpar cannot patch it"
+        )
+    pretrained._seqpar_patch = patch
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the attention implementation ``model`` had before ``patch_model`` and drop the registration."""
+    pretrained = _find_pretrained(model)
+    patch = getattr(pretrained, "_seqpar_patch", None)
+    if patch is None:
+        raise ValueError(f"{type(pretrained).__name__} is not patched by seqpar: nothing to unpatch")
+    pretrained.set_attn_implementation(patch.previous)
+    AttentionInterface._global_mapping.pop(patch.name, None)
+    del pretrained._seqpar_patch
+    return model
+
+
+def patched_layout(model: torch.nn.Module) -> str:
+    """The layout the patched ``model`` expects its shards in (pass it to ``shard_batch``)."""
+    patch = getattr(_find_pretrained(model), "_seqpar_patch", None)
+    if patch is None:
+        raise ValueError("the model is not patched by seqpar: call seqpar.models.patch_model first")
+    return patch.layout
+
+
+def _find_pretrained(model: torch.nn.Module) -> PreTrainedModel:
+    if isinstance(model, PreTrainedModel):
+        return model
+    for module in model.modules():  # PEFT and other wrappers hold the transformers model inside
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise TypeError(f"{type(model).__name__} is not (and does not contain) a transformers PreTrainedModel")
+
+
+# ---------------------------------------------------------------------------------------------- per layer
+
+
+def seqpar_attention_forward(
+    patch: _Patch,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: ``query [B, H, L/N, D]`` -> ``([B, L/N, H, D], None)``."""
+    n = comm.group_size(patch.group)
+    q_len, k_len = query.shape[2], key.shape[2]
+    _check_call(patch, module, attention_mask, dropout, sliding_window, q_len * n, kwargs)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> [B, L, H, D]
+    if k_len != q_len:  # decoding with a KV cache: new queries attend to the cached keys (one device only)
+        if n > 1 or cu_seqlens is not None:
+            raise ValueError(
+                f"query length {q_len} != key length {k_len} (a KV cache) under seqpar attention with SP size "
+                f"{n}: generation is single-device; unpatch_model(model) or patch with parallel=None"
+            )
+        return _LocalAttention.apply(q, k, v, scaling, None, "bottom_right"), None
+    attention = patch.attention
+    if attention in ("s2", "sf") and not module.training:
+        attention = "full"  # LongLoRA: shifted groups at training time, full attention at inference
+    if cu_seqlens is not None and attention not in VARLEN:
+        raise ValueError(
+            f"attention={attention!r} does not support packed documents (cu_seqlens was given): "
+            f"use one of {VARLEN} or pass unpacked sequences"
+        )
+    return _dispatch(patch, attention, q, k, v, scaling, cu_seqlens, q_len * n).contiguous(), None
+
+
+def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len, kwargs) -> None:
+    """Refuse what the primitives cannot do exactly; identical on every rank, so no rank hangs."""
+    if dropout:
+        raise ValueError(
+            f"attention dropout={dropout} with seqpar attention: the primitives are exact and have no dropout; "
+            "set model.config.attention_dropout = 0.0"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} reached seqpar attention: the primitives "
+            "apply the causal mask themselves; pad on the right (no mask needed) or pack documents and pass "
+            "cu_seqlens (seqpar.models.shard_batch does both)"
+        )
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise ValueError("seqpar attention is causal-only: this layer asked for bidirectional attention")
+    if sliding_window is not None and sliding_window < seq_len:
+        raise ValueError(
+            f"sliding_window={sliding_window} is shorter than the global sequence length {seq_len}: seqpar "
+            "attention is full causal attention; set model.config.sliding_window = None (or use sequences "
+            f"of at most {sliding_window} tokens)"
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"softcap={kwargs['softcap']} is not supported by seqpar attention")
+    if kwargs.get("output_attentions"):
+        warnings.warn("output_attentions=True: seqpar attention never forms the attention matrix; returning None",
+                      stacklevel=3)
+
+
+def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len: int) -> torch.Tensor:
+    """Call the primitive on ``[B, L/N, H, D]`` shards; imports are lazy so one primitive needs only its file."""
+    import seqpar.attention as A
+
+    g, layout = patch.group, patch.layout
+    if attention == "full" and comm.group_size(g) == 1:
+        seg = None if cu_seqlens is None else _segment_ids(cu_seqlens, q.shape[1], q.device)
+        return _LocalAttention.apply(q, k, v, scale, seg, True)
+    if attention in ("ring", "full", "allgather"):
+        fn = A.allgather_attention if attention == "allgather" else A.ring_attention
+        return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout, cu_seqlens=cu_seqlens)
+    if attention in ("rsa", "ulysses"):
+        fn = A.ring_self_attention if attention == "rsa" else A.ulysses_attention
+        return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout)
+    if attention == "usp":
+        return A.usp_attention(q, k, v, group=g, ulysses_group=patch.ulysses_group, ring_group=patch.ring_group,
+                               causal=True, softmax_scale=scale, layout=layout)
+    size = _shift_group_size(patch, seq_len)
+    if attention == "s2":
+        return A.shift_short_attention(q, k, v, group_size=size, group=g, softmax_scale=scale)
+    return A.sink_shift_attention(q, k, v, group_size=size, num_sink_tokens=patch.num_sink_tokens, group=g,
+                                  softmax_scale=scale)
+
+
+def _shift_group_size(patch: _Patch, seq_len: int) -> int:
+    """S2/SF group size G: explicit, or ratio x global length; groups tile the sequence and shift by G/2."""
+    size = patch.group_size if patch.group_size is not None else int(patch.group_size_ratio * seq_len)
+    if size < 2 or size % 2 or seq_len % size:
+        source = "group_size" if patch.group_size is not None else f"group_size_ratio={patch.group_size_ratio} x L"
+        raise ValueError(
+            f"{patch.attention} group size {size} (from {source}) must be even and divide the global sequence "
+            f"length {seq_len}: choose group_size among the even divisors of {seq_len}"
+        )
+    return size
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """Document id of every token from cumulative boundaries ``[0, l1, l1 + l2, ..., L]``."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != seq_len or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(
+            f"cu_seqlens={cu.tolist()} must be 1-D, non-decreasing, start at 0 and end at the sequence length "
+            f"{seq_len}: pass the cumulative document lengths of the whole sequence"
+        )
+    return torch.bucketize(torch.arange(seq_len, device=device), cu[1:], right=True)
+
+
+class _LocalAttention(torch.autograd.Function):
+    """Exact attention on one device through the seqpar kernel: forward (out, lse), recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, seg, causal):
+        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, q_seg=seg, k_seg=seg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.seg, ctx.causal = scale, seg, causal
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, softmax_scale=ctx.scale,
+                                              q_seg=ctx.seg, k_seg=ctx.seg)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -1,0 +1,372 @@
+"""Hugging Face Llama, Mistral and Qwen2 patched with every seqpar primitive train exactly like the unpatched
+model on one device: same loss, same parameter gradients (summed over the SP ranks), float32 rel <= 1e-4.
+
+Tiny random models are built from a config and saved once in the pytest process; every rank loads them with
+``from_pretrained``. One spawn per world size runs every model x primitive case. The reference is the
+UNPATCHED model (eager attention, HF's own shifted loss) on the whole sequence; for s2/sf (which are not full
+attention) it is the same patched model run in one process (SP = 1) on the whole sequence.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from seqpar.parallel import ParallelState
+from tests.dist import run_ranks
+
+VOCAB, L, TOL = 128, 48, 1e-4  # L splits into 2N zigzag chunks for N = 2, 3, 4
+MODELS = ("llama", "mistral", "qwen2")
+# (attention, layout) cases compared with the unpatched model; layout None = the primitive's default.
+EXACT_CASES = [("ring", "zigzag"), ("ring", "contiguous"), ("rsa", None), ("ulysses", None), ("usp", "zigzag"),
+               ("usp", "contiguous"),
+               ("allgather", "zigzag"), ("allgather", "contiguous"), ("full", None)]
+PACKED_CASES = [("ring", "zigzag"), ("ring", "contiguous"), ("allgather", "zigzag"), ("full", None)]
+DOC_LENS = [10, 22, 16]
+MODULE = {"ring": "ring", "rsa": "rsa", "ulysses": "ulysses", "usp": "usp", "allgather": "allgather",
+          "full": "ring", "s2": "shift_short", "sf": "sink_shift"}
+
+
+def available(attention: str, world: int = 2) -> bool:
+    """A primitive is tested once its module exists (the primitives are written in parallel)."""
+    if attention == "full" and world == 1:
+        return True
+    return importlib.util.find_spec(f"seqpar.attention.{MODULE[attention]}") is not None
+
+
+def _config(name: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[name]
+    extra = {"sliding_window": 4096} if name == "mistral" else {}  # longer than L: must be accepted
+    return cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, attention_dropout=0.0,
+               tie_word_embeddings=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    for i, name in enumerate(MODELS):
+        torch.manual_seed(100 + i)
+        AutoModelForCausalLM.from_config(_config(name)).save_pretrained(root / name)
+    return str(root)
+
+
+def _load(model_dir: str, name: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(f"{model_dir}/{name}", attn_implementation="eager",
+                                                 dtype=torch.float32)
+    return model.train()
+
+
+def _batch(padded: bool = True) -> dict:
+    """Two rows; the second is right-padded by 8 tokens (its padded labels must be ignored)."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (2, L), generator=gen)
+    mask = torch.ones(2, L, dtype=torch.long)
+    if padded:
+        mask[1, -8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference(model, batch: dict) -> tuple[float, dict]:
+    """Unpatched model on the whole sequence with HF's own (internally shifted) loss."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+    out.loss.backward()
+    return out.loss.item(), _grads(model)
+
+
+def _packed_reference(model, ids: torch.Tensor) -> tuple[float, dict]:
+    """Every document of the packed row run on its own: sum of token losses / number of targets."""
+    model.zero_grad(set_to_none=True)
+    starts = [sum(DOC_LENS[:i]) for i in range(len(DOC_LENS))]
+    targets = sum(n - 1 for n in DOC_LENS)
+    total = 0.0
+    for s, n in zip(starts, DOC_LENS):
+        doc = ids[:, s : s + n]
+        loss = model(input_ids=doc, labels=doc, use_cache=False).loss * (n - 1) / targets
+        loss.backward()
+        total += loss.item()
+    return total, _grads(model)
+
+
+def _sp_step(model, attention, group, layout, batch, **kw) -> tuple[float, dict]:
+    """Patched model on this rank's shard; loss by sp_cross_entropy; grads summed over the SP group."""
+    from seqpar.models import patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
+    from seqpar.models.batch import sp_group_of
+
+    patch_model(model, attention, group, layout=layout, **kw)
+    try:
+        sp = shard_batch(batch, group, patched_layout(model))
+        labels = sp.pop("labels")
+        model.zero_grad(set_to_none=True)
+        loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
+        loss.backward()
+    finally:
+        unpatch_model(model)
+    grads, group = _grads(model), sp_group_of(group)
+    if group is not None and dist.get_world_size(group) > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads.values()])
+        dist.all_reduce(flat, group=group)  # the trainer's contract: SUM of grads over SP ranks
+        grads = dict(zip(grads, (p.view_as(g) for p, g in zip(flat.split([g.numel() for g in grads.values()]),
+                                                                grads.values()))))
+    return loss.item(), grads
+
+
+def _errors(got: tuple[float, dict], ref: tuple[float, dict]) -> dict:
+    """Loss relative error and the worst parameter's max |grad error| / max |reference grad|."""
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert grads.keys() == ref_grads.keys()
+    worst = max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
+                for n in ref_grads)
+    return {"loss": abs(loss - ref_loss) / abs(ref_loss), "grad": worst, "value": loss}
+
+
+# ---------------------------------------------------------------------------------------------- per rank
+
+
+def _eval_logits(model, attention, group, batch) -> torch.Tensor:
+    """Whole-sequence logits of the patched model in eval mode, gathered from the shards."""
+    from seqpar.models import patch_model, patched_layout, shard_batch, unpatch_model
+    from seqpar.sharding import unshard
+
+    model.eval()
+    patch_model(model, attention, group)
+    try:
+        sp = shard_batch(batch, group, patched_layout(model))
+        sp.pop("labels")
+        with torch.no_grad():
+            logits = model(**sp, use_cache=False).logits
+        return unshard(logits, group=group, layout=patched_layout(model))
+    finally:
+        unpatch_model(model)
+        model.train()
+
+
+def _error_checks(model, group, world) -> dict[str, str]:
+    """Bad inputs raise, naming the argument, on every rank and before any collective (so nothing hangs)."""
+    from seqpar.models import patch_model, shard_batch, unpatch_model
+
+    msgs = {}
+    ids = torch.zeros(1, 2 * world * 3 + 1, dtype=torch.long)
+    for key, call in {
+        "length": lambda: shard_batch({"input_ids": ids}, group, "zigzag"),
+        "left_pad": lambda: shard_batch({"input_ids": ids[:, :-1], "attention_mask": (ids[:, :-1] + 1).index_fill(
+            1, torch.tensor([0]), 0)}, group, "zigzag"),
+        "docs": lambda: shard_batch({"input_ids": ids[:, :-1], "seq_lens": [3, 2]}, group, "zigzag"),
+        "layout": lambda: patch_model(model, "s2", group, layout="zigzag"),
+    }.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        msgs[key] = str(err.value)
+    batch = _batch()
+    patch_model(model, "ulysses", group)  # both checks run before the primitive is called
+    try:
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+        with pytest.raises(ValueError) as err:
+            _sp_forward(model, group, batch)
+        msgs["dropout"] = str(err.value)
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.0
+        with pytest.raises(ValueError) as err:
+            _sp_forward(model, group, {"input_ids": batch["input_ids"][:1], "seq_lens": DOC_LENS})
+        msgs["varlen"] = str(err.value)
+    finally:
+        unpatch_model(model)
+    return msgs
+
+
+def _sp_forward(model, group, batch, layout="contiguous"):
+    from seqpar.models import shard_batch
+
+    sp = shard_batch(batch, group, layout)
+    sp.pop("labels")
+    return model(**sp, use_cache=False)
+
+
+def _rank_checks(rank: int, world: int, group, model_dir: str, cases: list, packed: list, shifted: list) -> dict:
+    torch.manual_seed(0)
+    state = ParallelState.from_initialized(world, device="cpu")  # also accepted where a group is
+    out = {"exact": {}, "packed": {}, "shifted": {}, "eval": {}, "labels": None, "errors": None}
+    batch = _batch()
+    packed_ids = _batch(padded=False)["input_ids"][:1]
+    for name in MODELS:
+        model = _load(model_dir, name)
+        ref = _reference(model, batch)
+        for attention, layout in cases:
+            out["exact"][name, attention, layout] = _errors(_sp_step(model, attention, group, layout, batch), ref)
+        ref = _packed_reference(model, packed_ids)
+        for attention, layout in packed:
+            docs = {"input_ids": packed_ids, "seq_lens": DOC_LENS}
+            out["packed"][name, attention, layout] = _errors(_sp_step(model, attention, group, layout, docs), ref)
+        for attention in shifted:  # s2/sf: SP on N ranks == the same patched model on one process
+            one = _sp_step(model, attention, None, None, batch)
+            out["shifted"][name, attention] = _errors(_sp_step(model, attention, state, None, batch), one)
+            model.eval()
+            with torch.no_grad():
+                plain = model(input_ids=batch["input_ids"], use_cache=False).logits
+            model.train()
+            got = _eval_logits(model, attention, group, batch)
+            out["eval"][name, attention] = ((got - plain).abs().max() / plain.abs().max()).item()
+    out["labels"] = _label_checks(group, world)
+    out["errors"] = _error_checks(model, group, world)
+    dist.barrier(group)  # every rank got here: no rank hangs in a collective after its error
+    return out
+
+
+def _label_checks(group, world: int) -> list:
+    """shard_batch's shards, gathered back, equal hand-built global labels and positions."""
+    from seqpar.models import shard_batch
+    from seqpar.sharding import unshard
+
+    ids = torch.arange(100, 100 + 4 * world).view(1, -1)
+    lens = [3, 4 * world - 3]
+    want_labels = torch.tensor([[101, 102, -100, *range(104, 100 + 4 * world), -100]])
+    want_pos = torch.tensor([[0, 1, 2, *range(4 * world - 3)]])
+    for layout in ("zigzag", "contiguous"):
+        sp = shard_batch({"input_ids": ids, "seq_lens": lens}, group, layout)
+        for key, want in (("labels", want_labels), ("position_ids", want_pos), ("input_ids", ids)):
+            assert torch.equal(unshard(sp[key], group=group, layout=layout), want), (layout, key)
+        assert sp["cu_seqlens"].tolist() == [0, 3, 4 * world]
+    return want_labels.tolist()
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def _cases(world: int):
+    exact = [c for c in EXACT_CASES if available(c[0], world)]
+    packed = [c for c in PACKED_CASES if available(c[0], world)]
+    shifted = [a for a in ("s2", "sf") if available(a) and available("ring")]
+    return exact, packed, shifted
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"SP{w}")
+def sp_results(request, model_dir):
+    world = request.param
+    exact, packed, shifted = _cases(world)
+    results = run_ranks(_rank_checks, world, args=(model_dir, exact, packed, shifted))
+    return world, results
+
+
+def _missing(world: int) -> list[str]:
+    return [a for a in MODULE if not available(a, world)]
+
+
+def test_every_primitive_matches_unpatched_model(sp_results):
+    world, results = sp_results
+    for key, err in results[0]["exact"].items():
+        assert err["loss"] <= TOL and err["grad"] <= TOL, (world, key, err)
+        assert all(r["exact"][key]["value"] == err["value"] for r in results), "loss differs across ranks"
+    if _missing(world):
+        pytest.skip(f"primitives not written yet, not tested: {_missing(world)}")
+
+
+def test_packed_documents_match_separate_documents(sp_results):
+    world, results = sp_results
+    assert results[0]["packed"] or _missing(world)
+    for key, err in results[0]["packed"].items():
+        assert err["loss"] <= TOL and err["grad"] <= TOL, (world, key, err)
+
+
+def test_shifted_attention_sp_matches_one_process_and_eval_is_full(sp_results):
+    world, results = sp_results
+    if not results[0]["shifted"]:
+        pytest.skip(f"s2/sf (or ring, their eval path) not written yet: missing {_missing(world)}")
+    for key, err in results[0]["shifted"].items():
+        assert err["loss"] <= TOL and err["grad"] <= TOL, (world, key, err)
+    for key, err in results[0]["eval"].items():
+        assert err <= TOL, (world, key, err)
+
+
+def test_labels_positions_and_errors_on_every_rank(sp_results):
+    _, results = sp_results
+    for r in results:
+        msgs = r["errors"]
+        assert "input_ids length" in msgs["length"] and "multiple of" in msgs["length"]
+        assert "padding_side" in msgs["left_pad"]
+        assert "seq_lens" in msgs["docs"] or "cu_seqlens" in msgs["docs"]
+        assert "layout='zigzag'" in msgs["layout"] and "contiguous" in msgs["layout"]
+        assert "dropout=0.1" in msgs["dropout"] and "attention_dropout" in msgs["dropout"]
+        assert "cu_seqlens" in msgs["varlen"]
+
+
+def test_single_device_patch_packed_eval_and_unpatch(model_dir):
+    """SP = 1 in this process: the "full" patch equals eager; packed documents; s2/sf eval; exact unpatch."""
+    from transformers import AttentionInterface
+
+    from seqpar.models import patch_model, unpatch_model
+
+    batch = _batch()
+    for name in MODELS:
+        model = _load(model_dir, name)
+        ref = _reference(model, batch)
+        err = _errors(_sp_step(model, "full", None, None, batch), ref)
+        assert err["loss"] <= TOL and err["grad"] <= TOL, (name, err)
+        docs = {"input_ids": batch["input_ids"][:1], "seq_lens": DOC_LENS}
+        err = _errors(_sp_step(model, "full", None, None, docs), _packed_reference(model, docs["input_ids"]))
+        assert err["loss"] <= TOL and err["grad"] <= TOL, (name, "packed", err)
+        model.eval()
+        with torch.no_grad():
+            before = model(input_ids=batch["input_ids"], use_cache=False).logits
+            for attention in ("s2", "sf"):  # eval mode: full attention, no primitive needed
+                patch_model(model, attention, None, group_size=16)
+                assert model.config._attn_implementation.startswith(f"seqpar_{attention}_")
+                got = model(input_ids=batch["input_ids"], use_cache=False).logits
+                assert ((got - before).abs().max() / before.abs().max()).item() <= TOL, (name, attention)
+                unpatch_model(model)
+            after = model(input_ids=batch["input_ids"], use_cache=False).logits
+            prompt = batch["input_ids"][:, :8]  # generation (KV cache, 1-token queries) with the s2 patch
+            plain = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            patch_model(model, "s2", None)
+            assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), plain)
+            unpatch_model(model)
+        assert model.config._attn_implementation == "eager"
+        assert torch.equal(after, before)  # bit-identical: the original implementation is back
+        assert not [k for k in AttentionInterface._global_mapping if k.startswith("seqpar_")]
+
+
+def test_single_device_errors(model_dir):
+    from seqpar.models import patch_model, sp_cross_entropy, unpatch_model
+
+    model = _load(model_dir, "mistral")
+    model.config.sliding_window = 16  # shorter than L: seqpar attention would silently differ
+    for layer in model.model.layers:
+        layer.self_attn.config.sliding_window = 16
+    patch_model(model, "full")
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        _sp_forward(model, None, _batch())
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="attention='bogus'"):
+        patch_model(model, "bogus")
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch_model(model)
+    with pytest.raises(ValueError, match="logits"):
+        sp_cross_entropy(torch.zeros(1, 4, VOCAB), torch.zeros(1, 5, dtype=torch.long), None)
+    # No target token anywhere: 0, not NaN.
+    assert sp_cross_entropy(torch.zeros(1, 4, VOCAB), torch.full((1, 4), -100), None).item() == 0.0
+
+
+@pytest.mark.skipif(not available("s2"), reason="seqpar.attention.shift_short not written yet")
+def test_s2_training_is_not_full_attention(model_dir):
+    """Guards the s2/sf comparisons against a vacuous pass: shifted groups really differ from full attention."""
+    model = _load(model_dir, "llama")
+    full, s2 = (_sp_step(model, a, None, None, _batch(), group_size=16) for a in ("full", "s2"))
+    assert abs(full[0] - s2[0]) > 1e-4
