@@ -131,3 +131,15 @@ def test_bad_inputs_raise_on_every_rank(world_results, bad):
         msg = r["errors"][bad]
         assert msg is not None, f"{bad}: rank {rank} of {world} did not raise"
         assert EXPECTED_ERRORS[bad] in msg, f"{bad}: rank {rank}: {msg}"
+
+
+def test_single_device_group_none():
+    """group=None is one device: both rings degenerate to local products, still exact."""
+    c = _case(layout="contiguous")
+    q, k, v, dout = make_inputs(N_LOCAL, c, 7)
+    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ring_self_attention(*local)
+    out.backward(dout)
+    refs = reference(q, k, v, dout, c, None)
+    for got, ref in zip([out.detach()] + [t.grad for t in local], refs):
+        assert rel_err(got, ref) < TOL[torch.float64]
