@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seqpar.comm import ByteCounter
+from seqpar.models import sp_cross_entropy
 from seqpar.parallel import ParallelState
 from tests.dist import run_ranks
 
@@ -226,6 +228,9 @@ def _rank_checks(rank: int, world: int, group, model_dir: str, cases: list, pack
             got = _eval_logits(model, attention, group, batch)
             out["eval"][name, attention] = ((got - plain).abs().max() / plain.abs().max()).item()
     out["labels"] = _label_checks(group, world)
+    with ByteCounter() as c:  # the loss costs one all-reduce of (sum, count) in float64
+        sp_cross_entropy(torch.zeros(1, 4, VOCAB), torch.zeros(1, 4, dtype=torch.long), state)
+    out["loss_bytes"] = (c.sent, c.calls)
     out["errors"] = _error_checks(model, group, world)
     dist.barrier(group)  # every rank got here: no rank hangs in a collective after its error
     return out
@@ -297,7 +302,7 @@ def test_shifted_attention_sp_matches_one_process_and_eval_is_full(sp_results):
 
 
 def test_labels_positions_and_errors_on_every_rank(sp_results):
-    _, results = sp_results
+    world, results = sp_results
     for r in results:
         msgs = r["errors"]
         assert "input_ids length" in msgs["length"] and "multiple of" in msgs["length"]
@@ -306,6 +311,7 @@ def test_labels_positions_and_errors_on_every_rank(sp_results):
         assert "layout='zigzag'" in msgs["layout"] and "contiguous" in msgs["layout"]
         assert "dropout=0.1" in msgs["dropout"] and "attention_dropout" in msgs["dropout"]
         assert "cu_seqlens" in msgs["varlen"]
+        assert r["loss_bytes"] == (2 * 16 * (world - 1) // world, 1)  # all_reduce: 2 b (N-1)/N, b = 16
 
 
 def test_single_device_patch_packed_eval_and_unpatch(model_dir):
@@ -315,6 +321,7 @@ def test_single_device_patch_packed_eval_and_unpatch(model_dir):
     from seqpar.models import patch_model, unpatch_model
 
     batch = _batch()
+    registered = set(AttentionInterface._global_mapping)
     for name in MODELS:
         model = _load(model_dir, name)
         ref = _reference(model, batch)
@@ -340,7 +347,7 @@ def test_single_device_patch_packed_eval_and_unpatch(model_dir):
             unpatch_model(model)
         assert model.config._attn_implementation == "eager"
         assert torch.equal(after, before)  # bit-identical: the original implementation is back
-        assert not [k for k in AttentionInterface._global_mapping if k.startswith("seqpar_")]
+        assert set(AttentionInterface._global_mapping) == registered  # our registrations are gone
 
 
 def test_single_device_errors(model_dir):
@@ -364,9 +371,9 @@ def test_single_device_errors(model_dir):
     assert sp_cross_entropy(torch.zeros(1, 4, VOCAB), torch.full((1, 4), -100), None).item() == 0.0
 
 
-@pytest.mark.skipif(not available("s2"), reason="seqpar.attention.shift_short not written yet")
+@pytest.mark.skipif(not (available("s2") and available("sf")), reason="shift_short/sink_shift not written yet")
 def test_s2_training_is_not_full_attention(model_dir):
     """Guards the s2/sf comparisons against a vacuous pass: shifted groups really differ from full attention."""
     model = _load(model_dir, "llama")
-    full, s2 = (_sp_step(model, a, None, None, _batch(), group_size=16) for a in ("full", "s2"))
-    assert abs(full[0] - s2[0]) > 1e-4
+    full, s2, sf = (_sp_step(model, a, None, None, _batch(), group_size=16) for a in ("full", "s2", "sf"))
+    assert abs(full[0] - s2[0]) > 1e-4 and abs(full[0] - sf[0]) > 1e-4 and abs(s2[0] - sf[0]) > 1e-4

@@ -20,6 +20,10 @@ Per layer, transformers calls ``fn(module, query, key, value, attention_mask, dr
 communicated per layer are those of the chosen primitive (its module docstring gives the formula); the
 patch itself adds none.
 
+Refused, with an error naming the fix, on every rank before any communication: attention dropout > 0,
+an explicit attention mask, bidirectional layers, softcapping, and a ``sliding_window`` (Mistral, Qwen2)
+shorter than the global sequence (a window at least that long has no effect and is accepted).
+
 Training-time only attentions (LongLoRA S2-Attn ``"s2"`` and SinkLoRA SF-Attn ``"sf"``, Chen et al. 2023;
 Zhang 2024) use full causal attention when the model is in ``eval()`` mode, as LongLoRA does: the fine-tuned
 model is evaluated and served with ordinary attention. Their group size is ``group_size`` or
