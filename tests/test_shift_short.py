@@ -109,13 +109,13 @@ def _bytes(world: int, group, rank: int) -> dict:
     """ByteCounter around forward and backward of one float64 call."""
     B, n, H, Hkv, D, G = 2, 16, 4, 4, 16, 8
     res = {}
-    for wrap in (False, True):
-        q = torch.randn(B, n, H, D, dtype=f64, requires_grad=True)
-        k, v = (torch.randn(B, n, Hkv, D, dtype=f64, requires_grad=True) for _ in range(2))
+    for wrap, dtype in ((False, f64), (True, f64), ("bf16", bf16)):
+        q = torch.randn(B, n, H, D, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(B, n, Hkv, D, dtype=dtype, requires_grad=True) for _ in range(2))
         with ByteCounter() as fwd:
-            out = shift_short_attention(q, k, v, group_size=G, group=group, wrap=wrap)
+            out = shift_short_attention(q, k, v, group_size=G, group=group, wrap=wrap is True)
         with ByteCounter() as bwd:
-            out.sum().backward()
+            out.float().sum().backward()
         res[wrap] = {"fwd": (fwd.sent, fwd.received, dict(fwd.by_op)), "bwd": (bwd.sent, bwd.received, dict(bwd.by_op))}
     return res
 
@@ -197,16 +197,17 @@ def test_shifted_heads_return_to_their_own_positions(world_results):
 
 
 def test_halo_bytes_exact(world_results):
-    """h = B (G/2) (Hkv/2) D * 2 (K and V) elements; float64 both ways (itemsize 8)."""
+    """h = B (G/2) (Hkv/2) D * 2 (K and V) elements; forward in k's itemsize e, backward in the accumulation
+    dtype's a: float64 e = a = 8; bfloat16 e = 2, a = 4 (float32 gradients)."""
     world, results = world_results
-    h = 2 * (8 // 2) * (4 // 2) * 16 * 2 * 8
+    h = 2 * (8 // 2) * (4 // 2) * 16 * 2
     for rank, res in enumerate(results):
-        for wrap in (False, True):
-            fwd_send = h if world > 1 and (wrap or rank < world - 1) else 0
-            fwd_recv = h if world > 1 and (wrap or rank > 0) else 0
+        for wrap, (e, a) in ((False, (8, 8)), (True, (8, 8)), ("bf16", (2, 4))):
+            sends = world > 1 and (wrap is True or rank < world - 1)
+            receives = world > 1 and (wrap is True or rank > 0)
             fwd, bwd = res["bytes"][wrap]["fwd"], res["bytes"][wrap]["bwd"]
-            assert fwd[:2] == (fwd_send, fwd_recv), (world, rank, wrap)
-            assert bwd[:2] == (fwd_recv, fwd_send), (world, rank, wrap)  # mirror image
+            assert fwd[:2] == (h * e * sends, h * e * receives), (world, rank, wrap)
+            assert bwd[:2] == (h * a * receives, h * a * sends), (world, rank, wrap)  # mirror image
             assert set(fwd[2]) | set(bwd[2]) <= {"halo"}  # nothing but the halo is communicated
 
 

@@ -33,8 +33,9 @@ of k/v, a = itemsize of the accumulation dtype (4; 8 for float64), op name ``"ha
 An all-gather of K and V would send ``(N-1) · B · n · Hkv · D · 2 · e`` per rank: the halo is
 ``G / (4 (N-1) n)`` of that, and does not grow with N.
 
-Errors (raised on every rank, before any communication): shapes or arguments that differ across ranks, odd
-head counts, ``group_size`` odd or not dividing the local length (the message lists the valid values).
+Errors (ValueError, raised on every rank before any payload moves: one small all-gather of the arguments'
+shapes/dtypes/values per call, not counted as payload): shapes or arguments that differ across ranks, odd head
+counts, ``group_size`` odd or not dividing the local length (the message lists the valid values).
 """
 
 from __future__ import annotations
