@@ -138,3 +138,13 @@ def test_blockwise_backward_from_merged_lse(backend):
     assert rel_err(out, ref) < 2e-6
     for got, want in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_square_block_with_explicit_positions_is_not_plain_causal(backend):
+    """Zigzag-like positions on a square block: the auto backend must not fall back to a plain causal kernel."""
+    q, k, v = make_qkv(Lq=32, Lk=32, dtype=torch.float32)
+    pos = torch.cat([torch.arange(0, 16), torch.arange(48, 64)])
+    k_pos = torch.cat([torch.arange(16, 32), torch.arange(32, 48)])
+    mask = k_pos[None] <= pos[:, None]
+    check_block(q, k, v, mask, 2e-6, causal=True, q_pos=pos, k_pos=k_pos, backend=backend)

@@ -196,14 +196,9 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def _fused_ok(q, k, causal, mask: _Mask, backend: str) -> bool:
-    """Whether a fused kernel computes exactly this block (no explicit positions/segments; square if causal)."""
-    if mask.q_seg is not None or (causal and q.shape[1] != k.shape[1]):
-        return False
-    if causal and not isinstance(causal, bool) and causal not in ("top_left", "bottom_right"):
-        return False
-    explicit_pos = mask.q_pos is not None and not causal
-    if explicit_pos:
+def _fused_ok(q, k, causal, explicit_mask: bool, backend: str) -> bool:
+    """Whether a fused kernel computes exactly this block: no explicit positions or segments, square if causal."""
+    if explicit_mask or (causal and q.shape[1] != k.shape[1]):
         return False
     if backend == "flash_attn":
         return flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -266,15 +261,15 @@ def _flash_attn_forward(q, k, v, scale, causal: bool):
 # ------------------------------------------------------------------------------------------ public API
 
 
-def _choose(q, k, causal, mask, backend) -> str:
+def _choose(q, k, causal, explicit_mask: bool, backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
     if backend != "auto":
-        if backend != "torch" and not _fused_ok(q, k, causal, mask, backend):
+        if backend != "torch" and not _fused_ok(q, k, causal, explicit_mask, backend):
             raise ValueError(f"backend={backend!r} cannot compute this block (mask, dtype or device); use 'auto'")
         return backend
     for name in ("flash_attn", "sdpa"):
-        if _fused_ok(q, k, causal, mask, name):
+        if _fused_ok(q, k, causal, explicit_mask, name):
             return name
     return "torch"
 
@@ -301,7 +296,8 @@ def block_attention(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     mask = _make_mask(q.shape[1], k.shape[1], causal, q_pos, k_pos, q_seg, k_seg, q.device)
     _split_heads(q, k, v)  # validates shapes for every backend
-    name = _choose(q, k, causal, mask, backend)
+    # Explicit positions or segments are a mask the fused kernels cannot express, even on square blocks.
+    name = _choose(q, k, causal, q_pos is not None or q_seg is not None, backend)
     if name == "flash_attn":
         return _flash_attn_forward(q, k, v, scale, causal)
     if name == "sdpa":
@@ -333,8 +329,9 @@ def block_attention_backward(
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     mask = _make_mask(q.shape[1], k.shape[1], causal, q_pos, k_pos, q_seg, k_seg, q.device)
-    name = _choose(q, k, causal, mask, backend)
-    if name in ("sdpa", "flash_attn") and _fused_ok(q, k, causal, mask, "sdpa"):
+    explicit = q_pos is not None or q_seg is not None
+    name = _choose(q, k, causal, explicit, backend)
+    if name in ("sdpa", "flash_attn") and _fused_ok(q, k, causal, explicit, "sdpa"):
         return _sdpa_backward(dout, q, k, v, out, lse, scale, bool(causal))
     return _torch_backward(dout, q, k, v, out, lse, scale, mask, block_size)
 
