@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from seqpar.attention.lasp2 import prepare_linear_inputs
-from seqpar.comm import Group, RingComm, chain_scan, group_size
+from seqpar.comm import Group, RingComm, chain_scan, group_rank, group_size
 from seqpar.kernels.linear import (
     DEFAULT_LINEAR_BLOCK,
     acc_dtype,
@@ -32,6 +32,7 @@ from seqpar.kernels.linear import (
     apply_prefix_bwd,
     chunk_state,
     chunk_state_bwd,
+    decay_grad,
     heads_first,
     linear_attention_bwd,
     linear_attention_fwd,
@@ -80,8 +81,9 @@ class _LASP1(torch.autograd.Function):
             dq, dk, dv = dq + dq_l, dk + dk_m, dv + dv_m
         else:
             dk, dv = chunk_state_bwd(kh, vh, ring_sum(dP, group), log_decay)
+        d_log_decay = decay_grad(qh, dq, kh, dk, group_rank(group) * n) if ctx.needs_input_grad[3] else None
         grads = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
-        return (*grads, None, None, None, None)
+        return (*grads, d_log_decay, None, None, None)
 
 
 def lasp1_linear_attention(

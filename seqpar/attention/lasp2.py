@@ -15,7 +15,8 @@ chunked backward of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.lin
 (no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
 
 Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
-Hkv divides H and k, v are repeated to H heads), ``decay`` None, a float or ``[H]`` in (0, 1] (a constant);
+Hkv divides H and k, v are repeated to H heads), ``decay`` None, a float or ``[H]`` in (0, 1] (may require
+grad: d log λ = Σ_t t (q_t·dq_t - k_t·dk_t), this rank's share, to be summed over the group);
 output ``[B, L/N, H, Dv]`` in q's dtype. States travel in float32 (float64 for float64 inputs).
 
 Bytes per call, per rank (itemsize of the state dtype: 4, or 8 for float64):
@@ -37,6 +38,7 @@ from seqpar.kernels.linear import (
     apply_prefix_bwd,
     chunk_state,
     chunk_state_bwd,
+    decay_grad,
     heads_first,
     linear_attention_bwd,
     linear_attention_fwd,
@@ -97,8 +99,9 @@ class _LASP2(torch.autograd.Function):
         dk_m, dv_m = chunk_state_bwd(kh, vh, dM, log_decay)
         if causal:
             dk_m, dv_m = dk + dk_m, dv + dv_m
+        d_log_decay = decay_grad(qh, dq, kh, dk_m, rank * n) if ctx.needs_input_grad[3] else None
         grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk_m, k), (dv_m, v)))
-        return (*grads_out, None, None, None, None)
+        return (*grads_out, d_log_decay, None, None, None)
 
 
 def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_size: int):
@@ -129,7 +132,8 @@ def lasp2_linear_attention(
         q, k, v: this rank's shard ``[B, L/N, H(kv), D]`` of a sequence laid out contiguously
             (``seqpar.sharding.shard(x, layout="contiguous")``).
         group: the SP process group (None = one device).
-        decay: per-head λ in (0, 1] (None = 1, no decay), a constant; only with ``causal=True``.
+        decay: per-head λ in (0, 1] (None = 1, no decay); only with ``causal=True``. A tensor that requires
+            grad gets this rank's share of its gradient (sum it over the group, like the projections').
         causal: False gives O = Q · Σ_s k_s^T v_s over the whole sequence.
         block_size: tokens per intra-chunk block (memory O(L/N · block_size) per head).
 

@@ -61,18 +61,15 @@ def validate_linear_args(q, k, v, *, decay, causal: bool, block_size: int) -> to
             f"decay={decay!r} with causal=False: decay λ^(t-s) is defined only for s <= t; pass decay=None "
             "(non-causal linear attention is Q · Σ_s k_s^T v_s) or causal=True"
         )
-    if isinstance(decay, torch.Tensor) and decay.requires_grad:
-        raise ValueError(
-            "decay requires grad, but linear attention treats it as a fixed per-head constant (its "
-            "gradient is not computed): pass decay.detach()"
-        )
-    lam = torch.as_tensor(decay, dtype=torch.float64).flatten()
+    # A tensor keeps its autograd graph (learned decay): log λ gets a gradient through ``decay_grad``.
+    lam = decay if isinstance(decay, torch.Tensor) else torch.tensor(float(decay), dtype=torch.float64)
+    lam = lam.to(device=q.device, dtype=acc).flatten()
     lam = lam.expand(H) if lam.numel() == 1 else lam
-    if lam.shape != (H,) or not bool(((lam > 0) & (lam <= 1)).all()):
+    if lam.shape != (H,) or not bool(((lam.detach() > 0) & (lam.detach() <= 1)).all()):
         raise ValueError(
             f"decay={decay!r}: pass None, a float, or a tensor [{H}] (one per query head), values in (0, 1]"
         )
-    return lam.log().to(device=q.device, dtype=acc)
+    return lam.log()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +107,7 @@ def linear_attention_fwd(q, k, v, log_decay, block_size: int = DEFAULT_LINEAR_BL
     out = q.new_empty(B, H, L, v.shape[-1])
     for sl, c in _blocks(L, block_size):
         qb, kb, vb = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-        t = torch.arange(c)
+        t = torch.arange(c, device=log_decay.device)
         intra = ((qb @ kb.mT) * decay_mask(log_decay, c)) @ vb
         out[:, :, sl] = intra + (qb * powers(log_decay, t + 1)) @ S
         S = S * powers(log_decay, c) + (kb * powers(log_decay, c - 1 - t)).mT @ vb
@@ -124,14 +121,14 @@ def linear_attention_bwd(dout, q, k, v, log_decay, block_size: int = DEFAULT_LIN
     # Pass 1 (forward order): dQ_b's inter-block term needs the state S_b of the blocks before it.
     S = q.new_zeros(B, H, k.shape[-1], v.shape[-1])
     for sl, c in _blocks(L, block_size):
-        t = torch.arange(c)
+        t = torch.arange(c, device=log_decay.device)
         dq[:, :, sl] = (dout[:, :, sl] @ S.mT) * powers(log_decay, t + 1)
         S = S * powers(log_decay, c) + (k[:, :, sl] * powers(log_decay, c - 1 - t)).mT @ v[:, :, sl]
     # Pass 2 (reverse order): intra-block terms, and dK, dV through G = dLoss/dS_{b+1} of the later blocks.
     G = torch.zeros_like(S)
     for sl, c in reversed(list(_blocks(L, block_size))):
         qb, kb, vb, dob = q[:, :, sl], k[:, :, sl], v[:, :, sl], dout[:, :, sl]
-        t = torch.arange(c)
+        t = torch.arange(c, device=log_decay.device)
         D, k_pow = decay_mask(log_decay, c), powers(log_decay, c - 1 - t)
         dA = (dob @ vb.mT) * D  # dLoss/d(Q K^T) through the masked product
         dq[:, :, sl] += dA @ kb
@@ -141,25 +138,37 @@ def linear_attention_bwd(dout, q, k, v, log_decay, block_size: int = DEFAULT_LIN
     return dq, dk, dv
 
 
+def decay_grad(q, dq, k, dk, offset: int) -> torch.Tensor:
+    """dLoss/d(log λ) [H] from the finished gradients of q and k, for tokens at global positions offset + t.
+
+    With G_t = t log λ, o_t = Σ_{s<=t} e^(G_t - G_s) (q_t · k_s) v_s depends on G only through
+    q̃_t = e^(G_t) q_t and k̃_s = e^(-G_s) k_s, so dLoss/dG_t = q_t · dq_t - k_t · dk_t and
+    dLoss/d(log λ) = Σ_t t (q_t · dq_t - k_t · dk_t). Each rank returns its tokens' share (sum it over the
+    group like any replicated parameter's gradient); a common offset of t cancels since Σ_t dLoss/dG_t = 0.
+    """
+    t = torch.arange(offset, offset + q.shape[2], device=q.device, dtype=q.dtype)[:, None]
+    return ((q * dq - k * dk) * t).sum(dim=(0, 2, 3))
+
+
 def chunk_state(k, v, log_decay) -> torch.Tensor:
     """Memory state of a chunk of n tokens, M = Σ_s λ^(n-1-s) k_s^T v_s: ``[B, H, Dk, Dv]``."""
     n = k.shape[2]
-    return (k * powers(log_decay, torch.arange(n - 1, -1, -1))).mT @ v
+    return (k * powers(log_decay, torch.arange(n - 1, -1, -1, device=log_decay.device))).mT @ v
 
 
 def chunk_state_bwd(k, v, dM, log_decay):
     """``(dk, dv)`` of ``chunk_state`` for a state gradient ``dM [B, H, Dk, Dv]``."""
     n = k.shape[2]
-    k_pow = powers(log_decay, torch.arange(n - 1, -1, -1))
+    k_pow = powers(log_decay, torch.arange(n - 1, -1, -1, device=log_decay.device))
     return (v @ dM.mT) * k_pow, (k * k_pow) @ dM
 
 
 def apply_prefix(q, P, log_decay) -> torch.Tensor:
     """What the state P of all earlier tokens adds to a chunk's output: (Q ⊙ λ^(t+1)) P, ``[B, H, L, Dv]``."""
-    return (q * powers(log_decay, torch.arange(1, q.shape[2] + 1))) @ P
+    return (q * powers(log_decay, torch.arange(1, q.shape[2] + 1, device=log_decay.device))) @ P
 
 
 def apply_prefix_bwd(q, dout, P, log_decay):
     """``(dq, dP)`` of ``apply_prefix`` for ``dout [B, H, L, Dv]``."""
-    q_pow = powers(log_decay, torch.arange(1, q.shape[2] + 1))
+    q_pow = powers(log_decay, torch.arange(1, q.shape[2] + 1, device=log_decay.device))
     return (dout @ P.mT) * q_pow, (q * q_pow).mT @ dout
