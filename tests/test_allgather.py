@@ -1,7 +1,7 @@
 """allgather_attention (LASP-2H softmax part) vs the float64 dense reference on the whole sequence.
 
-Two spawns run every case: W=3, and W=4 which also runs W=2 on the sub-groups {0, 1} and {2, 3} (group
-ranks then differ from global ranks, as under DP x SP); W=1 runs in-process with group=None. The helpers
+One spawn of 4 ranks runs every case for W = 4, 2 (sub-groups {0, 1} and {2, 3}: group ranks then differ
+from global ranks, as under DP x SP), 3 (sub-group {0, 1, 2}) and 1 (group=None, on rank 3). The helpers
 here (``compare_case``, ``spawn_worlds``, ``collect_errors``, ``assert_errors``, ``TOL``) are shared by
 tests/test_ulysses.py and tests/test_usp.py.
 """
@@ -62,24 +62,29 @@ def compare_case(fn, rank, world, group, *, B=2, Lq=16, H=4, Hkv=4, D=16, dtype=
             for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
 
 
-def _worlds(rank, world, group, check) -> dict:
-    """Run ``check`` on the spawned world and, in a world of 4, again on two sub-groups of 2."""
+def _worlds(rank, world, group, check, with_three: bool) -> dict:
+    """On 4 spawned ranks: W=4 on the world; W=2 on the sub-groups {0, 1} and {2, 3}; then, when
+    ``with_three``, W=3 on {0, 1, 2} while rank 3 runs W=1 with group=None. ``None`` marks no result."""
     out = {world: check(rank, world, group)}
-    if world == 4:
-        subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
-        out[2] = check(rank % 2, 2, subs[rank // 2])
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
+    out[2] = check(rank % 2, 2, pairs[rank // 2])
+    if with_three:
+        trio = dist.new_group([0, 1, 2])
+        out[3] = check(rank, 3, trio) if rank < 3 else None
+        out[1] = check(0, 1, None) if rank == 3 else None
     return out
 
 
-def spawn_worlds(check, world: int) -> dict[int, list]:
-    """``{W: per-rank results}``: W=1 in-process (group=None), W=3 alone, W=4 with W=2 inside."""
-    if world == 1:
-        return {1: [check(0, 1, None)]}
-    per_rank = run_ranks(_worlds, world, args=(check,), timeout=150)
-    return {w: [r[w] for r in per_rank] for w in per_rank[0]}
-
-
-WORLDS = dict(params=[1, 3, 4], ids=["W1", "W3", "W4+W2"])
+def spawn_worlds(check, *, with_three: bool = True) -> dict[int, list]:
+    """``{W: per-rank results}`` for W in 1, 2, 3, 4 from ONE spawn of 4 ranks (each rank costs ~2 s of
+    imports); without ``with_three``, W=1 runs in this process instead and W=3 is skipped."""
+    per_rank = run_ranks(_worlds, 4, args=(check, with_three), timeout=170)
+    found = {w: [r[w] for r in per_rank if r[w] is not None] for w in per_rank[0]}
+    if not with_three:
+        found[1] = [check(0, 1, None)]
+    sizes = {4: 4, 2: 4, 3: 3, 1: 1} if with_three else {4: 4, 2: 4, 1: 1}
+    assert {w: len(r) for w, r in found.items()} == sizes, "a world size did not run on every rank"
+    return found
 
 
 def collect_errors(results: list[dict]) -> dict:
@@ -164,6 +169,7 @@ def _bad_input_checks(rank, world, group) -> dict:
         "kv_heads": error_of(call(H=8, Hkv=3), "kv heads=3", "heads=8"),
         "odd_zigzag": error_of(call(Lq=5), "sequence length", "multiple of", "zigzag"),
         "layout": error_of(call(layout="zig"), "layout='zig'", "contiguous"),
+        "causal": error_of(call(causal="bottom_right"), "causal='bottom_right'", "True or False"),
         "cu_seqlens": error_of(call(cu_seqlens=torch.tensor([0, 3, 8 * world - 1])), "cu_seqlens", "0 to"),
     }
     if world > 1:  # the last rank passes a longer shard: every rank must raise, none may hang
@@ -183,9 +189,9 @@ def _all_checks(rank, world, group) -> dict:
 # ----------------------------------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module", **WORLDS)
-def worlds(request):
-    return spawn_worlds(_all_checks, request.param)
+@pytest.fixture(scope="module")
+def worlds():
+    return spawn_worlds(_all_checks)
 
 
 def test_matches_float64_reference(worlds):

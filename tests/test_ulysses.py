@@ -1,6 +1,6 @@
 """ulysses_attention (DeepSpeed-Ulysses) vs the float64 dense reference on the whole sequence.
 
-Spawns as in tests/test_allgather.py: W=1 in-process, W=3, W=4 (with W=2 on sub-groups inside).
+One spawn of 4 ranks runs W = 4, 2, 3 and 1 on sub-groups, as in tests/test_allgather.py.
 Heads must split over W, so W=3 uses 6 heads; GQA includes kv heads < W (replicated kv heads).
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seqpar.comm import ByteCounter
-from tests.test_allgather import BF16, F32, F64, TOL, WORLDS, assert_errors, collect_errors, compare_case, error_of
+from tests.test_allgather import BF16, F32, F64, TOL, assert_errors, collect_errors, compare_case, error_of
 from tests.test_allgather import spawn_worlds as _spawn
 
 
@@ -69,6 +69,7 @@ def _bad_input_checks(rank, world, group) -> dict:
         "kv_heads": error_of(call(H=4 * world, Hkv=4 * world - 1), f"kv heads={4 * world - 1}", "must divide"),
         "odd_zigzag": error_of(call(Lq=5, layout="zigzag"), "sequence length", "multiple of", "zigzag"),
         "layout": error_of(call(layout="rows"), "layout='rows'"),
+        "scale": error_of(call(softmax_scale=-1.0), "softmax_scale=-1.0", "positive"),
     }
     if world > 1:
         msgs["heads"] = error_of(call(H=world + 1, Hkv=1), f"heads={world + 1}", f"N={world}", "valid")
@@ -85,9 +86,9 @@ def _all_checks(rank, world, group) -> dict:
             "bad": _bad_input_checks(rank, world, group)}
 
 
-@pytest.fixture(scope="module", **WORLDS)
-def worlds(request):
-    return _spawn(_all_checks, request.param)
+@pytest.fixture(scope="module")
+def worlds():
+    return _spawn(_all_checks)
 
 
 def test_matches_float64_reference(worlds):

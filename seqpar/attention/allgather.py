@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.ulysses import check_qkv
+from seqpar.attention.ulysses import check_options, check_qkv
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
+from seqpar.sharding import Layout, check_divisible, global_index
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
@@ -113,8 +113,7 @@ def allgather_attention(
         the layout cannot split, malformed ``cu_seqlens``.
     """
     n = group_size(group)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group)
     seq_len = q.shape[1] * n
     check_divisible(seq_len, n, layout, name="sequence length (q.shape[1] * N)")
@@ -123,5 +122,5 @@ def allgather_attention(
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, seq_len)
     return _AllGatherAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), group, bool(causal), softmax_scale, layout, cu_seqlens
+        q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens
     )

@@ -6,6 +6,10 @@ returns the output to sequence shards:
 
     [B, L/N, H, D] --all-to-all--> [B, L, H/N, D] --attention--> [B, L, H/N, D] --all-to-all--> [B, L/N, H, D]
 
+Layouts: gathered contiguous shards are already in global order. Gathered zigzag shards are permuted into
+global order (and back) under a causal mask, so the local attention stays one plain causal kernel call
+(fused flash kernels apply); without a mask the order does not matter and nothing is permuted.
+
 GQA: rank r needs the kv heads of its q heads [r H/N, (r+1) H/N). When N does not divide the kv heads
 Hkv, every kv head is repeated ``rep = N / gcd(N, Hkv)`` times (the least that makes Hkv * rep a multiple
 of N; it always divides H because N and Hkv both do). Autograd sums the repeats' gradients back.
@@ -63,6 +67,16 @@ def kv_replication(heads: int, kv_heads: int, world: int, *, what: str = "the gr
             f"evenly over {what}={world} ranks otherwise"
         )
     return world // math.gcd(world, kv_heads)
+
+
+def check_options(*, layout: str, causal: object, softmax_scale: float | None) -> None:
+    """Arguments that must be equal on every rank, checked before any communication."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal={causal!r} must be True or False (the mask is over global positions)")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive float (None: head_dim ** -0.5)")
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group) -> None:
@@ -137,8 +151,7 @@ def ulysses_attention(
         across ranks, a sequence that the layout cannot split.
     """
     n = group_size(group)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group)
     seq_len = q.shape[1] * n
     check_divisible(seq_len, n, layout, name="sequence length (q.shape[1] * N)")
@@ -152,5 +165,5 @@ def ulysses_attention(
         out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), True, softmax_scale)
         out = out.index_select(1, order)
     else:  # contiguous is already in global order; without a mask the order does not matter
-        out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), bool(causal), softmax_scale)
+        out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), causal, softmax_scale)
     return heads_to_seq(out, group=group)

@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.ring import ring_attention
-from seqpar.attention.ulysses import check_qkv, heads_to_seq, seq_to_heads
+from seqpar.attention.ulysses import check_options, check_qkv, heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
-from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
+from seqpar.sharding import Layout, check_divisible, global_index
 
 
 def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
@@ -137,8 +137,7 @@ def usp_attention(
         ValueError on every rank: missing or mismatched sub-groups, heads not divisible by u, kv heads not
         dividing heads, shapes differing across ranks, a sequence the layout cannot split.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
+    check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     u, r = _check_groups(group, ulysses_group, ring_group)
     check_qkv(q, k, v, group=group)
     seq_len = q.shape[1] * u * r
