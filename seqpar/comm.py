@@ -84,7 +84,8 @@ class ByteCounter:
 _ACTIVE: list[ByteCounter] = []
 
 
-def _record(op: str, sent: float, received: float) -> None:
+def record_bytes(op: str, sent: float, received: float) -> None:
+    """Account ``sent``/``received`` bytes of a communication made outside this module (P2P halos, reduces)."""
     for counter in _ACTIVE:
         counter.add(op, int(sent), int(received))
 
@@ -132,7 +133,7 @@ class RingComm:
             dist.P2POp(dist.irecv, out, self.recv_from, self.group),
         ]
         self._pending = dist.batch_isend_irecv(ops)
-        _record("ring", nbytes(tensor), nbytes(out))
+        record_bytes("ring", nbytes(tensor), nbytes(out))
         return out
 
     def wait(self) -> None:
@@ -162,10 +163,10 @@ def chain_scan(x: torch.Tensor, step, group: Group, *, reverse: bool = False) ->
     carry = torch.zeros_like(x).contiguous()
     if pos > 0:
         dist.recv(carry, src=global_rank(group, prev), group=group)
-        _record("p2p", 0, nbytes(carry))
+        record_bytes("p2p", 0, nbytes(carry))
     if pos < n - 1:
         out = step(carry).contiguous()
-        _record("p2p", nbytes(out), 0)
+        record_bytes("p2p", nbytes(out), 0)
         dist.send(out, dst=global_rank(group, nxt), group=group)
     return carry
 
@@ -181,7 +182,7 @@ def all_gather_tensor(x: torch.Tensor, group: Group, dim: int = 0, *, async_op: 
         return (None, lambda: x) if async_op else x
     x = x.contiguous()
     flat = x.new_empty((n * x.shape[0], *x.shape[1:]))  # rank-major along dim 0
-    _record("all_gather", (n - 1) * nbytes(x), (n - 1) * nbytes(x))
+    record_bytes("all_gather", (n - 1) * nbytes(x), (n - 1) * nbytes(x))
     work = _all_gather_flat(flat, x, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
@@ -201,7 +202,7 @@ def reduce_scatter_tensor(x: torch.Tensor, group: Group, dim: int = 0) -> torch.
         raise ValueError(f"reduce_scatter: size {x.shape[dim]} of dim {dim} is not divisible by group size {n}")
     pieces = x.contiguous() if dim == 0 else torch.cat(x.chunk(n, dim=dim), dim=0).contiguous()
     out = pieces.new_empty((pieces.shape[0] // n, *pieces.shape[1:]))
-    _record("reduce_scatter", nbytes(out) * (n - 1), nbytes(out) * (n - 1))
+    record_bytes("reduce_scatter", nbytes(out) * (n - 1), nbytes(out) * (n - 1))
     _reduce_scatter_flat(out, pieces, group=group)
     return out
 
@@ -218,7 +219,7 @@ def all_to_all_tensor(x: torch.Tensor, group: Group, scatter_dim: int, gather_di
         )
     send = torch.stack(x.chunk(n, dim=scatter_dim)).contiguous()
     recv = torch.empty_like(send)
-    _record("all_to_all", nbytes(send) * (n - 1) / n, nbytes(send) * (n - 1) / n)
+    record_bytes("all_to_all", nbytes(send) * (n - 1) / n, nbytes(send) * (n - 1) / n)
     dist.all_to_all_single(recv, send, group=group)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
@@ -230,7 +231,7 @@ def broadcast_tensor(x: torch.Tensor, group: Group, src: int = 0) -> torch.Tenso
         return x
     x = x.contiguous()
     root = group_rank(group) == src
-    _record("broadcast", (n - 1) * nbytes(x) if root else 0, 0 if root else nbytes(x))
+    record_bytes("broadcast", (n - 1) * nbytes(x) if root else 0, 0 if root else nbytes(x))
     dist.broadcast(x, src=global_rank(group, src), group=group)
     return x
 
@@ -240,7 +241,7 @@ def all_reduce_tensor(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.Re
     if n == 1:
         return x
     x = x.contiguous()
-    _record("all_reduce", 2 * nbytes(x) * (n - 1) / n, 2 * nbytes(x) * (n - 1) / n)
+    record_bytes("all_reduce", 2 * nbytes(x) * (n - 1) / n, 2 * nbytes(x) * (n - 1) / n)
     dist.all_reduce(x, op=op, group=group)
     return x
 

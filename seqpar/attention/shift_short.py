@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from seqpar.comm import Group, _record, global_rank, group_rank, nbytes
+from seqpar.comm import Group, global_rank, group_rank, nbytes, record_bytes
 from seqpar.comm import group_size as sp_size  # ``group_size`` is G here, as in LongLoRA
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
 
@@ -170,7 +170,7 @@ def exchange_halo(x: torch.Tensor, plan: ShiftPlan, *, backward: bool) -> Callab
     ops = ([dist.P2POp(dist.isend, x, peer_to, plan.group)] if send else []) + (
         [dist.P2POp(dist.irecv, buf, peer_from, plan.group)] if recv else [])
     works = dist.batch_isend_irecv(ops) if ops else []
-    _record("halo", nbytes(x) if send else 0, nbytes(x) if recv else 0)
+    record_bytes("halo", nbytes(x) if send else 0, nbytes(x) if recv else 0)
 
     def finish() -> torch.Tensor | None:
         for w in works:

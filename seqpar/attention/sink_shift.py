@@ -36,13 +36,9 @@ from seqpar.attention.shift_short import (
     shift_short_backward,
     shift_short_forward,
 )
-from seqpar.comm import Group, _record, broadcast_tensor, global_rank, nbytes
+from seqpar.comm import Group, broadcast_tensor, global_rank, nbytes, record_bytes
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
 from seqpar.sharding import global_index
-
-# The sink block's mask comes from explicit positions; "auto" would send a square block (n == S) to the fused
-# kernel, which ignores q_pos/k_pos. The block is only [n x S], so the tiled torch path costs little.
-_SINK_BACKEND = "torch"
 
 
 def _reduce_to_first(x: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
@@ -51,7 +47,7 @@ def _reduce_to_first(x: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
         return x
     x = x.contiguous()
     root = plan.rank == 0
-    _record("reduce", 0 if root else nbytes(x), (plan.world - 1) * nbytes(x) if root else 0)
+    record_bytes("reduce", 0 if root else nbytes(x), (plan.world - 1) * nbytes(x) if root else 0)
     dist.reduce(x, dst=global_rank(plan.group, 0), group=plan.group)
     return x
 
@@ -85,7 +81,7 @@ def sink_shift_forward(q, k, v, plan: ShiftPlan):
     parts = []
     for qh, sk, sv, (q_pos, k_pos) in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
                                           _sink_masks(plan, q.device)):
-        parts.append(block_attention(qh, sk, sv, causal=True, q_pos=q_pos, k_pos=k_pos, backend=_SINK_BACKEND,
+        parts.append(block_attention(qh, sk, sv, causal=True, q_pos=q_pos, k_pos=k_pos,
                                      softmax_scale=plan.softmax_scale))
     sink_out = torch.cat([o for o, _ in parts], dim=2)
     sink_lse = torch.cat([s for _, s in parts], dim=1)
@@ -103,7 +99,7 @@ def sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, plan: ShiftPlan):
                  _head_halves(sinks, 3), _head_halves(dq, 2), _head_halves(d_sinks, 3), _sink_masks(plan, q.device))
     for do, qh, o, s, kv, dqh, dkv, (q_pos, k_pos) in halves:
         gq, gk, gv = block_attention_backward(do, qh, kv[0], kv[1], o, s, causal=True, q_pos=q_pos, k_pos=k_pos,
-                                              backend=_SINK_BACKEND, softmax_scale=plan.softmax_scale)
+                                              softmax_scale=plan.softmax_scale)
         dqh += gq  # views into dq / d_sinks
         dkv[0] += gk
         dkv[1] += gv
