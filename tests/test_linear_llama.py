@@ -26,6 +26,7 @@ CONFIGS = {
     "linear": dict(num_hidden_layers=2, linear_feature_map="silu", linear_decay="tnl"),
     "linear_identity": dict(num_hidden_layers=2, linear_feature_map="identity", linear_output_norm=False,
                             linear_decay="tnl", initializer_range=0.1),
+    "linear_learned_decay": dict(num_hidden_layers=2, linear_feature_map="silu", linear_decay="learned"),
     "hybrid": dict(num_hidden_layers=4, layer_types=["linear", "linear", "linear", "softmax"],
                    linear_feature_map="elu1", linear_decay=None),
 }
@@ -119,7 +120,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(bad, match="layer_types"):
         LinearLlamaConfig(**TINY, num_hidden_layers=2, layer_types=["linear"])
     with pytest.raises(bad, match="linear_decay"):
-        LinearLlamaConfig(**TINY, num_hidden_layers=2, linear_decay="learned")
+        LinearLlamaConfig(**TINY, num_hidden_layers=2, linear_decay="alibi")
 
 
 def test_sequence_parallel_loss_and_gradients_match_one_process(sp_results):

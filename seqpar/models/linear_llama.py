@@ -8,8 +8,9 @@ Everything but the token mixer is transformers' Llama (``LlamaDecoderLayer``: pr
 * ``"linear_attention"`` (alias ``"linear"``): q, k = φ(x W_q), φ(x W_k) with φ in {identity, silu
   (TransNormerLLM / Lightning Attention), elu1 (elu + 1, Katharopoulos et al. 2020)}; v = x W_v;
   o_t = q_t · Σ_{s<=t} λ_h^(t-s) k_s^T v_s by ``lasp2_linear_attention`` (no RoPE, no softmax); optional
-  RMSNorm of the heads' output (TransNormerLLM's output norm); then W_o. Decay λ_h is None or TransNormerLLM's
-  fixed ALiBi-style per-head decay ``"tnl"``: λ_h = exp(-2^(-8(h+1)/H) · (1 - l/(layers-1) + 1e-5)).
+  RMSNorm of the heads' output (TransNormerLLM's output norm); then W_o. Decay λ_h is None, TransNormerLLM's
+  fixed ALiBi-style per-head decay ``"tnl"``: λ_h = exp(-2^(-8(h+1)/H) · (1 - l/(layers-1) + 1e-5)), or
+  ``"learned"``: λ_h = sigmoid(decay_logit_h) initialised there (its gradient is per rank: sum it over SP).
 * ``"full_attention"`` (alias ``"softmax"``): Llama attention with RoPE on GLOBAL position ids, computed by
   ``allgather_attention`` (one all-gather of K, V per layer).
 
@@ -24,7 +25,7 @@ forward and the same backward; softmax layer as ``allgather_attention`` (its K, 
 
 Importing this module registers ``"linear_llama"`` with ``AutoConfig`` and ``AutoModelForCausalLM``, so
 ``save_pretrained`` / ``from_pretrained`` on a local folder work without ``trust_remote_code``.
-Not supported: generation with a cache, padding masks, packed documents in linear layers, learned decay.
+Not supported: generation with a cache, padding masks, packed documents in linear layers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -55,7 +57,7 @@ from seqpar.sharding import position_ids as global_position_ids
 LINEAR, SOFTMAX = "linear_attention", "full_attention"
 _ALIASES = {"linear": LINEAR, "softmax": SOFTMAX, LINEAR: LINEAR, SOFTMAX: SOFTMAX}
 FEATURE_MAPS = {"identity": lambda x: x, "silu": F.silu, "elu1": lambda x: F.elu(x) + 1.0}
-DECAYS = (None, "tnl")
+DECAYS = (None, "tnl", "learned")
 
 
 @strict
@@ -66,7 +68,8 @@ class LinearLlamaConfig(LlamaConfig):
         ``"linear"`` or ``"full_attention"`` / ``"softmax"`` (e.g. one softmax layer every 4: LASP-2H).
     linear_feature_map (`str`, defaults to ``"silu"``): φ of q and k: ``"identity"``, ``"silu"``, ``"elu1"``.
     linear_output_norm (`bool`, defaults to True): RMSNorm of the linear attention output (TransNormerLLM).
-    linear_decay (`str | None`, defaults to ``"tnl"``): None or ``"tnl"`` (fixed per-head, per-layer decay).
+    linear_decay (`str | None`, defaults to ``"tnl"``): None, ``"tnl"`` (fixed per-head, per-layer decay) or
+        ``"learned"`` (λ = sigmoid(decay_logit), a parameter per head initialised at the ``"tnl"`` values).
     linear_block_size (`int`, defaults to 64): intra-chunk block of the Lightning Attention-2 kernel.
     """
 
@@ -120,17 +123,25 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(H * d, config.hidden_size, bias=bias)
         self.out_norm = LlamaRMSNorm(H * d, eps=config.rms_norm_eps) if config.linear_output_norm else None
         self.feature_map = FEATURE_MAPS[config.linear_feature_map]
-        # A python list, not a buffer: it follows from the config, so checkpoints need not carry it.
-        tnl = config.linear_decay == "tnl"
-        self.decay = tnl_decay(H, layer_idx, config.num_hidden_layers) if tnl else None
+        # Fixed decay: a python list, not a buffer (it follows from the config).
+        self.decay = tnl_decay(H, layer_idx, config.num_hidden_layers) if config.linear_decay else None
+        learned = config.linear_decay == "learned"
+        self.decay_logit = nn.Parameter(self.initial_decay_logit()) if learned else None
         self.sp_group: Group = None
+
+    def initial_decay_logit(self) -> torch.Tensor:
+        lam = torch.tensor(self.decay, dtype=torch.float64)
+        return (lam.log() - torch.log1p(-lam)).float()  # sigmoid^-1 of the "tnl" decay
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # [B, L, H, d]
         q = self.feature_map(self.q_proj(hidden_states).view(shape))
         k = self.feature_map(self.k_proj(hidden_states).view(shape))
         v = self.v_proj(hidden_states).view(shape)
-        decay = None if self.decay is None else torch.tensor(self.decay, device=q.device)
+        if self.decay_logit is not None:
+            decay = torch.sigmoid(self.decay_logit)
+        else:
+            decay = None if self.decay is None else torch.tensor(self.decay, device=q.device)
         o = lasp2_linear_attention(q, k, v, group=self.sp_group, decay=decay, block_size=self.block_size)
         o = o.reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(o if self.out_norm is None else self.out_norm(o)), None
@@ -172,6 +183,11 @@ class LinearLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["LinearLlamaDecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LinearAttention) and module.decay_logit is not None:
+            init.copy_(module.decay_logit, module.initial_decay_logit())
 
     def set_sequence_parallel(self, group: Group, layout: str = "contiguous") -> LinearLlamaPreTrainedModel:
         """Run every layer over the SP ``group`` (None = one device) with inputs sharded in ``layout``."""
