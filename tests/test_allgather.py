@@ -46,14 +46,19 @@ def reference(q, k, v, dout, causal, cu_seqlens=None, scale=None):
 
 
 def compare_case(fn, rank, world, group, *, B=2, Lq=16, H=4, Hkv=4, D=16, dtype=F64, causal=True,
-                 seed=0, shard_layout="zigzag", cu_seqlens=None, **kw) -> dict:
-    """Run ``fn`` on this rank's shard; relative errors of out, dq, dk, dv against the reference."""
+                 seed=0, shard_layout="zigzag", cu_seqlens=None, strided=False, **kw) -> dict:
+    """Run ``fn`` on this rank's shard; relative errors of out, dq, dk, dv against the reference.
+    ``strided``: pass q, k, v as non-contiguous [B, L, H, D] views of [B, H, L, D] storage (as after a
+    projection and transpose); the leaves must come back unmodified."""
     L = Lq * world
     q, k, v, dout = full_inputs(B, L, H, Hkv, D, dtype, seed)
     ref = reference(q, k, v, dout, causal, cu_seqlens, kw.get("softmax_scale"))
     local = [shard(t, layout=shard_layout, rank=rank, world_size=world).requires_grad_() for t in (q, k, v)]
     extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-    out = fn(*local, group=group, causal=causal, **extra, **kw)
+    before = [t.detach().clone() for t in local]
+    inputs = [t.transpose(1, 2).contiguous().transpose(1, 2) if strided else t for t in local]
+    out = fn(*inputs, group=group, causal=causal, **extra, **kw)
+    assert all(torch.equal(t, b) for t, b in zip(local, before)), "inputs were modified"
     out.backward(shard(dout, layout=shard_layout, rank=rank, world_size=world))
     got = [out, *(t.grad for t in local)]
     assert all(t.dtype == dtype for t in got), [t.dtype for t in got]
@@ -124,6 +129,7 @@ def _cases(world: int) -> dict:
                         layout=layout, causal=causal, H=H, Hkv=Hkv, dtype=dtype)
         cases[f"{layout}-bf16"] = dict(layout=layout, causal=True, H=8, Hkv=2, dtype=BF16)
     cases["zigzag-d80"] = dict(layout="zigzag", causal=True, H=4, Hkv=1, D=80, dtype=F32, Lq=8)
+    cases["strided"] = dict(layout="zigzag", causal=True, H=4, Hkv=2, dtype=F64, strided=True, softmax_scale=0.3)
     # Packed documents crossing rank boundaries (and one empty document).
     L = 16 * world
     cu = torch.tensor([0, 5, 5, L // 2 + 3, L - 2, L])

@@ -31,7 +31,8 @@ def _cases(world: int) -> dict:
                                                          dtype=F64)
         cases[f"{layout}-bf16"] = dict(layout=layout, causal=True, H=few_kv[0], Hkv=few_kv[1], dtype=BF16)
     cases["zigzag-d80"] = dict(layout="zigzag", causal=True, H=mha[0], Hkv=gqa[1], D=80, Lq=8, dtype=F32)
-    cases["scale"] = dict(layout="zigzag", causal=True, H=mha[0], Hkv=mha[1], dtype=F64, softmax_scale=0.3)
+    cases["strided-scale"] = dict(layout="zigzag", causal=True, H=mha[0], Hkv=mha[1], dtype=F64, softmax_scale=0.3,
+                                  strided=True)
     return cases
 
 

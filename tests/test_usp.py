@@ -33,6 +33,7 @@ def _cases(world: int, u: int) -> dict:
     cases["zigzag-bf16"] = dict(layout="zigzag", causal=True, H=H, Hkv=few_kv, dtype=BF16)
     cases["zigzag-fewkv-f64"] = dict(layout="zigzag", causal=True, H=H, Hkv=few_kv, dtype=F64)
     cases["zigzag-d80"] = dict(layout="zigzag", causal=True, H=H, Hkv=2, D=80, Lq=8, dtype=F32)
+    cases["strided-scale"] = dict(layout="zigzag", causal=True, H=H, Hkv=2, dtype=F64, softmax_scale=0.3, strided=True)
     return cases
 
 
