@@ -103,6 +103,7 @@ def _error_checks(rank, world, group) -> dict:
     q = torch.randn(1, 8, 4, 16)
     lam_bad = torch.tensor([0.9, 1.5, 1, 1])
     uneven = torch.randn(1, 8 + (rank == world - 1), 4, 16)
+    k_bad = q[:, : 8 - (rank == world - 1)]  # k shorter than q on the last rank only
     bad = {
         "decay_noncausal": lambda: lasp2_linear_attention(q, q, q, group=group, decay=0.9, causal=False),
         "decay_range": lambda: lasp1_linear_attention(q, q, q, group=group, decay=lam_bad),
@@ -112,6 +113,7 @@ def _error_checks(rank, world, group) -> dict:
         "block_size": lambda: lasp2_linear_attention(q, q, q, group=group, block_size=0),
         # rank-dependent length: detected collectively, so every rank raises
         "length": lambda: lasp2_linear_attention(uneven, uneven, uneven, group=group),
+        "k_length_one_rank": lambda: lasp1_linear_attention(q, k_bad, k_bad, group=group),
     }
     msgs = {}
     for name, call in bad.items():
@@ -188,10 +190,14 @@ def test_bad_inputs_raise_on_every_rank(world_results):
         "dtype": "k.dtype",
         "block_size": "block_size=0",
         "length": "different shapes",
+        "k_length_one_rank": "different shapes",
     }
     for rank, res in enumerate(results):
         for name, fragment in expect.items():
             msg = res["errors"][name]
+            if name == "k_length_one_rank" and world == 1:
+                assert "k and v must be" in msg, msg
+                continue
             if name == "length" and world == 1:
                 assert msg is None  # one rank cannot disagree with itself
                 continue

@@ -108,8 +108,11 @@ def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_s
     """Validate (locally, then lengths collectively) and repeat GQA k, v heads; returns (k, v, log_decay).
 
     Shared with LASP-1 (``seqpar.attention.lasp1``)."""
+    # Lengths may differ per rank: compare them collectively FIRST, so a rank that would raise below never
+    # leaves the others waiting in a collective (the remaining checks give the same verdict on every rank).
+    lengths = torch.empty((*q.shape[:2], *k.shape[:2], *v.shape[:2]), device="meta")
+    check_same_shape(lengths, group=group, name="[batch, seq] of q, k, v")
     log_decay = validate_linear_args(q, k, v, decay=decay, causal=causal, block_size=block_size)
-    check_same_shape(q, group=group, name="q")
     groups = q.shape[2] // k.shape[2]
     if groups > 1:  # autograd sums the repeated heads' gradients back
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
