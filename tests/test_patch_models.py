@@ -192,6 +192,19 @@ def _error_checks(model, group, world) -> dict[str, str]:
         msgs["varlen"] = str(err.value)
     finally:
         unpatch_model(model)
+    patch_model(model, "ring", group, layout="contiguous")  # rank 0's local positions 0..L/N-1 look right
+    try:
+        sp = shard_batch(batch, group, "contiguous")
+        sp.pop("labels")
+        positions = sp.pop("position_ids")
+        with pytest.raises(ValueError) as err:
+            model(**sp, use_cache=False)  # forgot position_ids: RoPE would see local positions
+        msgs["positions"] = str(err.value)
+        with ByteCounter() as c, torch.no_grad():
+            model(**sp, position_ids=positions, use_cache=False)
+        msgs["check_bytes"] = c.by_op["all_reduce"]
+    finally:
+        unpatch_model(model)
     return msgs
 
 
@@ -317,6 +330,8 @@ def test_labels_positions_and_errors_on_every_rank(sp_results):
         assert "layout='zigzag'" in msgs["layout"] and "contiguous" in msgs["layout"]
         assert "dropout=0.1" in msgs["dropout"] and "attention_dropout" in msgs["dropout"]
         assert "cu_seqlens" in msgs["varlen"]
+        assert "position_ids" in msgs["positions"] and "shard_batch" in msgs["positions"]
+        assert msgs["check_bytes"] == 2 * 8 * (world - 1) // world  # the patch's one int64 all-reduce
         assert r["loss_bytes"] == (2 * 16 * (world - 1) // world, 1)  # all_reduce: 2 b (N-1)/N, b = 16
 
 
@@ -366,6 +381,12 @@ def test_single_device_errors(model_dir):
     patch_model(model, "full")
     with pytest.raises(ValueError, match="sliding_window=16"):
         _sp_forward(model, None, _batch())
+    unpatch_model(model)
+    model.config.sliding_window = None
+    patch_model(model, "full")
+    packed_hf_style = torch.cat([torch.arange(n) for n in DOC_LENS])[None]  # restarts, but no cu_seqlens
+    with pytest.raises(ValueError, match="packed documents without cu_seqlens"):
+        model(input_ids=_batch()["input_ids"][:1], position_ids=packed_hf_style, use_cache=False)
     unpatch_model(model)
     with pytest.raises(ValueError, match="attention='bogus'"):
         patch_model(model, "bogus")

@@ -18,7 +18,8 @@ Per layer, transformers calls ``fn(module, query, key, value, attention_mask, dr
 ``query [B, H, L/N, D]``, ``key, value [B, Hkv, L/N, D]`` (its layout); the function transposes to seqpar's
 ``[B, L/N, H, D]``, calls the primitive and returns ``[B, L/N, H, D]`` as transformers expects. Bytes
 communicated per layer are those of the chosen primitive (its module docstring gives the formula); the
-patch itself adds none.
+patch adds one all-reduce of an int64 flag per forward (the first layer's check of the global position
+ids): ``2 * 8 * (N-1)/N`` bytes sent per rank.
 
 Refused, with an error naming the fix, on every rank before any communication: attention dropout > 0,
 an explicit attention mask, bidirectional layers, softcapping, and a ``sliding_window`` (Mistral, Qwen2)
@@ -46,6 +47,7 @@ from seqpar.comm import Group
 from seqpar.kernels.softmax import block_attention, block_attention_backward
 from seqpar.models.batch import sp_group_of
 from seqpar.parallel import ParallelState
+from seqpar.sharding import global_index
 
 ATTENTIONS = ("ring", "rsa", "ulysses", "usp", "allgather", "s2", "sf", "full")
 # Default sequence layout per primitive: zigzag balances causal work where the primitive supports it.
@@ -198,6 +200,8 @@ def seqpar_attention_forward(
             )
         return _LocalAttention.apply(q, k, v, scaling, None, "bottom_right"), None
     attention = patch.attention
+    if cu_seqlens is None:
+        _check_positions(patch, module, kwargs.get("position_ids"), q_len, query.device)
     if attention in ("s2", "sf") and not module.training:
         attention = "full"  # LongLoRA: shifted groups at training time, full attention at inference
     if cu_seqlens is not None and attention not in VARLEN:
@@ -234,6 +238,28 @@ def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len,
     if kwargs.get("output_attentions"):
         warnings.warn("output_attentions=True: seqpar attention never forms the attention matrix; returning None",
                       stacklevel=3)
+
+
+def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) -> None:
+    """RoPE must have seen the tokens' GLOBAL positions in the patch's layout (a forgotten ``position_ids``
+    gives every rank 0..L/N-1; HF-style packing restarts them without ``cu_seqlens``; left padding shifts
+    them). Checked at the first layer, collectively (one 8-byte all-reduce), since only some ranks may see it.
+    """
+    if position_ids is None or getattr(module, "layer_idx", 0) != 0:
+        return
+    n = comm.group_size(patch.group)
+    if n == 1:
+        want = torch.arange(q_len, device=position_ids.device)
+    else:
+        want = global_index(q_len * n, n, comm.group_rank(patch.group), patch.layout, device=position_ids.device)
+    ok = position_ids.shape[-1] == q_len and bool((position_ids == want).all())
+    bad = comm.all_reduce_tensor(torch.tensor([0 if ok else 1], device=device), patch.group, op=dist.ReduceOp.MAX)
+    if int(bad.item()):
+        raise ValueError(
+            f"position_ids are not the global positions of the {patch.layout} shards on every rank of the SP "
+            "group (missing position_ids, packed documents without cu_seqlens, or left padding): build the "
+            "inputs with seqpar.models.shard_batch(batch, parallel, patched_layout(model)) and pass all of them"
+        )
 
 
 def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len: int) -> torch.Tensor:
