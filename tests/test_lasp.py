@@ -22,6 +22,9 @@ DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
 # float32: the state sums run over at most 96 tokens, so 1e-5 of the output scale is ample; bfloat16 rounds
 # inputs and the output to 8 bits (2^-8 ≈ 4e-3 relative) and is checked loosely.
 TOL = {"f64": 1e-10, "f32": 1e-5, "bf16": 2e-2}
+# dλ = Σ_t t (q_t·dq_t - k_t·dk_t) sums terms ~100x its size that cancel (Σ_t of the bracket is 0), so its
+# float32 error relative to its own scale is ~10x that of the other gradients (measured up to 9e-6).
+DLAMBDA_TOL = {"f64": 1e-10, "f32": 1e-4, "bf16": 2e-2}
 DECAY = torch.tensor([1.0, 0.97, 0.9, 0.8], dtype=torch.float64)  # λ^24 from 1 to 0.005: rank prefixes matter
 N_LOCAL, BLOCK = 24, 16  # 1.5 blocks per rank: a full and a partial intra-chunk block
 
@@ -153,7 +156,7 @@ def test_outputs_and_gradients_match_reference(world_results):
             worst[(c["prim"], c["mode"], c["dtype"], c["Dk"], "dlambda")] = rel_err(
                 total, results[0]["cases"][i]["dlambda"][1]
             )
-    failed = {k: e for k, e in worst.items() if not e <= TOL[k[2]]}
+    failed = {k: e for k, e in worst.items() if not e <= (DLAMBDA_TOL if k[4] == "dlambda" else TOL)[k[2]]}
     assert not failed, f"W={world}: errors above tolerance {failed}"
 
 
