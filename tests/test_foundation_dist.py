@@ -16,6 +16,7 @@ from seqpar.comm import (
     all_to_all,
     broadcast_tensor,
     check_same_shape,
+    check_same_shapes,
     reduce_scatter,
 )
 from seqpar.parallel import ParallelState
@@ -97,6 +98,14 @@ def _comm_checks(rank: int, world: int, group) -> dict:
     except ValueError as err:
         msg = str(err)
     assert (msg is None) == (world == 1), msg
+    dtype_msg = None
+    try:  # same shapes, one rank in another dtype: one collective catches it for every named tensor
+        dt = torch.float64 if rank == 0 else torch.float32
+        check_same_shapes(group=group, q=torch.zeros(2, 3), k=torch.zeros(2, 3, dtype=dt))
+    except ValueError as err:
+        dtype_msg = str(err)
+    assert (dtype_msg is None) == (world == 1), dtype_msg
+    assert world == 1 or dtype_msg.startswith("k has different shapes or dtypes")
     return {"mismatch_message": msg}
 
 

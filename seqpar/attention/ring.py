@@ -29,7 +29,7 @@ Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same 
 token a document id; tokens attend only within their document (causally when ``causal``).
 
 Errors (raised on every rank, before any K/V is exchanged): bad ``layout``/``causal``/``softmax_scale``,
-shapes differing across ranks (``comm.check_same_shape``), q/k/v batch, length, head_dim or dtype mismatch,
+shapes differing across ranks (``comm.check_same_shapes``), q/k/v batch, length, head_dim or dtype mismatch,
 kv heads not dividing heads, a length that the layout cannot split, malformed ``cu_seqlens``.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.comm import Group, RingComm, check_same_shape, group_rank, group_size
+from seqpar.comm import Group, RingComm, check_same_shapes, group_rank, group_size
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
 from seqpar.sharding import Layout, check_divisible, chunks_per_rank, global_index
 
@@ -172,7 +172,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, L/N, heads, D], got {type(t).__name__}")
-        check_same_shape(t, group=group, name=name)
+    check_same_shapes(group=group, q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be 4-D "
                          "[B, L/N, heads, D]: reshape [B, L, H*D] activations to [B, L, H, D]")

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from seqpar.comm import Group, all_to_all, check_same_shape, group_size
+from seqpar.comm import Group, all_to_all, check_same_shapes, group_size
 from seqpar.kernels import block_attention, block_attention_backward
 from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
 
@@ -81,8 +81,7 @@ def check_options(*, layout: str, causal: object, softmax_scale: float | None) -
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group) -> None:
     """Same shapes on every rank (collective, so a mismatch raises everywhere), then local consistency."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_same_shape(t, group=group, name=name)
+    check_same_shapes(group=group, q=q, k=k, v=v)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(
             f"q {tuple(q.shape)} must be [B, L/N, H, D] and k {tuple(k.shape)}, v {tuple(v.shape)} "
