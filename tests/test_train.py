@@ -27,7 +27,7 @@ COMMON = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.
 # Ring attention with ZeRO-3 on packed documents from a jsonl file (cu_seqlens reach the primitive).
 RING = ["attention.name=ring", "deepspeed.zero_stage=3", "data.source=files", "data.seq_len=256",
         "rope_scaling.type=null", "rope_scaling.factor=null",
-        "trainer.max_steps=4", "logging.wandb=false", "checkpoint.every=0"]
+        "trainer.max_steps=4", "logging.wandb=false", "checkpoint.every=0", "eval.every=2"]
 
 
 def launch(nproc: int, out: Path, overrides: list[str], *extra: str) -> list[dict]:
@@ -67,7 +67,8 @@ def runs(tmp_path_factory):
     # 4. ring attention, ZeRO-3, packed documents, sp_size 2; 5. its one-process sp_size 1 twin ("full")
     out["ring"] = launch(2, tmp / "ring", [*RING, f"data.files=[{docs}]"])
     out["full"] = launch(1, tmp / "full", [*RING, f"data.files=[{docs}]", "attention.name=full",
-                                           "attention.sp_size=1", "deepspeed.zero_stage=2"])
+                                           "attention.sp_size=1", "deepspeed.zero_stage=2",
+                                           "trainer.gradient_checkpointing=true"])
     return out
 
 
@@ -107,6 +108,10 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
 def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
     a, b = losses(runs[sp][: len(runs[one])]), losses(runs[one])
     assert len(a) == len(b) >= 4
+    if sp == "ring":  # eval in eval mode every 2 steps, equal too (the sp_size 1 twin also checkpoints activations)
+        ea, eb = [r["eval_loss"] for r in runs[sp] if "eval_loss" in r], [r["eval_loss"] for r in runs[one]
+                                                                           if "eval_loss" in r]
+        assert len(ea) == len(eb) == 2 and max(abs(x - y) for x, y in zip(ea, eb)) <= 1e-4
     worst = max(abs(x - y) for x, y in zip(a, b))
     print(f"{sp} vs {one}: max |loss difference| over {len(a)} steps = {worst:.2e}")
     assert worst <= 1e-4, (a, b)

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def gather_floats(value: float) -> list[float]:
 class MetricsLogger:
     def __init__(self, recipe: Recipe, *, rank: int, start_step: int, resumed: bool):
         self.rank, self.every = rank, recipe.logging.log_every
+        self.start_step, self.max_steps, self.t0 = start_step, recipe.trainer.max_steps, time.perf_counter()
         self.out = Path(recipe.trainer.output_dir)
         self.wandb = self.bar = None
         if rank != 0:
@@ -80,8 +82,9 @@ class MetricsLogger:
             self.bar.update(1)
             if not self.bar.disable:
                 return
-        print(f"step {step} loss {metrics['loss']:.6f} lr {metrics['lr']:.3g} "
-              f"tokens/s {metrics['tokens_per_s']:.0f}", flush=True)
+        per_step = (time.perf_counter() - self.t0) / max(1, step - self.start_step)
+        print(f"step {step}/{self.max_steps} loss {metrics['loss']:.6f} lr {metrics['lr']:.3g} "
+              f"tokens/s {metrics['tokens_per_s']:.0f} eta {per_step * (self.max_steps - step):.0f}s", flush=True)
 
     def close(self) -> None:
         if self.rank != 0:

@@ -128,6 +128,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
                        ("LOCAL_RANK", parallel.local_rank)):
         os.environ.setdefault(var, str(value))
     deepspeed.init_distributed(dist_backend=parallel.backend)
+    _warn_accelerate_mismatch(recipe, parallel)
     torch.manual_seed(recipe.trainer.seed)
     tokenizer = load_tokenizer(recipe)
     samples = build_dataset(recipe, tokenizer)
@@ -158,6 +159,14 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
             ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=base, tokenizer=tokenizer)
     logger.close()
     return history
+
+
+def _warn_accelerate_mismatch(recipe: Recipe, parallel: ParallelState) -> None:
+    """Under ``accelerate launch`` the recipe, not the accelerate config, sets the ZeRO stage: say so if they differ."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if parallel.is_main and stage is not None and int(stage) != recipe.deepspeed.zero_stage:
+        print(f"seqpar: accelerate config asks for ZeRO-{stage}, the recipe for ZeRO-{recipe.deepspeed.zero_stage}: "
+              f"using the recipe's (override with deepspeed.zero_stage={stage})", flush=True)
 
 
 def _grad_norm(engine: Any) -> float | None:
