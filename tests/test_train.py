@@ -30,8 +30,9 @@ RING = ["attention.name=ring", "deepspeed.zero_stage=3", "data.source=files", "d
         "trainer.max_steps=4", "logging.wandb=false", "checkpoint.every=0", "eval.every=2"]
 
 
-def launch(nproc: int, out: Path, overrides: list[str], *extra: str) -> list[dict]:
-    """Run ``seqpar train`` under torchrun (or as one plain process) and return its metrics records."""
+def launch(nproc: int, out: Path, overrides: list[str], *extra: str, ok: bool = True):
+    """Run ``seqpar train`` under torchrun (or as one plain process) and return its metrics records
+    (or, with ``ok=False``, the finished process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -40,6 +41,8 @@ def launch(nproc: int, out: Path, overrides: list[str], *extra: str) -> list[dic
         cmd[1:3] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                     str(free_port()), "-m", "seqpar"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
+    if not ok:
+        return proc
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -69,6 +72,10 @@ def runs(tmp_path_factory):
     out["full"] = launch(1, tmp / "full", [*RING, f"data.files=[{docs}]", "attention.name=full",
                                            "attention.sp_size=1", "deepspeed.zero_stage=2",
                                            "trainer.gradient_checkpointing=true"])
+    # 6. 2-D: sp_size 2 x dp_size 2 on 4 processes; 7. its one-process twin accumulating the same 2 sequences
+    two_d = ["trainer.max_steps=4", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "logging.wandb=false"]
+    out["sp2dp2"] = launch(4, tmp / "sp2dp2", two_d)
+    out["accum2"] = launch(1, tmp / "accum2", [*two_d, "attention.sp_size=1", "trainer.grad_accum=2"])
     return out
 
 
@@ -104,7 +111,7 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (losses(resumed), losses(first[4:]))
 
 
-@pytest.mark.parametrize(("sp", "one"), [("sp2", "sp1"), ("ring", "full")])
+@pytest.mark.parametrize(("sp", "one"), [("sp2", "sp1"), ("ring", "full"), ("sp2dp2", "accum2")])
 def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
     a, b = losses(runs[sp][: len(runs[one])]), losses(runs[one])
     assert len(a) == len(b) >= 4
@@ -145,3 +152,21 @@ def test_merge_lora_from_zero_checkpoint(runs, run, stage):
     print(f"merge-lora ZeRO-{stage}: max relative logit error {err:.2e}")
     assert err <= 1e-5
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_bad_recipe_fails_on_every_rank_before_the_rendezvous(tmp_path):
+    proc = launch(2, tmp_path / "bad", ["attention.sp_size=2", "data.seq_len=510", "attention.name=ring"], ok=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("data.seq_len=510 cannot be split over 2 ranks") == 2  # both ranks say why
+
+
+def test_incomplete_checkpoints_are_never_picked(tmp_path):
+    from seqpar.train.checkpoint import MARKER, latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step-00000002", True), ("step-00000004", False), (".tmp-step-00000006", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / MARKER).write_text("ok\n")
+    assert latest_checkpoint(root) == root / "step-00000002"  # a crash mid-save leaves 4 and 6 unusable
+    assert latest_checkpoint(tmp_path / "none") is None
