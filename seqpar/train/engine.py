@@ -44,8 +44,10 @@ def deepspeed_config(recipe: Recipe, device: torch.device) -> dict:
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # we gather ourselves (adapter only)
     adam = {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay}
-    if device.type == "cpu" and ds.offload == "none":
-        adam["torch_adam"] = True  # DeepSpeed's fused Adam is CUDA-only; torch's AdamW runs everywhere
+    if ds.offload == "none":
+        # torch's AdamW runs on CPU and GPU without compiling anything (DeepSpeed's FusedAdam JIT-builds a CUDA
+        # op, which needs nvcc on every node); with offload, DeepSpeed's CPU Adam is needed and is built once.
+        adam["torch_adam"] = True
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,

@@ -26,8 +26,6 @@ from seqpar.train.model import BASE_DIR, build_base_model, load_model
 from seqpar.train.recipe import Recipe, RecipeError
 from seqpar.train.validate import validate
 
-VARLEN = ("ring", "allgather", "full")  # primitives that keep packed documents apart (cu_seqlens)
-
 
 def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
     """The folder every rank loads: model.path, or the tiny from_config model rank 0 saves once."""
@@ -64,7 +62,7 @@ def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
 def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: torch.device) -> dict:
     """This rank's shard; packed documents become ``seq_lens`` (rows flattened into one sequence if B > 1)."""
     from seqpar.models import shard_batch
-    from seqpar.models.patch import resolve_layout
+    from seqpar.models.patch import VARLEN, resolve_layout  # VARLEN: primitives that take cu_seqlens
 
     ids, docs = batch["input_ids"], batch["doc_lens"]
     full = {"input_ids": ids}
@@ -158,6 +156,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
         if (every and step % every == 0) or step == recipe.trainer.max_steps:
             ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=base, tokenizer=tokenizer)
     logger.close()
+    parallel.destroy()  # a clean exit: torch warns about process groups left alive
     return history
 
 
