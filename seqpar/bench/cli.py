@@ -1,4 +1,8 @@
-"""``seqpar bench [suite ...] [--quick] [--out DIR]``: side-by-side benchmarks -> results.json + PNG plots."""
+"""``seqpar bench [suite ...] [--quick] [--out DIR]``: side-by-side benchmarks -> results.json + PNG plots.
+
+``seqpar bench --markdown docs/benchmarks.md --out DIR`` runs nothing: it rewrites the page's results
+section from ``DIR/results.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +11,60 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from seqpar.bench.measure import machine_info
-from seqpar.bench.report import add_ratios, plot, table
-from seqpar.bench.runner import run_config
-from seqpar.bench.suites import SUITES
+from seqpar.bench.suites import BASELINES, SUITES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suites", nargs="*", default=None, help=f"suites to run (default: all of {sorted(SUITES)})")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    parser.add_argument("suites", nargs="*", default=None, help=f"suites to run (default: all of {list(SUITES)})")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few methods (CI smoke run)")
     parser.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per configuration")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
+    parser.add_argument("--markdown", metavar="PAGE", default=None,
+                        help="run nothing; rewrite PAGE's results section from OUT/results.json")
 
 
-def run(args: argparse.Namespace) -> int:
-    names = args.suites or sorted(SUITES)
+def _configs(args: argparse.Namespace) -> list[dict]:
+    names = args.suites or list(SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        raise SystemExit(f"seqpar bench: unknown suite(s) {unknown}; choose from {sorted(SUITES)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise SystemExit(f"seqpar bench: unknown suite(s) {unknown}; choose from {list(SUITES)}")
     only = set(args.methods.split(",")) if args.methods else None
-    configs = [
+    return [
         {**cfg, "suite": name, "repeats": args.repeats, "warmup": args.warmup}
         for name in names
         for cfg in SUITES[name](args.quick)
-        if only is None or cfg["method"] in only or cfg["method"] == "single_sdpa"
+        if only is None or cfg["method"] in only or cfg["method"] in BASELINES
     ]
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.markdown:
+        from seqpar.bench.markdown import update_page
+
+        update_page(Path(args.markdown), out)
+        print(f"wrote {args.markdown} from {out / 'results.json'}")
+        return 0
+    from tqdm import tqdm
+
+    from seqpar.bench.measure import machine_info
+    from seqpar.bench.report import derive, plot, table, target_lines, targets
+    from seqpar.bench.runner import run_config
+
+    configs = _configs(args)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = [run_config(cfg, timeout=args.timeout) for cfg in tqdm(configs, desc="seqpar bench", unit="config")]
-    add_ratios(results)
-    report = {"machine": machine_info(), "quick": args.quick, "seconds": time.time() - started, "results": results}
+    derive(results)
+    report = {"machine": machine_info(), "quick": args.quick, "seconds": time.time() - started,
+              "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+              "targets": targets(results), "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(table(results))
+    print("\n".join(["", *target_lines(report["targets"])]))
     for path in plot(results, out):
         print(f"wrote {path}")
     print(f"wrote {out / 'results.json'}")

@@ -26,8 +26,8 @@ class Measurement:
 
     times_s: list[float]
     peak_mem_bytes: int
-    bytes_sent: int = 0
-    bytes_received: int = 0
+    bytes_sent: int | None = 0  # None: the method's traffic bypasses seqpar.comm's counter (a peer)
+    bytes_received: int | None = 0
     extra: dict = field(default_factory=dict)
 
     @property

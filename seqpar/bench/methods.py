@@ -1,8 +1,10 @@
 """What each benchmarked method runs on one rank: inputs for its shard and one forward+backward step.
 
 A method is a function ``build(cfg, group) -> step`` registered under a name; ``step()`` runs forward and
-backward once. Peers (DeepSpeed-Ulysses, PyTorch's templated ring attention) are wrapped here so they run
-on the same inputs in the same harness as seqpar's primitives.
+backward once and returns its output (detached; ``step.layout`` names how the sequence is sharded, so a
+test can gather it and check the method against one process). Peers (DeepSpeed-Ulysses, PyTorch's
+templated ring attention) are wrapped here so they run on the same inputs in the same harness as seqpar's
+primitives. Model-level methods (a Llama training step) live in ``seqpar.bench.training``.
 """
 
 from __future__ import annotations
@@ -30,21 +32,25 @@ def _qkv(cfg: dict, group, *, layout: str | None, requires_grad: bool = True):
     """Full-sequence inputs from a fixed seed, sharded for this rank (``layout=None``: the whole sequence)."""
     g = torch.Generator().manual_seed(0)
     B, L, H, Hkv, D = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    dtype = getattr(torch, cfg.get("dtype", "float32"))
-    q = torch.randn(B, L, H, D, generator=g).to(dtype)
-    k, v = (torch.randn(B, L, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    to = {"dtype": getattr(torch, cfg.get("dtype", "float32")), "device": cfg.get("device", "cpu")}
+    q = torch.randn(B, L, H, D, generator=g).to(**to)
+    k, v = (torch.randn(B, L, Hkv, D, generator=g).to(**to) for _ in range(2))
     if layout is not None:
         q, k, v = (shard(t, group=group, layout=layout) for t in (q, k, v))
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor]) -> Callable[[], None]:
-    def step() -> None:
+def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor], layout: str | None, *, heads_first: bool = False):
+    """``step()``: forward + backward of ``fn(*tensors)``; returns the output as ``[B, L_local, H, D]``."""
+
+    def step() -> torch.Tensor:
         for t in tensors:
             t.grad = None
         out = fn(*tensors)
         out.backward(torch.ones_like(out))
+        return out.detach().transpose(1, 2) if heads_first else out.detach()
 
+    step.layout, step.inputs, step.heads_first = layout, tensors, heads_first
     return step
 
 
@@ -58,7 +64,7 @@ def _single_sdpa(cfg: dict, group):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cfg["causal"], enable_gqa=True
         ).transpose(1, 2)
 
-    return _fwd_bwd(attn, [q, k, v])
+    return _fwd_bwd(attn, [q, k, v], None)
 
 
 def _seqpar(name: str, layout: str, **extra):
@@ -74,7 +80,7 @@ def _seqpar(name: str, layout: str, **extra):
             u = cfg.get("ulysses_degree", 2 if group_size(group) % 2 == 0 else 1)
             ug, rg = make_usp_groups(group, u)
             kwargs.update(ulysses_group=ug, ring_group=rg)
-        return _fwd_bwd(lambda q, k, v: fn(q, k, v, **kwargs), [q, k, v])
+        return _fwd_bwd(lambda q, k, v: fn(q, k, v, **kwargs), [q, k, v], layout)
 
     return build
 
@@ -104,7 +110,9 @@ def _deepspeed_ulysses(cfg: dict, group):
         ).transpose(1, 2)
 
     dist_attn = DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1)
-    return _fwd_bwd(lambda q, k, v: dist_attn(q, k, v, batch_dim_idx=0), [q, k, v])
+    step = _fwd_bwd(lambda q, k, v: dist_attn(q, k, v, batch_dim_idx=0), [q, k, v], "contiguous")
+    step.peer = True  # its traffic bypasses seqpar.comm, so the byte counter cannot see it
+    return step
 
 
 class _TorchRing(torch.autograd.Function):
@@ -146,7 +154,10 @@ def _torch_ring(cfg: dict, group):
     if cfg["kv_heads"] != cfg["heads"]:
         k, v = (t.detach().repeat_interleave(cfg["heads"] // cfg["kv_heads"], dim=2).requires_grad_() for t in (k, v))
     tensors = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
-    return _fwd_bwd(lambda q, k, v: _TorchRing.apply(q, k, v, group, cfg["causal"]), tensors)
+    step = _fwd_bwd(lambda q, k, v: _TorchRing.apply(q, k, v, group, cfg["causal"]), tensors, "contiguous",
+                    heads_first=True)
+    step.peer = True
+    return step
 
 
 # ------------------------------------------------------------------------------------------- linear attention
@@ -159,7 +170,7 @@ def _linear(name: str):
         fn = getattr(A, name)
         q, k, v = _qkv(cfg, group, layout="contiguous")
         decay = torch.full((cfg["heads"],), cfg["decay"]) if cfg.get("decay") else None
-        return _fwd_bwd(lambda q, k, v: fn(q, k, v, group=group, decay=decay), [q, k, v])
+        return _fwd_bwd(lambda q, k, v: fn(q, k, v, group=group, decay=decay), [q, k, v], "contiguous")
 
     return build
 
@@ -178,10 +189,37 @@ def _longlora(name: str):
         fn = getattr(A, name)
         q, k, v = _qkv(cfg, group, layout="contiguous")
         G = int(cfg["seq_len"] * cfg["group_size_ratio"])
-        return _fwd_bwd(lambda q, k, v: fn(q, k, v, group_size=G, group=group), [q, k, v])
+        return _fwd_bwd(lambda q, k, v: fn(q, k, v, group_size=G, group=group), [q, k, v], "contiguous")
 
     return build
 
 
 METHODS["s2"] = _longlora("shift_short_attention")
 METHODS["sf"] = _longlora("sink_shift_attention")
+
+
+# ------------------------------------------------------------------------------------------- GPU kernels
+
+
+def _kernel(backend: str):
+    """One block-attention backend of ``seqpar.kernels`` on the whole sequence: forward + backward."""
+
+    def build(cfg: dict, group):
+        from seqpar.kernels.softmax import block_attention, block_attention_backward
+
+        q, k, v = _qkv(cfg, None, layout=None, requires_grad=False)
+        opts = {"causal": cfg["causal"], "backend": backend}
+
+        def step() -> torch.Tensor:
+            out, lse = block_attention(q, k, v, **opts)
+            block_attention_backward(torch.ones_like(out), q, k, v, out, lse, **opts)
+            return out
+
+        step.layout, step.inputs, step.heads_first = None, [q, k, v], False
+        return step
+
+    return build
+
+
+for _backend in ("torch", "sdpa", "flash_attn"):
+    METHODS[f"kernel_{_backend}"] = _kernel(_backend)

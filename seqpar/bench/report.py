@@ -1,38 +1,189 @@
-"""Ratios against the baseline of the same run, a printed table, and PNG plots."""
+"""Derived figures (ratios against the baseline of the same run, tokens/s, TFLOP/s), the targets, tables
+(plain text for the terminal, Markdown for docs/benchmarks.md) and PNG plots."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-BASELINE = "single_sdpa"
+from seqpar.bench.suites import BASELINES
 
 
-def add_ratios(results: list[dict]) -> list[dict]:
-    """time_ratio / mem_ratio of each row against the baseline with the same suite, length and thread count."""
-    base = {(r["suite"], r["seq_len"], r["sp"]): r for r in results if r["method"] == BASELINE and "error" not in r}
-    for r in results:
-        b = base.get((r["suite"], r["seq_len"], r["sp"]))
-        if b is None or "error" in r:
-            continue
-        r["time_ratio"] = r["median_s"] / b["median_s"]
-        r["mem_ratio"] = r["peak_mem_bytes"] / max(b["peak_mem_bytes"], 1)
+def _key(r: dict) -> tuple:
+    return r["suite"], r["seq_len"], r["sp"], r.get("model"), r.get("device")
+
+
+def derive(results: list[dict]) -> list[dict]:
+    """Add time_ratio / mem_ratio (vs the baseline with the same suite, L, SP, model), tokens/s, TFLOP/s."""
+    timed = [r for r in results if "median_s" in r]
+    base = {_key(r): r for r in timed if r["method"] in BASELINES}
+    for r in timed:
+        r["tokens_per_s"] = r.get("batch", 1) * r["seq_len"] / r["median_s"]
+        if "flops" in r:
+            r["tflops"] = r["flops"] / r["median_s"] / 1e12
+        b = base.get(_key(r))
+        if b is not None:
+            r["time_ratio"] = r["median_s"] / b["median_s"]
+            r["mem_ratio"] = r["peak_mem_bytes"] / max(b["peak_mem_bytes"], 1)
     return results
 
 
-def table(results: list[dict]) -> str:
-    head = f"{'suite':<9} {'method':<18} {'N':>2} {'L':>7} {'median ms':>10} {'x base':>7} {'peak MiB':>9} " \
-           f"{'x base':>7} {'sent MiB':>9}"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if "error" in r:
-            lines.append(f"{r['suite']:<9} {r['method']:<18} {r['sp']:>2} {r['seq_len']:>7}  error: {r['error'][:60]}")
+# ------------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """``value = metric(numerator row) / metric(denominator row)`` at ``seq_len``, compared with ``bound``."""
+
+    name: str
+    suite: str
+    numerator: tuple[str, int]  # (method, SP)
+    denominator: tuple[str, int]
+    metric: str  # "median_s" or "peak_mem_bytes"
+    op: str  # "<=" or ">="
+    bound: float
+    seq_len: int | None  # None: the longest length both rows have
+
+
+TARGETS = (
+    Target("ring_attention N=2 time vs one process (2 threads)", "softmax", ("ring_zigzag", 2),
+           ("single_sdpa", 2), "median_s", "<=", 1.10, 16384),
+    Target("ring_attention N=2 peak memory vs one process", "softmax", ("ring_zigzag", 2), ("single_sdpa", 2),
+           "peak_mem_bytes", "<=", 0.60, 16384),
+    Target("ring_attention N=2 time vs DeepSpeed-Ulysses", "softmax", ("ring_zigzag", 2),
+           ("deepspeed_ulysses", 2), "median_s", "<=", 1.0, 16384),
+    Target("lasp2 speed-up over lasp1 at N=4", "linear", ("lasp1", 4), ("lasp2", 4), "median_s", ">=", 1.15, None),
+    Target("shift_short_attention speed-up over full attention", "longlora", ("single_sdpa", 1), ("s2", 1),
+           "median_s", ">=", 3.0, 16384),
+)
+
+
+def _rows(results: list[dict], t: Target, side: tuple[str, int]) -> dict[int, dict]:
+    return {r["seq_len"]: r for r in results if r.get("suite") == t.suite and "median_s" in r
+            and (r["method"], r["sp"]) == side}
+
+
+def evaluate_target(results: list[dict], t: Target) -> dict:
+    num, den = _rows(results, t, t.numerator), _rows(results, t, t.denominator)
+    common = sorted(set(num) & set(den))
+    out = {"name": t.name, "op": t.op, "bound": t.bound, "target_seq_len": t.seq_len}
+    if not common:
+        return {**out, "missing": f"no {t.suite} rows for both {t.numerator} and {t.denominator}"}
+    L = t.seq_len if t.seq_len in common else common[-1]
+    value = num[L][t.metric] / max(den[L][t.metric], 1e-30)
+    ok = value <= t.bound if t.op == "<=" else value >= t.bound
+    return {**out, "seq_len": L, "value": value, "pass": ok, "at_target_length": t.seq_len in (None, L)}
+
+
+def targets(results: list[dict]) -> list[dict]:
+    return [evaluate_target(results, t) for t in TARGETS]
+
+
+def target_lines(evaluated: list[dict]) -> list[str]:
+    lines = []
+    for e in evaluated:
+        if "missing" in e:
+            lines.append(f"TARGET {e['name']} {e['op']} {e['bound']:.2f}: not measured ({e['missing']})")
             continue
-        lines.append(
-            f"{r['suite']:<9} {r['method']:<18} {r['sp']:>2} {r['seq_len']:>7} {r['median_s'] * 1e3:>10.1f} "
-            f"{r.get('time_ratio', float('nan')):>7.2f} {r['peak_mem_bytes'] / 2**20:>9.1f} "
-            f"{r.get('mem_ratio', float('nan')):>7.2f} {r.get('bytes_sent_per_rank', 0) / 2**20:>9.2f}"
-        )
-    return "\n".join(lines)
+        verdict = "PASS" if e["pass"] else "FAIL"
+        if not e["at_target_length"]:
+            verdict += f" (measured at L={e['seq_len']}, target is L={e['target_seq_len']}: not conclusive)"
+        lines.append(f"TARGET {e['name']}: {e['value']:.2f}x ({e['op']} {e['bound']:.2f}) at L={e['seq_len']}: "
+                     f"{verdict}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+def _f(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _mib(value) -> float | None:
+    return None if value is None else value / 2**20
+
+
+# (header, width, cell) per column; one list for the terminal table and the Markdown one.
+TIMED: list[tuple[str, int, Callable[[dict], str]]] = [
+    ("suite", 9, lambda r: r["suite"]), ("method", 24, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),
+    ("L", 7, lambda r: str(r["seq_len"])), ("median ms", 10, lambda r: _f(r["median_s"] * 1e3, ".1f")),
+    ("x base", 6, lambda r: _f(r.get("time_ratio"), ".2f")),
+    ("peak MiB", 9, lambda r: _f(_mib(r["peak_mem_bytes"]), ".1f")),
+    ("x base", 6, lambda r: _f(r.get("mem_ratio"), ".2f")),
+    ("sent MiB", 9, lambda r: _f(_mib(r.get("bytes_sent_per_rank")), ".2f")),
+    ("tokens/s", 9, lambda r: _f(r["tokens_per_s"], ".0f")),
+    ("extra", 12, lambda r: f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else
+        (f"loss {r['loss']:.5f}" if "loss" in r else "")),
+]
+SEARCH: list[tuple[str, int, Callable[[dict], str]]] = [
+    ("suite", 9, lambda r: r["suite"]), ("method", 24, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),
+    ("budget MiB", 10, lambda r: _f(_mib(r["search"]["budget_bytes"]), ".0f")),
+    ("max L", 8, lambda r: _f(r["max_seq_len"], "d")), ("limited by", 10, lambda r: r["limited_by"]),
+    ("probes (L: peak MiB)", 20, lambda r: ", ".join(f"{p['seq_len']}: {_mib(p['peak_mem_bytes']):.0f}"
+                                                      for p in r["probes"])),
+]
+
+
+def _kind(r: dict) -> str:
+    return "error" if "error" in r else "skipped" if "skipped" in r else "search" if "search" in r else "timed"
+
+
+def _render(columns, rows: list[dict], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+        return lines + ["| " + " | ".join(cell(r) for _, _, cell in columns) + " |" for r in rows]
+    head = " ".join(f"{h:>{w}}" for h, w, _ in columns)
+    return [head, "-" * len(head)] + [" ".join(f"{cell(r):>{w}}" for _, w, cell in columns) for r in rows]
+
+
+def table(results: list[dict], *, markdown: bool = False) -> str:
+    """Timed rows, then memory-budget searches, then failed or skipped configurations."""
+    lines = []
+    for kind, columns in (("timed", TIMED), ("search", SEARCH)):
+        rows = [r for r in results if _kind(r) == kind]
+        if rows:
+            lines += [*_render(columns, rows, markdown), ""]
+    for r in results:
+        if _kind(r) in ("error", "skipped"):
+            what = f"error: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            lines.append(f"{'- ' if markdown else ''}{r['suite']} {r['method']} N={r['sp']} L={r.get('seq_len')}: "
+                         f"{what}")
+    return "\n".join(lines).rstrip()
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def _series(rows: list[dict], x: str, y: Callable[[dict], float]) -> dict[str, list[tuple]]:
+    series: dict[str, list[tuple]] = {}
+    for r in rows:
+        label = f"one process, {r['threads']} threads" if r["method"] in BASELINES else f"{r['method']} (N={r['sp']})"
+        series.setdefault(label, []).append((r[x], y(r)))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def _panels(suite: str, rows: list[dict]) -> list[tuple[str, str, dict]]:
+    """(x label, y label, series) per panel: max L vs N for budget searches, time and memory vs L otherwise."""
+    search = [r for r in rows if _kind(r) == "search" and r["max_seq_len"]]
+    timed = [r for r in rows if _kind(r) == "timed"]
+    panels = []
+    if search:
+        by_method = {}
+        for r in search:
+            by_method.setdefault(r["method"], []).append((r["sp"], r["max_seq_len"]))
+        panels.append(("SP size N", "longest L within the memory budget",
+                       {k: sorted(v) for k, v in by_method.items()}))
+    if timed and suite == "gpu":
+        panels.append(("sequence length L", "TFLOP/s (forward + backward)",
+                       _series(timed, "seq_len", lambda r: r["tflops"])))
+    elif timed:
+        panels.append(("sequence length L", "forward+backward, median ms",
+                       _series(timed, "seq_len", lambda r: r["median_s"] * 1e3)))
+        panels.append(("sequence length L", "peak memory per rank, MiB",
+                       _series(timed, "seq_len", lambda r: max(r["peak_mem_bytes"], 1) / 2**20)))
+    return panels
 
 
 def plot(results: list[dict], out_dir: Path) -> list[Path]:
@@ -43,22 +194,19 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
 
     paths = []
     for suite in sorted({r["suite"] for r in results}):
-        rows = [r for r in results if r["suite"] == suite and "error" not in r]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for (method, sp) in sorted({(r["method"], r["sp"]) for r in rows}):
-            pts = sorted((r["seq_len"], r["median_s"], r["peak_mem_bytes"]) for r in rows
-                         if r["method"] == method and r["sp"] == sp)
-            label = f"{method} (N={sp})" if method != BASELINE else f"one process, {sp} threads"
-            style = "--" if method == BASELINE else "-"
-            axes[0].plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], style, marker="o", label=label)
-            axes[1].plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], style, marker="o", label=label)
-        for ax, ylabel in zip(axes, ("forward+backward, median ms", "peak memory per rank, MiB")):
+        panels = _panels(suite, [r for r in results if r["suite"] == suite])
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, (xlabel, ylabel, series) in zip(axes[0], panels):
+            for label, pts in series.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "one process" in label else "-",
+                        marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("sequence length L")
-            ax.set_ylabel(ylabel)
+            ax.set(xlabel=xlabel, ylabel=ylabel)
             ax.grid(True, which="both", alpha=0.3)
-        axes[1].legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=7, loc="upper left")
         fig.suptitle(f"seqpar bench: {suite}")
         fig.tight_layout()
         path = out_dir / f"{suite}.png"

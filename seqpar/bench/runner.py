@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.bench.measure import MemoryProbe, Measurement, time_repeats
+import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
+from seqpar.bench.measure import Measurement, MemoryProbe, time_repeats
 from seqpar.bench.methods import METHODS
 from seqpar.comm import ByteCounter
 from seqpar.launcher import RankFailed, spawn_ranks
@@ -15,24 +16,36 @@ def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
     sp_group = group if world > 1 else None
     step = METHODS[cfg["method"]](cfg, sp_group)
     with ByteCounter() as counter:  # the first (warm-up) call also counts the bytes of one call
-        step()
+        result = step()
     # Baseline after the warm-up: lazily loaded kernels and libraries are not activation memory. ru_maxrss
     # still holds the warm-up's peak, which is the same computation as every timed repeat.
-    probe = MemoryProbe(torch.device("cpu"))
+    probe = MemoryProbe(torch.device(cfg.get("device", "cpu")))
     times = time_repeats(step, warmup=max(0, cfg["warmup"] - 1), repeats=cfg["repeats"], group=sp_group)
-    return Measurement(times, probe.peak(), counter.sent, counter.received).to_dict()
+    extra = {"loss": float(result)} if result.dim() == 0 else {}  # training steps return their loss
+    # Peers communicate through torch.distributed directly: their bytes are unknown, not zero.
+    sent, received = (None, None) if getattr(step, "peer", False) else (counter.sent, counter.received)
+    return Measurement(times, probe.peak(), sent, received, extra).to_dict()
 
 
 def run_config(cfg: dict, *, timeout: float) -> dict:
     """One configuration in ``cfg['world']`` fresh processes with ``cfg['threads']`` threads each."""
+    if "skipped" in cfg:
+        return cfg
+    if "search" in cfg:
+        from seqpar.bench.scaling import run_search
+
+        return run_search(cfg, timeout=timeout)
     try:
         ranks = spawn_ranks(_run_rank, cfg["world"], args=(cfg,), threads=cfg["threads"], timeout=timeout)
     except RankFailed as err:
         return {**cfg, "error": str(err).strip().splitlines()[-1][:300]}
-    return {
+    row = {
         **cfg,
         "median_s": max(r["median_s"] for r in ranks),
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in ranks),
-        "bytes_sent_per_rank": max(r["bytes_sent"] for r in ranks),
+        "bytes_sent_per_rank": None if ranks[0]["bytes_sent"] is None else max(r["bytes_sent"] for r in ranks),
         "ranks": ranks,
     }
+    if "loss" in ranks[0]["extra"]:
+        row["loss"] = ranks[0]["extra"]["loss"]
+    return row

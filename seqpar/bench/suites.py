@@ -1,12 +1,15 @@
 """Benchmark suites: which configurations run side by side, at full and at ``--quick`` sizes.
 
 Every SP configuration uses N processes with one thread each; its baseline is one process with N threads on
-the whole sequence, so both sides use the same number of threads.
+the whole sequence, so both sides use the same number of threads. ``--quick`` is the CI smoke run: tiny
+lengths and a few methods per suite (the full run covers every method).
 """
 
 from __future__ import annotations
 
 SHAPE = {"batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 64, "dtype": "float32", "causal": True}
+# Rows every ratio is taken against (one process, the whole sequence): attention and model-level.
+BASELINES = ("single_sdpa", "llama_single")
 
 
 def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict, baseline: str) -> list[dict]:
@@ -20,7 +23,9 @@ def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict
 
 
 def softmax(quick: bool) -> list[dict]:
-    lengths = [256, 512] if quick else [2048, 4096, 8192, 16384]
+    if quick:
+        return _grid({2: ["ring_zigzag", "ulysses", "deepspeed_ulysses", "torch_ring"]}, [128], SHAPE, "single_sdpa")
+    lengths = [2048, 4096, 8192, 16384]
     peers = ["deepspeed_ulysses", "torch_ring"]
     ours = ["ring_zigzag", "ring_contiguous", "rsa", "ulysses", "allgather"]
     configs = _grid({2: ours + peers, 4: [*ours, "usp", *peers]}, lengths, SHAPE, "single_sdpa")
@@ -29,18 +34,60 @@ def softmax(quick: bool) -> list[dict]:
 
 
 def linear(quick: bool) -> list[dict]:
-    lengths = [256, 1024] if quick else [4096, 16384, 65536]
     base = {**SHAPE, "decay": 0.99}
-    return _grid({2: ["lasp2", "lasp1", "ring_contiguous"], 4: ["lasp2", "lasp1", "ring_contiguous"]},
-                 lengths, base, "single_sdpa")
+    if quick:
+        return _grid({2: ["lasp2", "lasp1"]}, [128], base, "single_sdpa")
+    methods = ["lasp2", "lasp1", "ring_contiguous"]
+    return _grid({2: methods, 4: methods}, [4096, 16384, 65536], base, "single_sdpa")
 
 
 def longlora(quick: bool) -> list[dict]:
-    lengths = [256, 512] if quick else [4096, 8192, 16384]
+    lengths = [128] if quick else [4096, 8192, 16384]
     base = {**SHAPE, "group_size_ratio": 0.25}
     single = [{**base, "seq_len": L, "method": m, "world": 1, "threads": 1, "sp": 1}
-              for L in lengths for m in ("single_sdpa", "s2", "sf")]
-    return single + [c for c in _grid({2: ["s2", "sf"]}, lengths, base, "single_sdpa") if c["world"] > 1]
+              for L in lengths for m in (("single_sdpa", "s2") if quick else ("single_sdpa", "s2", "sf"))]
+    if quick:
+        return single
+    return single + _grid({2: ["s2", "sf"]}, lengths, base, "single_sdpa")
 
 
-SUITES = {"softmax": softmax, "linear": linear, "longlora": longlora}
+def e2e(quick: bool) -> list[dict]:
+    """A tiny Llama training step at SP = 2: seqpar's patched attention vs DeepSpeed's HF Ulysses."""
+    base = {"batch": 1, "model": "tiny"}
+    methods = ["llama_ring", "llama_ulysses", "llama_deepspeed_ulysses"]
+    return _grid({2: methods}, [128] if quick else [2048, 8192, 16384], base, "llama_single")
+
+
+def scaling(quick: bool) -> list[dict]:
+    """Longest L within a per-rank memory budget (SP = 1, 2, 4), and tokens/s of the quick-start model."""
+    search = {"start": 128, "max_len": 1024, "budget_bytes": 48 << 20, "refine": 0} if quick else \
+        {"start": 1024, "max_len": 1 << 20, "budget_bytes": 1 << 30, "refine": 2}
+    series = [("llama_ring", 1), ("llama_ring", 2), ("llama_s2", 2)] if quick else \
+        [(m, n) for m in ("llama_ring", "llama_s2") for n in (1, 2, 4)]
+    rows = [{"batch": 1, "model": "tiny", "method": m, "world": n, "threads": 1, "sp": n, "search": search}
+            for m, n in series]
+    # Tokens/s of recipes/quickstart-cpu.yaml's model at its fixed length, one rank vs two.
+    base = {"batch": 1 if quick else 4, "model": "quickstart", "seq_len": 128 if quick else 512, "threads": 1}
+    rows += [{**base, "method": "llama_ring", "world": n, "sp": n} for n in (1, 2)]
+    if not quick:  # the same two cores in one process, for reference
+        rows.append({**base, "method": "llama_single", "world": 1, "threads": 2, "sp": 2})
+    return rows
+
+
+def gpu(quick: bool) -> list[dict]:
+    """seqpar's block-kernel backends vs PyTorch SDPA at bf16 on one GPU (TFLOP/s of forward + backward)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [{"method": "all", "skipped": "no CUDA", "sp": 1, "seq_len": 0}]
+    from seqpar.kernels.softmax import flash_attn_available
+
+    base = {**SHAPE, "head_dim": 128, "dtype": "bfloat16", "device": "cuda", "world": 1, "threads": 1, "sp": 1}
+    methods = ["single_sdpa", "kernel_torch", "kernel_sdpa"] + (["kernel_flash_attn"] if flash_attn_available() else [])
+    lengths = [1024, 2048] if quick else [2048, 4096, 8192, 16384, 32768]
+    # Forward: 2 matmuls of 2 B H L^2 D flops; backward 2.5x forward; causal does half of it.
+    flops = lambda L: 3.5 * 4 * base["batch"] * base["heads"] * L * L * base["head_dim"] * 0.5  # noqa: E731
+    return [{**base, "method": m, "seq_len": L, "flops": flops(L)} for L in lengths for m in methods]
+
+
+SUITES = {"softmax": softmax, "linear": linear, "longlora": longlora, "e2e": e2e, "scaling": scaling, "gpu": gpu}

@@ -1,0 +1,104 @@
+"""Model-level methods: one training step (forward + loss + backward) of a small Llama built from a config.
+
+Every rank of an SP group gets the same full batch ``input_ids [B, L]`` and keeps its shard ``[B, L/N]``
+(``seqpar.models.shard_batch``: globally shifted labels, global position ids); the loss is
+``sp_cross_entropy`` (the mean over the WHOLE sequence), so every method computes the same loss. ``step()``
+returns it and ``results.json`` records it per row: equal losses across methods are a free exactness check.
+
+    llama_single             one process, the unpatched model (transformers' SDPA attention), whole sequence
+    llama_ring, llama_ulysses, llama_s2
+                             ``patch_model(model, attention=..., parallel=group)``: seqpar's primitives
+    llama_deepspeed_ulysses  DeepSpeed's own HF sequence parallelism (ALST, Arctic Long Sequence Training):
+                             ``UlyssesSPAttentionHF.register_with_transformers`` swaps transformers' "sdpa"
+                             function for its all-to-all wrapper; same contiguous shards and loss
+
+No optimizer step and no ZeRO engine for anyone: the timed step is the same forward + loss + backward for
+every method (a ZeRO-3 engine around one side only would add its parameter all-gathers to that side), and
+parameter gradients are not all-reduced (the trainer's job, identical for all methods). Bytes communicated
+per step are those of the attention primitive per layer (its module docstring) plus 2 float64 for the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.bench.methods import method
+
+# Model shapes by name. "tiny": the e2e / scaling model; "quickstart": recipes/quickstart-cpu.yaml's model.
+MODELS = {
+    "tiny": {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 8, "num_key_value_heads": 8},
+    "quickstart": {"vocab_size": 260, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+
+
+def build_llama(name: str, seq_len: int) -> torch.nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` (seed 0) with transformers' SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODELS[name], max_position_embeddings=max(seq_len, 2048))
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _train_step(model: torch.nn.Module, cfg: dict, group, layout: str):
+    """``step()``: zero grads, forward on this rank's shard, ``sp_cross_entropy``, backward; returns the loss."""
+    from seqpar.models.batch import shard_batch, sp_cross_entropy
+
+    ids = torch.randint(0, model.config.vocab_size, (cfg["batch"], cfg["seq_len"]),
+                        generator=torch.Generator().manual_seed(1))
+    shard = shard_batch({"input_ids": ids}, group, layout)
+    labels = shard.pop("labels")
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        logits = model(**shard, use_cache=False).logits
+        loss = sp_cross_entropy(logits, labels, group)
+        loss.backward()
+        return loss.detach()
+
+    step.layout = layout
+    return step
+
+
+@method("llama_single")
+def _llama_single(cfg: dict, group):
+    """One process, the whole sequence, transformers' own SDPA attention: the baseline."""
+    return _train_step(build_llama(cfg["model"], cfg["seq_len"]), cfg, None, "contiguous")
+
+
+def _patched(attention: str):
+    def build(cfg: dict, group):
+        from seqpar.models.patch import patch_model, patched_layout
+
+        model = patch_model(build_llama(cfg["model"], cfg["seq_len"]), attention=attention, parallel=group)
+        return _train_step(model, cfg, group, patched_layout(model))
+
+    return build
+
+
+for _name in ("ring", "ulysses", "s2"):
+    method(f"llama_{_name}")(_patched(_name))
+
+
+@method("llama_deepspeed_ulysses")
+def _llama_deepspeed_ulysses(cfg: dict, group):
+    """DeepSpeed ALST: ``UlyssesSPAttentionHF`` registered over transformers' SDPA, its own SP group."""
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    model = build_llama(cfg["model"], cfg["seq_len"])
+    if group is None:  # SP = 1: DeepSpeed registers nothing and the model runs as is
+        return _train_step(model, cfg, None, "contiguous")
+    deepspeed.init_distributed(dist_backend="gloo")
+    sp = torch.distributed.get_world_size(group)
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model, core_attn_implementation="sdpa", sequence_parallel_size=sp, micro_batch_size=cfg["batch"],
+        seq_length=cfg["seq_len"], seq_length_is_variable=False,
+    )
+    step = _train_step(model, cfg, mpu.get_sequence_parallel_group(), "contiguous")
+    step.peer = True  # its all-to-alls bypass seqpar.comm: the byte counter sees only the loss all-reduce
+    return step

@@ -1,0 +1,126 @@
+"""seqpar bench: the wrapped peers compute the right thing, and ``seqpar bench --quick`` runs end to end.
+
+Benchmarks are not tests (DESIGN.md): nothing here asserts a speed. What is asserted: every softmax method
+the bench times (seqpar's primitives AND the peers DeepSpeed-Ulysses and PyTorch's templated ring) gives
+the output and dq of one-process SDPA on the whole sequence; the Llama training-step methods (seqpar
+patched ring / Ulysses and DeepSpeed's HF Ulysses) give the one-process loss; and the CLI's quick run
+writes a valid results.json (every expected row, no error, targets), the PNGs and the Markdown section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqpar.bench import training  # noqa: F401  (registers the llama_* methods)
+from seqpar.bench.methods import METHODS
+from seqpar.bench.suites import SUITES
+from seqpar.sharding import unshard
+from tests.dist import run_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+SOFTMAX_METHODS = ["ring_zigzag", "ring_contiguous", "rsa", "ulysses", "allgather", "deepspeed_ulysses",
+                   "torch_ring"]
+LLAMA_METHODS = ["llama_ring", "llama_ulysses", "llama_deepspeed_ulysses"]  # DeepSpeed last: it rebinds "sdpa"
+
+
+def _out_and_dq(step, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's output and dq on the whole sequence ``[B, L, H, D]`` (gathered if sharded)."""
+    out = step()
+    dq = step.inputs[0].grad
+    dq = dq.transpose(1, 2) if step.heads_first else dq
+    if step.layout is None:
+        return out, dq
+    return tuple(unshard(t.contiguous(), group=group, dim=1, layout=step.layout) for t in (out, dq))
+
+
+def _peer_checks(rank: int, world: int, group) -> dict:
+    errors = {}
+    for kv_heads in (8, 4):  # MHA, and GQA (the peers repeat K/V heads themselves)
+        cfg = {"batch": 1, "seq_len": 64, "heads": 8, "kv_heads": kv_heads, "head_dim": 16, "causal": True}
+        ref_out, ref_dq = _out_and_dq(METHODS["single_sdpa"](cfg, None), None)
+        for name in SOFTMAX_METHODS:
+            out, dq = _out_and_dq(METHODS[name](cfg, group), group)
+            errors[(name, kv_heads)] = max((out - ref_out).abs().max().item(), (dq - ref_dq).abs().max().item())
+        # Negative control: a non-causal output is far from the causal reference, so the tolerance means something.
+        wrong, _ = _out_and_dq(METHODS["single_sdpa"]({**cfg, "causal": False}, None), None)
+        errors[("non-causal control", kv_heads)] = -(wrong - ref_out).abs().max().item()
+    llama = {"batch": 1, "seq_len": 32, "model": "quickstart"}
+    loss = {name: METHODS[name](llama, group)().item() for name in ["llama_single", *LLAMA_METHODS]}
+    return {"errors": errors, "loss": loss}
+
+
+def test_peers_and_model_methods_match_one_process():
+    for rank, got in enumerate(run_ranks(_peer_checks, 2)):
+        for (name, kv_heads), err in got["errors"].items():
+            if name == "non-causal control":
+                assert -err > 1e-2, f"rank {rank}: the non-causal control is within {-err} of the reference"
+            else:
+                assert err < 1e-5, f"rank {rank}: {name} (kv_heads={kv_heads}) differs from one process by {err}"
+        ref = got["loss"]["llama_single"]
+        for name in LLAMA_METHODS:
+            assert got["loss"][name] == pytest.approx(ref, rel=1e-5), f"rank {rank}: {name} loss {got['loss']}"
+
+
+def _expected_rows(suite: str) -> set[tuple]:
+    return {(c["method"], c["sp"], c.get("seq_len")) for c in SUITES[suite](True)}
+
+
+def _check_report(report: dict, out: Path) -> None:
+    rows = report["results"]
+    errors = [r for r in rows if "error" in r]
+    assert not errors, f"failed configurations: {[(r['suite'], r['method'], r['error']) for r in errors]}"
+    for suite in SUITES:
+        got = {(r["method"], r["sp"], r.get("seq_len")) for r in rows if r["suite"] == suite}
+        assert got == _expected_rows(suite), f"{suite}: rows {got} != expected {_expected_rows(suite)}"
+        if any("median_s" in r or "max_seq_len" in r for r in rows if r["suite"] == suite):
+            assert (out / f"{suite}.png").stat().st_size > 1000, f"{suite}.png missing or empty"
+    timed = [r for r in rows if "median_s" in r]
+    assert all(r["median_s"] > 0 and len(r["ranks"]) == r["world"] for r in timed)
+    assert all(r["bytes_sent_per_rank"] > 0 for r in timed if r["sp"] == r["world"] > 1 and r["suite"] != "e2e"
+               and r["method"] not in ("deepspeed_ulysses", "torch_ring"))
+    e2e = {r["method"]: r["loss"] for r in rows if r["suite"] == "e2e"}
+    assert max(e2e.values()) - min(e2e.values()) < 1e-4 * abs(e2e["llama_single"]), f"e2e losses differ: {e2e}"
+    for r in (r for r in rows if "search" in r):
+        lengths = [p["seq_len"] for p in r["probes"]]
+        assert lengths == sorted(lengths) and r["max_seq_len"] in lengths, r
+    assert [t["name"] for t in report["targets"]] and all("value" in t or "missing" in t for t in report["targets"])
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_writes_results_plots_and_markdown(tmp_path):
+    """The CI smoke run: ``seqpar bench --quick`` over every suite (gpu reports "skipped: no CUDA" on CPU)."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "seqpar", "bench", "--quick", "--repeats", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TARGET ring_attention N=2 time vs one process" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    _check_report(report, out)
+    if not torch.cuda.is_available():
+        assert [r["skipped"] for r in report["results"] if r["suite"] == "gpu"] == ["no CUDA"]
+
+    from seqpar.bench.markdown import BEGIN, END, update_page
+
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(f"# Benchmarks\n\nhand-written text\n\n{BEGIN}\nold\n{END}\n\ntail\n")
+    for _ in range(2):  # regenerating replaces the section, it does not append a second one
+        update_page(page, out)
+    text = page.read_text()
+    assert text.count(BEGIN) == 1 and "old" not in text and text.endswith("tail\n")
+    assert "hand-written text" in text and "| llama_deepspeed_ulysses |" in text and "../bench/e2e.png" in text
+
+
+def test_bad_suite_names_the_choices():
+    from seqpar.bench.cli import _configs
+
+    args = argparse.Namespace(suites=["softmaxx"], methods=None, quick=True, repeats=1, warmup=0)
+    with pytest.raises(SystemExit, match=r"unknown suite\(s\) \['softmaxx'\]; choose from"):
+        _configs(args)
