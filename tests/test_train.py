@@ -76,6 +76,12 @@ def runs(tmp_path_factory):
     two_d = ["trainer.max_steps=4", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "logging.wandb=false"]
     out["sp2dp2"] = launch(4, tmp / "sp2dp2", two_d)
     out["accum2"] = launch(1, tmp / "accum2", [*two_d, "attention.sp_size=1", "trainer.grad_accum=2"])
+    # 8. LASP-2H: a hybrid Linear-Llama (linear + softmax layer), full fine-tuning, sp_size 2; 9. its sp_size 1 twin
+    lin = ["model.from_config.model_type=linear_llama", "model.from_config.layer_types=[linear,softmax]",
+           "attention.name=lasp2", "lora.enabled=false", "rope_scaling.type=null", "rope_scaling.factor=null",
+           "trainer.max_steps=4", "trainer.lr=1e-3", "data.passkey.num_samples=16", "logging.wandb=false"]
+    out["lasp2"] = launch(2, tmp / "lasp2", lin)
+    out["lasp2_sp1"] = launch(1, tmp / "lasp2_sp1", [*lin, "attention.sp_size=1"])
     return out
 
 
@@ -111,7 +117,8 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (losses(resumed), losses(first[4:]))
 
 
-@pytest.mark.parametrize(("sp", "one"), [("sp2", "sp1"), ("ring", "full"), ("sp2dp2", "accum2")])
+@pytest.mark.parametrize(("sp", "one"), [("sp2", "sp1"), ("ring", "full"), ("sp2dp2", "accum2"),
+                                               ("lasp2", "lasp2_sp1")])
 def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
     a, b = losses(runs[sp][: len(runs[one])]), losses(runs[one])
     assert len(a) == len(b) >= 4
@@ -170,3 +177,18 @@ def test_incomplete_checkpoints_are_never_picked(tmp_path):
             (root / name / MARKER).write_text("ok\n")
     assert latest_checkpoint(root) == root / "step-00000002"  # a crash mid-save leaves 4 and 6 unusable
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+def test_full_fine_tuning_checkpoint_exports_a_plain_model(runs):
+    from safetensors.torch import load_file
+
+    from seqpar.merge import find_checkpoint, merge_lora
+
+    ckpt = find_checkpoint(runs["tmp"] / "lasp2")
+    trained = load_file(ckpt / "model" / "model.safetensors")
+    base = load_file(runs["tmp"] / "lasp2" / "base_model" / "model.safetensors")
+    assert trained.keys() == base.keys()
+    assert max((trained[k] - base[k]).abs().max().item() for k in base) > 1e-4  # the weights trained
+    out = merge_lora(ckpt, runs["tmp"] / "exported")
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[k], trained[k]) for k in trained)

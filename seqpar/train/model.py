@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from seqpar.train.recipe import LINEAR_MODEL_TYPES, Recipe, RecipeError
+from seqpar.train.recipe import Recipe, RecipeError
 
 BASE_DIR = "base_model"
 
@@ -33,6 +32,8 @@ def base_config(recipe: Recipe) -> Any:
     """The model's config before RoPE scaling: a transformers config, or a namespace of facts."""
     from transformers import AutoConfig
 
+    import seqpar.models.linear_llama  # noqa: F401  (registers model_type "linear_llama" with AutoConfig)
+
     m = recipe.model
     if m.from_config is not None:
         facts, key = dict(m.from_config), "model.from_config"
@@ -47,12 +48,12 @@ def base_config(recipe: Recipe) -> Any:
             "(model_type, num_attention_heads, num_key_value_heads, max_position_embeddings, ...)"
         )
     model_type = facts.pop("model_type", None)
-    if model_type in LINEAR_MODEL_TYPES:
-        return SimpleNamespace(model_type=model_type, **facts)
     try:
         return AutoConfig.for_model(model_type, **facts)
     except (ValueError, TypeError, KeyError) as err:
-        raise RecipeError(f"{key}.model_type={model_type!r}: {err} (use llama, mistral or qwen2)") from err
+        raise RecipeError(
+            f"{key}.model_type={model_type!r}: {err} (use llama, mistral, qwen2 or linear_llama)"
+        ) from err
 
 
 def rope_factor(recipe: Recipe, config: Any) -> float | None:

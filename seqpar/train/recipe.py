@@ -21,7 +21,7 @@ import yaml
 
 ATTENTIONS = ("ring", "rsa", "ulysses", "usp", "allgather", "lasp2", "s2", "sf", "full")
 SOFTMAX_MODEL_TYPES = ("llama", "mistral", "qwen2")
-LINEAR_MODEL_TYPES = ("linear_llama", "hybrid_llama")
+LINEAR_MODEL_TYPES = ("linear_llama",)  # seqpar.models.linear_llama; hybrids set layer_types
 # Names other tools use for our keys, suggested when difflib finds nothing close.
 ALIASES = {"learning_rate": "lr", "scheduler": "schedule", "lr_scheduler": "schedule", "warmup": "warmup_steps",
            "batch_size": "micro_batch", "gradient_accumulation_steps": "grad_accum", "stage": "zero_stage",

@@ -23,7 +23,7 @@ from seqpar.train.data import batch_at, build_dataset, load_tokenizer
 from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
 from seqpar.train.model import BASE_DIR, build_base_model, load_model
-from seqpar.train.recipe import Recipe, RecipeError
+from seqpar.train.recipe import Recipe
 from seqpar.train.validate import validate
 
 
@@ -41,15 +41,16 @@ def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
 
 def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
     from seqpar.models import patch_model
+    from seqpar.models.batch import sp_group_of
 
-    if recipe.attention.name == "lasp2":
-        raise RecipeError("attention.name='lasp2' training needs seqpar.models.linear_llama (not in this build): "
-                          "use --dry-run for LASP-2 recipes for now")
     model = load_model(recipe, path)
     model.config.use_cache = False
     a = recipe.attention
-    patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
-                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree)
+    if a.name == "lasp2":  # Linear-Llama runs LASP-2 (and LASP-2H all-gather softmax layers) itself
+        model.set_sequence_parallel(sp_group_of(parallel), layout="contiguous")
+    else:
+        patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
+                    num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree)
     if recipe.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:
@@ -69,7 +70,8 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
     if recipe.attention.name in VARLEN and any(len(d) > 1 for d in docs):
         # Row ends are document ends, so one row of B x L tokens with the documents marked is the same batch.
         full = {"input_ids": ids.reshape(1, -1), "seq_lens": [n for d in docs for n in d]}
-    layout = resolve_layout(recipe.attention.name, recipe.attention.layout)
+    layout = "contiguous" if recipe.attention.name == "lasp2" else resolve_layout(recipe.attention.name,
+                                                                                   recipe.attention.layout)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in shard_batch(full, parallel, layout).items()}
 

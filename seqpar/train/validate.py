@@ -21,7 +21,10 @@ def effective_layout(recipe: Recipe) -> str:
     from seqpar.models.patch import resolve_layout
 
     if recipe.attention.name == "lasp2":
-        return recipe.attention.layout or "contiguous"
+        if recipe.attention.layout not in (None, "contiguous"):
+            raise RecipeError(f"attention.layout={recipe.attention.layout!r}: LASP-2 needs the contiguous layout "
+                              "(each rank's prefix state covers all earlier tokens); use attention.layout=contiguous")
+        return "contiguous"
     try:
         return resolve_layout(recipe.attention.name, recipe.attention.layout)
     except ValueError as err:
@@ -95,7 +98,7 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
                       f" got model_type={model_type!r}: use ring/ulysses/usp/allgather for softmax models")
     if model_type in LINEAR_MODEL_TYPES and a.name != "lasp2":
         errors.append(f"attention.name={a.name!r}: model_type={model_type!r} is a linear-attention model; "
-                      "use attention.name=lasp2 (its softmax layers of a hybrid use all-gather attention)")
+                      "use attention.name=lasp2 (the softmax layers of a hybrid use all-gather attention)")
 
 
 def _check_lora(r: Recipe, leaf_names: set[str] | None, errors: list[str]) -> None:
