@@ -16,10 +16,10 @@ import torch
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("seqpar.cli", "print versions, device, backend and usable attention kernels"),
     "demo": ("seqpar.demo", "exactness demo: sequence-parallel attention on N CPU ranks vs one process"),
-    "train": ("seqpar.train.cli", "train or fine-tune from a YAML recipe (DeepSpeed, LoRA, sequence parallel)"),
-    "merge-lora": ("seqpar.merge", "fold a LoRA checkpoint into a plain transformers model (safetensors)"),
     "bench": ("seqpar.bench.cli", "side-by-side benchmarks of the primitives -> results.json + PNG plots"),
     "eval": ("seqpar.eval.cli", "perplexity (sliding window) and passkey retrieval of a local model or LoRA adapter"),
+    "train": ("seqpar.train.cli", "train or fine-tune from a YAML recipe (DeepSpeed, LoRA, sequence parallel)"),
+    "merge-lora": ("seqpar.merge", "fold a LoRA checkpoint into a plain transformers model (safetensors)"),
 }
 
 
