@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= launch/constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup quickstart test lint bench-quick
+.PHONY: setup quickstart demo test lint
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(PIP_C) -e '.[dev]'
 	touch $@
 
+# The main job: the CPU quick-start recipe (tiny Llama, passkey data, S2-Attn over 2 SP ranks, LoRA, ZeRO-2).
 quickstart: setup
 	$(VENV)/bin/seqpar env
+	$(VENV)/bin/torchrun --nproc_per_node 2 -m seqpar train recipes/quickstart-cpu.yaml
+
+demo: setup
 	$(VENV)/bin/seqpar demo --nproc 2
 
 test: setup
