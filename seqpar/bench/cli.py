@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     configs = _configs(args)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = [run_config(cfg, timeout=args.timeout) for cfg in tqdm(configs, desc="seqpar bench", unit="config")]
+    results = []
+    for cfg in tqdm(configs, desc="seqpar bench", unit="config"):
+        config_started = time.time()
+        results.append({**run_config(cfg, timeout=args.timeout), "config_wall_s": time.time() - config_started})
     derive(results)
     report = {"machine": machine_info(), "quick": args.quick, "seconds": time.time() - started,
               "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),

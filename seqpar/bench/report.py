@@ -11,7 +11,12 @@ from seqpar.bench.suites import BASELINES
 
 
 def _key(r: dict) -> tuple:
-    return r["suite"], r["seq_len"], r["sp"], r.get("model"), r.get("device")
+    return r["suite"], r["seq_len"], r["sp"], r.get("model"), r.get("device"), r.get("engine")
+
+
+def label(r: dict) -> str:
+    """The method's name, with the engine it ran in if any (e2e rows with and without ZeRO-3)."""
+    return r["method"] + (f" +{r['engine']}" if r.get("engine") else "")
 
 
 def derive(results: list[dict]) -> list[dict]:
@@ -107,7 +112,7 @@ def _mib(value) -> float | None:
 
 # (header, width, cell) per column; one list for the terminal table and the Markdown one.
 TIMED: list[tuple[str, int, Callable[[dict], str]]] = [
-    ("suite", 9, lambda r: r["suite"]), ("method", 24, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),
+    ("suite", 9, lambda r: r["suite"]), ("method", 30, label), ("N", 2, lambda r: str(r["sp"])),
     ("L", 7, lambda r: str(r["seq_len"])), ("median ms", 10, lambda r: _f(r["median_s"] * 1e3, ".1f")),
     ("x base", 6, lambda r: _f(r.get("time_ratio"), ".2f")),
     ("peak MiB", 9, lambda r: _f(_mib(r["peak_mem_bytes"]), ".1f")),
@@ -118,7 +123,7 @@ TIMED: list[tuple[str, int, Callable[[dict], str]]] = [
         (f"loss {r['loss']:.5f}" if "loss" in r else "")),
 ]
 SEARCH: list[tuple[str, int, Callable[[dict], str]]] = [
-    ("suite", 9, lambda r: r["suite"]), ("method", 24, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),
+    ("suite", 9, lambda r: r["suite"]), ("method", 30, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),
     ("budget MiB", 10, lambda r: _f(_mib(r["search"]["budget_bytes"]), ".0f")),
     ("max L", 8, lambda r: _f(r["max_seq_len"], "d")), ("limited by", 10, lambda r: r["limited_by"]),
     ("probes (L: peak MiB)", 20, lambda r: ", ".join(f"{p['seq_len']}: {_mib(p['peak_mem_bytes']):.0f}"
@@ -156,26 +161,32 @@ def table(results: list[dict], *, markdown: bool = False) -> str:
 # ------------------------------------------------------------------------------------------- plots
 
 
-def _series(rows: list[dict], x: str, y: Callable[[dict], float]) -> dict[str, list[tuple]]:
+def _series(rows: list[dict], x: str, y: Callable[[dict], float], *, per_sp: bool = True) -> dict[str, list]:
+    """Points ``(r[x], y(r))`` grouped by method (and SP size unless it is the x axis)."""
     series: dict[str, list[tuple]] = {}
     for r in rows:
-        label = f"one process, {r['threads']} threads" if r["method"] in BASELINES else f"{r['method']} (N={r['sp']})"
-        series.setdefault(label, []).append((r[x], y(r)))
+        engine = f" +{r['engine']}" if r.get("engine") else ""
+        if r["method"] in BASELINES:
+            name = f"one process, {r['threads']} threads{engine}" if per_sp else f"one process{engine}"
+        else:
+            name = f"{label(r)} (N={r['sp']})" if per_sp else label(r)
+        series.setdefault(name, []).append((r[x], y(r)))
     return {k: sorted(v) for k, v in series.items()}
 
 
 def _panels(suite: str, rows: list[dict]) -> list[tuple[str, str, dict]]:
-    """(x label, y label, series) per panel: max L vs N for budget searches, time and memory vs L otherwise."""
+    """(x label, y label, series) per panel: longest L and tokens/s vs N for scaling, TFLOP/s vs L for gpu,
+    time and memory vs L otherwise."""
     search = [r for r in rows if _kind(r) == "search" and r["max_seq_len"]]
     timed = [r for r in rows if _kind(r) == "timed"]
     panels = []
     if search:
-        by_method = {}
-        for r in search:
-            by_method.setdefault(r["method"], []).append((r["sp"], r["max_seq_len"]))
         panels.append(("SP size N", "longest L within the memory budget",
-                       {k: sorted(v) for k, v in by_method.items()}))
-    if timed and suite == "gpu":
+                       _series(search, "sp", lambda r: r["max_seq_len"], per_sp=False)))
+    if timed and suite == "scaling":
+        panels.append(("SP size N", "tokens/s (one training step)",
+                       _series(timed, "sp", lambda r: r["tokens_per_s"], per_sp=False)))
+    elif timed and suite == "gpu":
         panels.append(("sequence length L", "TFLOP/s (forward + backward)",
                        _series(timed, "seq_len", lambda r: r["tflops"])))
     elif timed:
@@ -199,9 +210,9 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
         for ax, (xlabel, ylabel, series) in zip(axes[0], panels):
-            for label, pts in series.items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "one process" in label else "-",
-                        marker="o", label=label)
+            for name, pts in series.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if "one process" in name else "-",
+                        marker="o", label=name)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set(xlabel=xlabel, ylabel=ylabel)

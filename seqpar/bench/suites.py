@@ -24,7 +24,7 @@ def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict
 
 def softmax(quick: bool) -> list[dict]:
     if quick:
-        return _grid({2: ["ring_zigzag", "ulysses", "deepspeed_ulysses", "torch_ring"]}, [128], SHAPE, "single_sdpa")
+        return _grid({2: ["ring_zigzag", "deepspeed_ulysses", "torch_ring"]}, [128], SHAPE, "single_sdpa")
     lengths = [2048, 4096, 8192, 16384]
     peers = ["deepspeed_ulysses", "torch_ring"]
     ours = ["ring_zigzag", "ring_contiguous", "rsa", "ulysses", "allgather"]
@@ -52,10 +52,16 @@ def longlora(quick: bool) -> list[dict]:
 
 
 def e2e(quick: bool) -> list[dict]:
-    """A tiny Llama training step at SP = 2: seqpar's patched attention vs DeepSpeed's HF Ulysses."""
+    """A tiny Llama training step at SP = 2: seqpar's patched attention vs DeepSpeed's HF Ulysses, bare
+    (forward + loss + backward) and inside a ZeRO-3 engine (+ optimizer step) for every method alike.
+    (--quick: bare only; tests/test_bench.py runs the ZeRO-3 path.)"""
     base = {"batch": 1, "model": "tiny"}
+    if quick:
+        return _grid({2: ["llama_ring", "llama_deepspeed_ulysses"]}, [128], base, "llama_single")
     methods = ["llama_ring", "llama_ulysses", "llama_deepspeed_ulysses"]
-    return _grid({2: methods}, [128] if quick else [2048, 8192, 16384], base, "llama_single")
+    lengths = [2048, 8192, 16384]
+    return _grid({2: methods}, lengths, base, "llama_single") + \
+        _grid({2: methods}, lengths, {**base, "engine": "zero3"}, "llama_single")
 
 
 def scaling(quick: bool) -> list[dict]:

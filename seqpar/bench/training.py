@@ -12,10 +12,12 @@ returns it and ``results.json`` records it per row: equal losses across methods 
                              ``UlyssesSPAttentionHF.register_with_transformers`` swaps transformers' "sdpa"
                              function for its all-to-all wrapper; same contiguous shards and loss
 
-No optimizer step and no ZeRO engine for anyone: the timed step is the same forward + loss + backward for
-every method (a ZeRO-3 engine around one side only would add its parameter all-gathers to that side), and
-parameter gradients are not all-reduced (the trainer's job, identical for all methods). Bytes communicated
-per step are those of the attention primitive per layer (its module docstring) plus 2 float64 for the loss.
+By default the step is forward + loss + backward with no optimizer and no engine for anyone (parameter
+gradients are not all-reduced: the trainer's job, identical for all methods). With ``cfg["engine"] ==
+"zero3"`` every method runs inside a DeepSpeed ZeRO-3 engine (torch AdamW, ``mpu`` = DeepSpeed's SP groups
+for its own Ulysses) and the step adds ``engine.backward`` and ``engine.step()``: the setting ALST is
+documented with, applied to all methods alike. Bytes counted per step are those of the attention primitive
+per layer (its module docstring) plus 2 float64 for the loss; ZeRO-3's collectives bypass the counter.
 """
 
 from __future__ import annotations
@@ -44,20 +46,38 @@ def build_llama(name: str, seq_len: int) -> torch.nn.Module:
     return model
 
 
-def _train_step(model: torch.nn.Module, cfg: dict, group, layout: str):
-    """``step()``: zero grads, forward on this rank's shard, ``sp_cross_entropy``, backward; returns the loss."""
+def _zero3(model: torch.nn.Module, mpu=None):
+    """A DeepSpeed ZeRO-3 engine around ``model`` (torch AdamW: nothing to JIT-build)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
+    return engine
+
+
+def _train_step(model: torch.nn.Module, cfg: dict, group, layout: str, mpu=None):
+    """``step()``: forward on this rank's shard, ``sp_cross_entropy``, backward (ZeRO-3: and the optimizer
+    step); returns the loss."""
     from seqpar.models.batch import shard_batch, sp_cross_entropy
 
     ids = torch.randint(0, model.config.vocab_size, (cfg["batch"], cfg["seq_len"]),
                         generator=torch.Generator().manual_seed(1))
     shard = shard_batch({"input_ids": ids}, group, layout)
     labels = shard.pop("labels")
+    engine = _zero3(model, mpu) if cfg.get("engine") == "zero3" else None
 
     def step() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        logits = model(**shard, use_cache=False).logits
-        loss = sp_cross_entropy(logits, labels, group)
-        loss.backward()
+        if engine is None:
+            model.zero_grad(set_to_none=True)
+        loss = sp_cross_entropy((engine or model)(**shard, use_cache=False).logits, labels, group)
+        if engine is None:
+            loss.backward()
+        else:
+            engine.backward(loss)
+            engine.step()
         return loss.detach()
 
     step.layout = layout
@@ -99,6 +119,6 @@ def _llama_deepspeed_ulysses(cfg: dict, group):
         model, core_attn_implementation="sdpa", sequence_parallel_size=sp, micro_batch_size=cfg["batch"],
         seq_length=cfg["seq_len"], seq_length_is_variable=False,
     )
-    step = _train_step(model, cfg, mpu.get_sequence_parallel_group(), "contiguous")
+    step = _train_step(model, cfg, mpu.get_sequence_parallel_group(), "contiguous", mpu)
     step.peer = True  # its all-to-alls bypass seqpar.comm: the byte counter sees only the loss all-reduce
     return step
