@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         out = merge_lora(args.checkpoint, args.out_dir,
                          dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     except RecipeError as err:
-        print(f"seqpar merge-lora: {err}", file=sys.stderr)
+        print("seqpar: error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     print(f"merged model written to {out}")
     return 0

@@ -64,7 +64,8 @@ def runs(tmp_path_factory):
     out["sp2"] = launch(2, tmp / "sp2", [*COMMON, "checkpoint.every=4"])
     # 2. a crash after step 4: drop the last checkpoint and resume
     shutil.rmtree(tmp / "sp2" / "checkpoints" / f"step-{STEPS:08d}")
-    out["resumed"] = launch(2, tmp / "sp2", [*COMMON, "checkpoint.every=4"], "--resume")[STEPS:]
+    # on resume metrics.jsonl keeps steps 1-4 (up to the checkpoint) and logs 5-8 again: each step once
+    out["resumed"] = launch(2, tmp / "sp2", [*COMMON, "checkpoint.every=4"], "--resume")[4:]
     # 3. the same training in one process, sp_size 1
     out["sp1"] = launch(1, tmp / "sp1", [*COMMON, "attention.sp_size=1", "logging.wandb=false"])
     # 4. ring attention, ZeRO-3, packed documents, sp_size 2; 5. its one-process sp_size 1 twin ("full")

@@ -8,12 +8,18 @@ Layout of one checkpoint::
       model/            plain transformers save_pretrained (safetensors)                  (full fine-tuning)
       rng/rank{r}.pt    python / torch / CUDA RNG states of every rank
       recipe.yaml       the resolved recipe
-      trainer_state.json  step and data position
+      trainer_state.json  step, data position and world size
+      manifest.json     every file above with its size
       COMPLETE          written last
 
 Every rank writes into ``.tmp-step-.../``; after a barrier rank 0 writes the marker and renames the folder
 (an atomic rename on one filesystem). A crash mid-save leaves only a ``.tmp-`` folder, which is never
 mistaken for a checkpoint and is removed by the next save.
+
+Before resuming, ``verify_checkpoint`` (every rank, before any collective) checks the manifest (truncated,
+missing or added files), the pickle files' imports (torch's ``weights_only`` allow-list plus DeepSpeed's
+state classes: DeepSpeed itself unpickles without that restriction), and that the checkpoint was written
+for this model and world size. Sizes, not hashes: hashing a 7B full fine-tuning checkpoint would take minutes.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from seqpar.train.recipe import Recipe, save_recipe
+from seqpar.train import faults
+from seqpar.train.recipe import Recipe, RecipeError, save_recipe
 
 MARKER = "COMPLETE"
 
@@ -100,6 +107,8 @@ def save_checkpoint(engine: Any, recipe: Recipe, step: int, *, rank: int, base_m
     lora = recipe.lora.enabled
     engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=lora)
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    faults.maybe_kill("save", step, rank, world)
     export_weights(engine.module, tmp, zero_stage=recipe.deepspeed.zero_stage, rank=rank)
     _barrier()
     if rank == 0:
@@ -107,7 +116,8 @@ def save_checkpoint(engine: Any, recipe: Recipe, step: int, *, rank: int, base_m
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "data_position": step, "base_model": str(Path(base_model).resolve())}))
+            {"step": step, "data_position": step, "world_size": world, "base_model": str(Path(base_model).resolve())}))
+        write_manifest(tmp)
         (tmp / MARKER).write_text("ok\n")  # last: its presence means everything above is on disk
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -124,5 +134,115 @@ def load_checkpoint(engine: Any, folder: Path, *, rank: int, lora: bool) -> int:
     engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=not lora)
     rng = folder / "rng" / f"rank{rank}.pt"
     if rng.is_file():  # absent when resuming on a different world size
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=True))
     return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification before resuming: complete, untampered, safe to unpickle, and written for this model and world
+
+MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+# Classes DeepSpeed pickles into its ZeRO optimizer states, beyond torch's weights_only allow-list.
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+class CheckpointError(RecipeError):
+    """A checkpoint that must not be resumed from: incomplete, tampered with, unsafe, or for another run."""
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, MARKER)}
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file of the checkpoint with its size (written by rank 0 after the barrier, before the marker)."""
+    (folder / MANIFEST).write_text(json.dumps({"files": _files(folder)}, indent=1))
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """Python names unpickling ``path`` would import beyond tensors and plain data (read, never executed)."""
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    return [g for g in found if g not in DEEPSPEED_GLOBALS]
+
+
+def _fix(folder: Path) -> str:
+    return (f"delete {folder} to resume from the checkpoint before it, or start fresh (no --resume, "
+            "checkpoint.resume=never)")
+
+
+def _check_pickle(folder: Path, rel: str) -> None:
+    fix = _fix(folder)
+    try:
+        bad = unsafe_globals(folder / rel)
+    except (RuntimeError, ValueError, OSError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {rel} refused: not a readable torch.save file "
+                              f"({str(err).splitlines()[0][:120]}); it is corrupt or truncated: {fix}") from err
+    if bad:
+        raise CheckpointError(f"checkpoint {folder}: {rel} refused: unpickling it would import {bad}, which could "
+                              f"run code (not written by seqpar train): {fix}")
+
+
+def _check_files(folder: Path) -> None:
+    fix = _fix(folder)
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {folder} has no readable {MANIFEST} ({type(err).__name__}): it is "
+                              f"incomplete or corrupt: {fix}") from err
+    present = _files(folder)
+    for rel, size in listed.items():
+        if rel not in present:
+            raise CheckpointError(f"checkpoint {folder}: {rel} is missing: the checkpoint is incomplete: {fix}")
+        if present[rel] != size:
+            what = "truncated" if present[rel] < size else "corrupt (larger than written)"
+            raise CheckpointError(f"checkpoint {folder}: {rel} is {what} ({present[rel]} of {size} bytes): {fix}")
+    for rel in present:
+        if rel not in listed:
+            raise CheckpointError(f"checkpoint {folder}: {rel} refused: not written by seqpar (absent from "
+                                  f"{MANIFEST}): remove it, or delete the checkpoint")
+        if Path(rel).suffix in PICKLE_SUFFIXES:
+            _check_pickle(folder, rel)
+
+
+def _model_differences(saved: Recipe, recipe: Recipe) -> list[str]:
+    def facts(r: Recipe) -> dict:
+        m, lo = r.model, r.lora
+        out = {"model.path": str(Path(m.path).resolve()) if m.path else None,
+               "lora.enabled": lo.enabled, "lora.targets": lo.targets if lo.enabled else None,
+               "lora.r": lo.r if lo.enabled else None}
+        out.update({f"model.from_config.{k}": v for k, v in (m.from_config or {}).items()})
+        return out
+
+    a, b = facts(saved), facts(recipe)
+    return [f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+def verify_checkpoint(folder: Path, recipe: Recipe, world_size: int) -> int:
+    """Raise CheckpointError unless ``folder`` can be resumed by this recipe on ``world_size`` ranks; return its
+    step. Reads only JSON, YAML and pickle opcodes (nothing is unpickled), so every rank may call it before any
+    collective and they all reach the same verdict."""
+    from seqpar.train.recipe import load_recipe
+
+    _check_files(folder)
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        step, saved = int(state["step"]), load_recipe(folder / "recipe.yaml")
+    except (OSError, ValueError, KeyError, RecipeError) as err:
+        raise CheckpointError(f"checkpoint {folder}: trainer_state.json or recipe.yaml is unreadable "
+                              f"({type(err).__name__}): delete the checkpoint to resume from the one before it, "
+                              "or start fresh (no --resume, checkpoint.resume=never)") from err
+    diff = _model_differences(saved, recipe)
+    if diff:
+        raise CheckpointError(f"checkpoint {folder} was written for a different model ({'; '.join(diff)}): resume "
+                              "it with the recipe that wrote it, or give this run a new trainer.output_dir "
+                              "(or checkpoint.dir)")
+    saved_world = state.get("world_size", world_size)
+    if saved_world != world_size:
+        raise CheckpointError(f"checkpoint {folder} was written by world size {saved_world}; this run has "
+                              f"{world_size}: launch {saved_world} processes to resume it (ZeRO shards are per "
+                              "rank), or start fresh in a new trainer.output_dir")
+    return step

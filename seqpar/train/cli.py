@@ -4,6 +4,10 @@ Started by ``torchrun --nproc_per_node N -m seqpar train ...``, by ``srun`` (one
 variables), by ``accelerate launch -m seqpar train ...``, or as one plain process. ``--dry-run`` resolves
 and validates the recipe and prints the process layout without starting any process group or reading
 model weights.
+
+Errors are one line on stderr of every rank, ``seqpar: error: <what is wrong and the fix>``, no traceback:
+exit code 2 for user errors (recipe, files, process layout, checkpoint to resume), 1 for a NaN/inf loss or a
+rendezvous that times out. Training itself re-checks everything after the process group is up.
 """
 
 from __future__ import annotations
@@ -70,24 +74,56 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
     return "\n".join(lines)
 
 
+def launched_world() -> int:
+    """The world this process was started into (torchrun's WORLD_SIZE, plain srun's SLURM_NTASKS), else 1."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def error_line(err: BaseException) -> str:
+    """``seqpar: error: ...`` on one line (messages listing several problems join them with '; ')."""
+    return "seqpar: error: " + " ".join(str(err).split())
+
+
 def run(args: argparse.Namespace) -> int:
-    from seqpar.train.validate import validate
+    """Exit codes: 0 done, 2 a user error (recipe, files, layout, checkpoint), 1 a runtime failure (NaN loss,
+    rendezvous): either way one line on stderr of every rank, no traceback."""
+    from seqpar.parallel import ParallelConfigError, RendezvousError
+    from seqpar.train.trainer import TrainingError
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.dry_run:
-            world = planned_world(recipe, args.world_size)
-            config = validate(recipe, world)
-            print("# resolved recipe")
-            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
-            print("# planned process layout (dry run: no process group started, no weights read)")
-            print(describe_plan(recipe, world, config))
-            return 0
-        validate(recipe)  # fail fast, before the rendezvous; the world-size checks run again inside train()
-    except RecipeError as err:
-        print(f"seqpar train: {err}", file=sys.stderr)
+        return _run(args)
+    except (RecipeError, ParallelConfigError) as err:
+        print(error_line(err), file=sys.stderr, flush=True)
         return 2
-    from seqpar.train.trainer import train
+    except (RendezvousError, TrainingError) as err:
+        print(error_line(err), file=sys.stderr, flush=True)
+        return 1
 
-    train(recipe, resume=args.resume)
+
+def _run(args: argparse.Namespace) -> int:
+    from seqpar.train import checkpoint as ckpt
+    from seqpar.train.validate import validate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        world = planned_world(recipe, args.world_size)
+        config = validate(recipe, world)
+        print("# resolved recipe")
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
+        print("# planned process layout (dry run: no process group started, no weights read)")
+        print(describe_plan(recipe, world, config))
+        return 0
+    # Fail fast, before the rendezvous and on every rank alike: the recipe, its files, the checkpoint to resume.
+    world = launched_world()
+    validate(recipe, world, check_paths=True)
+    resume = args.resume or recipe.checkpoint.resume == "auto"
+    latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(recipe)) if resume else None
+    if latest is not None:
+        ckpt.verify_checkpoint(latest, recipe, world)
+    from seqpar.train import trainer
+
+    trainer.train(recipe, resume=args.resume)
     return 0

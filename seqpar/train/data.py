@@ -90,8 +90,13 @@ def file_dataset(tokenizer: Any, data: DataSection) -> list[dict]:
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     docs = [[*ids, eos] for ids in tokenizer(list(ds[data.text_field]), add_special_tokens=False)["input_ids"]]
     L, samples = data.seq_len, []
-    if not data.pack:  # long-document fine-tuning: truncate, skip documents shorter than L
-        return [{"input_ids": torch.tensor(d[:L]), "doc_lens": [L]} for d in docs if len(d) >= L]
+    if not data.pack:  # one document per sample: shorter ones are skipped, longer ones are never cut silently
+        for i, d in enumerate(docs):
+            if len(d) > L:
+                raise RecipeError(f"data.pack=false but document {i} of data.files={data.files} has {len(d)} tokens "
+                                  f"(with </s>), more than data.seq_len={L}: set data.pack=true to split documents "
+                                  "across samples, raise data.seq_len, or shorten the document")
+        return [{"input_ids": torch.tensor(d), "doc_lens": [L]} for d in docs if len(d) == L]
     buf: list[int] = []
     lens: list[int] = []
     for d in docs:

@@ -36,6 +36,14 @@ def gather_floats(value: float) -> list[float]:
     return out
 
 
+def _step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as after every step (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLogger:
     def __init__(self, recipe: Recipe, *, rank: int, start_step: int, resumed: bool):
         self.rank, self.every = rank, recipe.logging.log_every
@@ -45,7 +53,10 @@ class MetricsLogger:
         if rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self.file = (self.out / "metrics.jsonl").open("a")
+        path = self.out / "metrics.jsonl"
+        if resumed and path.is_file():  # steps after the checkpoint are trained again: keep each step once
+            path.write_text("".join(x + "\n" for x in path.read_text().splitlines() if _step(x) <= start_step))
+        self.file = path.open("a")
         lg = recipe.logging
         if lg.wandb and lg.mode != "disabled":
             os.environ.setdefault("WANDB_DIR", str(self.out / "wandb"))

@@ -8,6 +8,7 @@ loads the very same weights with ``from_pretrained``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def base_config(recipe: Recipe) -> Any:
     if m.from_config is not None:
         facts, key = dict(m.from_config), "model.from_config"
     elif m.path and Path(m.path).is_dir():
-        return AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
+        return folder_config(m.path, m.trust_remote_code)
     elif m.config:
         facts, key = dict(m.config), "model.config"
     else:
@@ -104,17 +105,46 @@ def build_base_model(recipe: Recipe, folder: Path, tokenizer) -> None:
 
 def load_model(recipe: Recipe, path: str | Path) -> Any:
     """The causal LM at ``path`` with the recipe's RoPE scaling and dtype (on CPU; the engine moves it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     m = recipe.model
     if not Path(path).is_dir():
         raise RecipeError(f"model.path={str(path)!r} does not exist: download the model to that local folder "
                           "(no hub access is attempted)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    config = folder_config(path, m.trust_remote_code)
     apply_rope_scaling(recipe, config)
+    safe = any(Path(path).glob("*.safetensors"))  # then pickle .bin files next to them are never read
     return AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=torch_dtype(recipe), trust_remote_code=m.trust_remote_code,
+        use_safetensors=True if safe else None,
     )
+
+
+def folder_config(path: str | Path, trust_remote_code: bool) -> Any:
+    """The config of a local model folder. One that needs its own Python code (``auto_map`` with a
+    model_type transformers does not know) is refused unless the recipe sets model.trust_remote_code."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    import seqpar.models.linear_llama  # noqa: F401  (registers model_type "linear_llama" with AutoConfig)
+
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"model.path={str(path)!r}: config.json is missing or unreadable ({type(err).__name__}): "
+                          "point model.path at a Hugging Face model folder (save_pretrained writes one)") from err
+    if raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING and not trust_remote_code:
+        refs = [r for v in raw["auto_map"].values() for r in (v if isinstance(v, list) else [v]) if r]
+        code = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+        raise RecipeError(f"model.path={str(path)!r} needs its own Python code to load ({', '.join(code)}, "
+                          f"model_type={raw.get('model_type')!r}): set model.trust_remote_code=true only if you "
+                          "trust that code")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as err:
+        raise RecipeError(f"model.path={str(path)!r}: transformers cannot read its config "
+                          f"({' '.join(str(err).split())[:200]}): check config.json") from err
 
 
 def module_leaf_names(config: Any) -> set[str] | None:

@@ -115,6 +115,7 @@ class LaunchSection:
     nnodes: int = 1
     nproc_per_node: int = 1  # the intended world is nnodes x nproc_per_node (used by --dry-run)
     device: Literal["cuda", "cpu"] | None = None  # None: cuda when visible
+    rendezvous_timeout: float = 600.0  # seconds the ranks wait for each other before failing with the address
 
 
 @dataclass
@@ -263,7 +264,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist: pass a YAML file such as recipes/quickstart-cpu.yaml")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}  # safe_load: tags cannot build objects
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from err
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML ({' '.join(str(err).split())}): fix the "
+                          "syntax at that line, or start from recipes/quickstart-cpu.yaml") from err
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {str(path)!r}: the top level must be a mapping of sections")
     return recipe_from_dict(data, overrides)

@@ -9,8 +9,10 @@ exact data-parallel gradient (seqpar/train/engine.py explains the factor).
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,42 @@ import torch.distributed as dist
 
 from seqpar.parallel import ParallelState
 from seqpar.train import checkpoint as ckpt
+from seqpar.train import faults
 from seqpar.train.data import batch_at, build_dataset, load_tokenizer
 from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
 from seqpar.train.model import BASE_DIR, build_base_model, load_model
 from seqpar.train.recipe import Recipe
 from seqpar.train.validate import validate
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN/inf loss): the message names the step and the checkpoint to resume from."""
+
+
+def join(recipe: Recipe) -> ParallelState:
+    """Process groups for this run. Under torchrun the default group is made here, with its keys prefixed by
+    the restart attempt: torchrun's store outlives a failed attempt, and a restarted group would otherwise
+    read the dead ranks' gloo/NCCL addresses and fail to connect."""
+    from seqpar.parallel import RendezvousError, default_device_backend, group_ranks, read_launch_env
+
+    attempt, timeout = os.environ.get("TORCHELASTIC_RESTART_COUNT"), timedelta(seconds=recipe.launch.rendezvous_timeout)
+    if attempt is not None and not dist.is_initialized():
+        launch = read_launch_env()
+        group_ranks(launch.world_size, recipe.attention.sp_size)  # a bad layout fails before waiting on anybody
+        device, backend = default_device_backend(recipe.launch.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        try:
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timeout)
+        except (RuntimeError, TimeoutError, ConnectionError) as err:
+            raise RendezvousError(f"rank {launch.rank} of {launch.world_size} could not join the process group at "
+                                  f"{launch.master_addr}:{launch.master_port} within {timeout.total_seconds():.0f}s "
+                                  f"({' '.join(str(err).split())[:200]}): check that every node's torchrun "
+                                  "started and can reach that address") from err
+    return ParallelState.from_env(recipe.attention.sp_size, device=recipe.launch.device, timeout=timeout)
 
 
 def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
@@ -87,7 +119,10 @@ def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: 
         labels = sp.pop("labels")
         logits = engine(**sp, use_cache=False).logits
         loss = sp_cross_entropy(logits, labels, parallel)
+        if faults.nan_loss(step + 1):
+            loss = loss * float("nan")
         engine.backward(loss * parallel.sp_size)  # DeepSpeed divides by W; SP needs a sum (see engine.py)
+        faults.maybe_kill("step", step + 1, parallel.rank, parallel.world_size)
         engine.step()
         total += loss.item()
     return _dp_mean(total / recipe.trainer.grad_accum, parallel)
@@ -121,8 +156,12 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
     import deepspeed
 
-    parallel = ParallelState.from_env(recipe.attention.sp_size, device=recipe.launch.device)
+    parallel = join(recipe)
     validate(recipe, parallel.world_size, check_paths=True)
+    root = ckpt.checkpoint_root(recipe)
+    latest = ckpt.latest_checkpoint(root) if resume or recipe.checkpoint.resume == "auto" else None
+    if latest is not None:  # before any model is built, on every rank alike (no collective involved)
+        ckpt.verify_checkpoint(latest, recipe, parallel.world_size)
     # DeepSpeed reads these; srun and single-process runs do not set them (torchrun does).
     for var, value in (("RANK", parallel.rank), ("WORLD_SIZE", parallel.world_size),
                        ("LOCAL_RANK", parallel.local_rank)):
@@ -135,9 +174,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     base = base_model_path(recipe, parallel.rank, tokenizer)
     model = prepare_model(recipe, base, parallel)
     engine = build_engine(model.to(parallel.device), recipe, parallel.device)
-    start, root = 0, ckpt.checkpoint_root(recipe)
-    resume = resume or recipe.checkpoint.resume == "auto"
-    latest = ckpt.latest_checkpoint(root) if resume else None
+    start = 0
     if latest is not None:
         start = ckpt.load_checkpoint(engine, latest, rank=parallel.rank, lora=recipe.lora.enabled)
         if parallel.is_main:
@@ -148,6 +185,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     for step in range(start + 1, recipe.trainer.max_steps + 1):
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the lr this step uses
         loss = train_step(engine, samples, recipe, step - 1, parallel)
+        if not math.isfinite(loss):  # the same value on every rank (a mean over SP and DP): all stop together
+            raise TrainingError(nan_message(loss, step, lr, ckpt.latest_checkpoint(root)))
         metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t0), "seq_len": recipe.data.seq_len,
                    "max_steps": recipe.trainer.max_steps}
@@ -160,6 +199,13 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     logger.close()
     parallel.destroy()  # a clean exit: torch warns about process groups left alive
     return history
+
+
+def nan_message(loss: float, step: int, lr: float, last_good: Path | None) -> str:
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    return (f"loss is {loss} at step {step}: training stopped without saving or logging it; {where}: resume from "
+            f"it (--resume or checkpoint.resume=auto) with a lower trainer.lr (now {lr:g}) or "
+            "trainer.max_grad_norm, or trainer.dtype=fp32 if it was bf16")
 
 
 def _warn_accelerate_mismatch(recipe: Recipe, parallel: ParallelState) -> None:

@@ -46,7 +46,8 @@ def _check_numbers(r: Recipe, errors: list[str]) -> None:
                        ("trainer.grad_accum", t.grad_accum), ("data.seq_len", r.data.seq_len),
                        ("attention.sp_size", r.attention.sp_size), ("checkpoint.keep", r.checkpoint.keep),
                        ("logging.log_every", r.logging.log_every), ("launch.nnodes", r.launch.nnodes),
-                       ("launch.nproc_per_node", r.launch.nproc_per_node)):
+                       ("launch.nproc_per_node", r.launch.nproc_per_node),
+                       ("launch.rendezvous_timeout", r.launch.rendezvous_timeout)):
         _positive(errors, key, value)
     for key, value in (("trainer.warmup_steps", t.warmup_steps), ("checkpoint.every", r.checkpoint.every),
                        ("eval.every", r.eval.every), ("trainer.max_grad_norm", t.max_grad_norm),
@@ -121,7 +122,7 @@ def _check_lora(r: Recipe, leaf_names: set[str] | None, errors: list[str]) -> No
             errors.append(f"lora.targets={lo.targets}: {missing} not in the model; its projections are {linear}")
 
 
-def _check_model_data(r: Recipe, config: Any, check_paths: bool, errors: list[str]) -> None:
+def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
     m, d, rs = r.model, r.data, r.rope_scaling
     if (m.path is None) == (m.from_config is None):
         errors.append(f"model: set exactly one of model.path (a local folder) or model.from_config "
@@ -135,10 +136,6 @@ def _check_model_data(r: Recipe, config: Any, check_paths: bool, errors: list[st
                       f"{BYTE_VOCAB}; raise it or set data.tokenizer")
     if d.source == "files" and not d.files:
         errors.append("data.files=[]: data.source=files needs local jsonl/json/text/parquet files")
-    if check_paths:
-        for i, f in enumerate(d.files if d.source == "files" else []):
-            if not Path(f).exists():
-                errors.append(f"data.files[{i}]={f!r} does not exist: give a local file (no hub downloads)")
     if rs.type is None and rs.factor is not None:
         errors.append(f"rope_scaling.factor={rs.factor!r} without rope_scaling.type: set type (e.g. linear)")
     if isinstance(rs.factor, str) and rs.factor != "auto":
@@ -158,10 +155,98 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
     except RecipeError as err:
         errors.append(str(err))
     _check_numbers(recipe, errors)
-    _check_model_data(recipe, config, check_paths, errors)
+    _check_model_data(recipe, config, errors)
+    if check_paths:  # what training reads on this machine (--dry-run plans for another one)
+        _check_model_folder(recipe, config, errors)
+        _check_data_files(recipe, errors)
+        _check_device(recipe, errors)
     _check_attention(recipe, config, world_size, errors)
     leaves = module_leaf_names(config) if config is not None and not errors else None
     _check_lora(recipe, leaves, errors)
     if errors:
-        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errors))
+        raise RecipeError(f"invalid recipe ({len(errors)} problem{'s' if len(errors) > 1 else ''}): "
+                          + "; ".join(errors))
     return config
+
+
+def _check_model_folder(r: Recipe, config: Any, errors: list[str]) -> None:
+    """The files training will read: weights present and safe to load, a tokenizer that fits the model."""
+    m, d = r.model, r.data
+    if m.from_config is None and m.path and not Path(m.path).is_dir():
+        if m.config:  # base_config fell back to the recipe's facts (fine for --dry-run, not for training)
+            errors.append(f"model.path={m.path!r} does not exist: download the model to that local folder "
+                          "(no hub access is attempted)")
+        return
+    if m.from_config is None and m.path:
+        folder = Path(m.path)
+        safe, pickles = sorted(folder.glob("*.safetensors")), sorted(folder.glob("pytorch_model*.bin"))
+        if not safe and not pickles:
+            errors.append(f"model.path={m.path!r} has a config but no weights (no *.safetensors or "
+                          "pytorch_model*.bin): copy the weight files into it (save_pretrained writes them)")
+        for f in pickles if not safe else []:  # with safetensors present the .bin files are never read
+            from seqpar.train.checkpoint import unsafe_globals
+
+            try:
+                bad = unsafe_globals(f)
+            except (RuntimeError, ValueError, OSError) as err:
+                bad = [f"unreadable: {str(err).splitlines()[0][:80]}"]
+            if bad:
+                errors.append(f"model.path={m.path!r}: {f.name} refused: unpickling it would import {bad}: use "
+                              "safetensors weights from a trusted copy")
+    tok_dir = d.tokenizer or (m.path if m.from_config is None else None)
+    vocab = getattr(config, "vocab_size", None)
+    if tok_dir and Path(tok_dir).is_dir() and vocab:
+        from transformers import AutoTokenizer
+
+        try:
+            n = len(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=m.trust_remote_code))
+        except Exception as err:  # any failure to read the folder is the user's to fix
+            errors.append(f"data.tokenizer={tok_dir!r} cannot be loaded ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}): point it at a folder with tokenizer files")
+            return
+        if n > vocab:
+            errors.append(f"the tokenizer at {tok_dir!r} has {n} tokens but the model has vocab_size={vocab}: use "
+                          "the model's own tokenizer (data.tokenizer), or grow the model first "
+                          "(model.resize_token_embeddings, then save_pretrained)")
+
+
+def _check_data_files(r: Recipe, errors: list[str]) -> None:
+    d = r.data
+    for i, f in enumerate(d.files if d.source == "files" else []):
+        p = Path(f)
+        if not p.exists():
+            errors.append(f"data.files[{i}]={f!r} does not exist: give a local file (no hub downloads)")
+        elif p.is_file() and p.stat().st_size == 0:
+            errors.append(f"data.files[{i}]={f!r} is empty: give a file with documents")
+        elif p.is_file() and (d.format or p.suffix.lstrip(".")) != "parquet":
+            bad = _first_non_utf8(p)
+            if bad is not None:
+                errors.append(f"data.files[{i}]={f!r} is not UTF-8 text (byte {bad}): re-encode it, e.g. "
+                              f"iconv -f latin1 -t utf-8")
+
+
+def _first_non_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
+    """Offset of the first byte that is not UTF-8, or None (read in chunks: data files can be large)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                return offset + err.start
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        return offset + err.start
+    return None
+
+
+def _check_device(r: Recipe, errors: list[str]) -> None:
+    import torch
+
+    if r.launch.device == "cuda" and not torch.cuda.is_available():
+        errors.append("launch.device='cuda' but no CUDA GPU is visible on this machine: set launch.device=cpu "
+                      "(gloo) or run on a GPU node")
