@@ -9,6 +9,9 @@ from pathlib import Path
 
 from seqpar.bench.suites import BASELINES
 
+# RSS moves in pages and allocator arenas: peaks under 1 MiB are noise, not a denominator.
+MEM_RESOLUTION = 1 << 20
+
 
 def _key(r: dict) -> tuple:
     return r["suite"], r["seq_len"], r["sp"], r.get("model"), r.get("device"), r.get("engine")
@@ -30,7 +33,8 @@ def derive(results: list[dict]) -> list[dict]:
         b = base.get(_key(r))
         if b is not None:
             r["time_ratio"] = r["median_s"] / b["median_s"]
-            r["mem_ratio"] = r["peak_mem_bytes"] / max(b["peak_mem_bytes"], 1)
+            if b["peak_mem_bytes"] >= MEM_RESOLUTION:  # below it the baseline's peak is RSS noise
+                r["mem_ratio"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
     return results
 
 
@@ -76,7 +80,10 @@ def evaluate_target(results: list[dict], t: Target) -> dict:
     if not common:
         return {**out, "missing": f"no {t.suite} rows for both {t.numerator} and {t.denominator}"}
     L = t.seq_len if t.seq_len in common else common[-1]
-    value = num[L][t.metric] / max(den[L][t.metric], 1e-30)
+    floor = MEM_RESOLUTION if t.metric == "peak_mem_bytes" else 1e-9
+    if den[L][t.metric] < floor:
+        return {**out, "seq_len": L, "missing": f"{t.denominator} {t.metric} at L={L} is below the resolution"}
+    value = num[L][t.metric] / den[L][t.metric]
     ok = value <= t.bound if t.op == "<=" else value >= t.bound
     return {**out, "seq_len": L, "value": value, "pass": ok, "at_target_length": t.seq_len in (None, L)}
 

@@ -68,7 +68,7 @@ def scaling(quick: bool) -> list[dict]:
     """Longest L within a per-rank memory budget (SP = 1, 2, 4), and tokens/s of the quick-start model."""
     search = {"start": 128, "max_len": 1024, "budget_bytes": 48 << 20, "refine": 0} if quick else \
         {"start": 1024, "max_len": 1 << 20, "budget_bytes": 1 << 30, "refine": 2}
-    series = [("llama_ring", 1), ("llama_ring", 2), ("llama_s2", 2)] if quick else \
+    series = [("llama_ring", 1), ("llama_s2", 2)] if quick else \
         [(m, n) for m in ("llama_ring", "llama_s2") for n in (1, 2, 4)]
     rows = [{"batch": 1, "model": "tiny", "method": m, "world": n, "threads": 1, "sp": n, "search": search}
             for m, n in series]
