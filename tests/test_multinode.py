@@ -18,7 +18,7 @@ from tests.netns_hosts import two_hosts  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "recipes" / "quickstart-cpu.yaml"
 STEPS = 3
-OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=1", "data.passkey.num_samples=8",
+OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=1", "data.passkey.num_samples=8", "data.seq_len=256",
              "logging.wandb=false", "checkpoint.every=0"]
 RDZV_PORT = 29455  # inside the first host's namespace: nothing else listens there
 
