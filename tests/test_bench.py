@@ -124,9 +124,14 @@ def test_quick_run_writes_results_plots_and_markdown(tmp_path):
     assert "hand-written text" in text and "| llama_deepspeed_ulysses |" in text and "../bench/e2e.png" in text
 
 
-def test_bad_suite_names_the_choices():
+def test_bad_suite_or_method_names_the_choices():
     from seqpar.bench.cli import _configs
 
     args = argparse.Namespace(suites=["softmaxx"], methods=None, quick=True, repeats=1, warmup=0)
     with pytest.raises(SystemExit, match=r"unknown suite\(s\) \['softmaxx'\]; choose from"):
         _configs(args)
+    args = argparse.Namespace(suites=["softmax"], methods="ring_zigzag,ringg", quick=True, repeats=1, warmup=0)
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['ringg'\] in --methods; choose from .*ring_zigzag"):
+        _configs(args)
+    args.methods = "ring_zigzag"
+    assert {c["method"] for c in _configs(args)} == {"ring_zigzag", "single_sdpa"}  # baselines always kept

@@ -32,6 +32,13 @@ def _configs(args: argparse.Namespace) -> list[dict]:
     if unknown:
         raise SystemExit(f"seqpar bench: unknown suite(s) {unknown}; choose from {list(SUITES)}")
     only = set(args.methods.split(",")) if args.methods else None
+    if only is not None:
+        import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
+        from seqpar.bench.methods import METHODS
+
+        if only - set(METHODS):
+            raise SystemExit(f"seqpar bench: unknown method(s) {sorted(only - set(METHODS))} in --methods; "
+                             f"choose from {sorted(METHODS)}")
     return [
         {**cfg, "suite": name, "repeats": args.repeats, "warmup": args.warmup}
         for name in names
