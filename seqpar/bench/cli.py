@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per configuration")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
+    parser.add_argument("--max-len", type=int, default=None, help="skip configurations longer than this")
+    parser.add_argument("--worlds", default=None, help="comma-separated SP sizes to run (baselines follow them)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to OUT/results.json instead of replacing it (incremental runs)")
     parser.add_argument("--markdown", metavar="PAGE", default=None,
                         help="run nothing; rewrite PAGE's results section from OUT/results.json")
 
@@ -39,11 +43,14 @@ def _configs(args: argparse.Namespace) -> list[dict]:
         if only - set(METHODS):
             raise SystemExit(f"seqpar bench: unknown method(s) {sorted(only - set(METHODS))} in --methods; "
                              f"choose from {sorted(METHODS)}")
+    worlds = {int(w) for w in args.worlds.split(",")} if args.worlds else None
     return [
         {**cfg, "suite": name, "repeats": args.repeats, "warmup": args.warmup}
         for name in names
         for cfg in SUITES[name](args.quick)
-        if only is None or cfg["method"] in only or cfg["method"] in BASELINES
+        if (only is None or cfg["method"] in only or cfg["method"] in BASELINES)
+        and (args.max_len is None or cfg.get("seq_len", 0) <= args.max_len)
+        and (worlds is None or cfg.get("sp") in worlds)
     ]
 
 
@@ -64,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     configs = _configs(args)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results = []
+    previous = out / "results.json"
+    results = json.loads(previous.read_text())["results"] if args.append and previous.exists() else []
     for cfg in tqdm(configs, desc="seqpar bench", unit="config"):
         config_started = time.time()
         results.append({**run_config(cfg, timeout=args.timeout), "config_wall_s": time.time() - config_started})
