@@ -125,13 +125,17 @@ def test_quick_run_writes_results_plots_and_markdown(tmp_path):
 
 
 def test_bad_suite_or_method_names_the_choices():
-    from seqpar.bench.cli import _configs
+    from seqpar.bench.cli import _configs, add_arguments
 
-    args = argparse.Namespace(suites=["softmaxx"], methods=None, quick=True, repeats=1, warmup=0)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["softmaxx", "--quick", "--repeats", "1", "--warmup", "0"])
     with pytest.raises(SystemExit, match=r"unknown suite\(s\) \['softmaxx'\]; choose from"):
         _configs(args)
-    args = argparse.Namespace(suites=["softmax"], methods="ring_zigzag,ringg", quick=True, repeats=1, warmup=0)
+    args = parser.parse_args(["softmax", "--quick", "--methods", "ring_zigzag,ringg"])
     with pytest.raises(SystemExit, match=r"unknown method\(s\) \['ringg'\] in --methods; choose from .*ring_zigzag"):
         _configs(args)
     args.methods = "ring_zigzag"
     assert {c["method"] for c in _configs(args)} == {"ring_zigzag", "single_sdpa"}  # baselines always kept
+    args = parser.parse_args(["softmax", "--worlds", "4", "--max-len", "4096"])
+    assert {(c["sp"], c["seq_len"]) for c in _configs(args)} == {(4, 2048), (4, 4096)}

@@ -2,7 +2,8 @@
 
 Every configuration runs in fresh processes (``seqpar.launcher.spawn_ranks``), so one configuration's peak
 memory never leaks into the next. On CPU the peak is the process's peak RSS (``ru_maxrss``) minus its RSS
-once inputs are built; on CUDA it is ``torch.cuda.max_memory_allocated``.
+before the rank's inputs are built (``peak_mem_bytes``: what the rank holds for the call) and minus its RSS
+after the warm-up call (``peak_work_bytes``: temporaries only); on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def peak_rss_bytes() -> int:
 
 
 class MemoryProbe:
-    """Peak memory above the level at construction (inputs allocated, one warm-up call done)."""
+    """Peak memory above the level at construction."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

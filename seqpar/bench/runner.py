@@ -14,17 +14,22 @@ from seqpar.launcher import RankFailed, spawn_ranks
 def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
     torch.manual_seed(0)
     sp_group = group if world > 1 else None
+    device = torch.device(cfg.get("device", "cpu"))
+    # Per-rank memory: everything this rank holds for the call (its shard of inputs, gradients, outputs,
+    # buffers and temporaries), i.e. above the RSS before the inputs exist: this is what SP divides.
+    total = MemoryProbe(device)
     step = METHODS[cfg["method"]](cfg, sp_group)
     with ByteCounter() as counter:  # the first (warm-up) call also counts the bytes of one call
         result = step()
-    # Baseline after the warm-up: lazily loaded kernels and libraries are not activation memory. ru_maxrss
-    # still holds the warm-up's peak, which is the same computation as every timed repeat.
-    probe = MemoryProbe(torch.device(cfg.get("device", "cpu")))
+    # Working memory: above the level after the warm-up (inputs and their gradients allocated, lazily loaded
+    # kernels loaded); ru_maxrss still holds the warm-up's peak, the same computation as every repeat.
+    work = MemoryProbe(device)
     times = time_repeats(step, warmup=max(0, cfg["warmup"] - 1), repeats=cfg["repeats"], group=sp_group)
     extra = {"loss": float(result)} if result.dim() == 0 else {}  # training steps return their loss
     # Peers communicate through torch.distributed directly: their bytes are unknown, not zero.
     sent, received = (None, None) if getattr(step, "peer", False) else (counter.sent, counter.received)
-    return Measurement(times, probe.peak(), sent, received, extra).to_dict()
+    extra["peak_work_bytes"] = work.peak()
+    return Measurement(times, total.peak(), sent, received, extra).to_dict()
 
 
 def run_config(cfg: dict, *, timeout: float) -> dict:
@@ -43,6 +48,7 @@ def run_config(cfg: dict, *, timeout: float) -> dict:
         **cfg,
         "median_s": max(r["median_s"] for r in ranks),
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in ranks),
+        "peak_work_bytes": max(r["extra"]["peak_work_bytes"] for r in ranks),
         "bytes_sent_per_rank": None if ranks[0]["bytes_sent"] is None else max(r["bytes_sent"] for r in ranks),
         "ranks": ranks,
     }
