@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.ulysses import check_options, check_qkv
+from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import Layout, check_divisible, global_index
+from seqpar.sharding import Layout, global_index
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
@@ -114,11 +114,8 @@ def allgather_attention(
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group)
+    check_qkv(q, k, v, group=group, layout=layout)
     seq_len = q.shape[1] * n
-    check_divisible(seq_len, n, layout, name="sequence length (q.shape[1] * N)")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"kv heads={k.shape[2]} must divide query heads={q.shape[2]} (GQA)")
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, seq_len)
     return _AllGatherAttention.apply(

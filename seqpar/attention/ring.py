@@ -36,14 +36,14 @@ kv heads not dividing heads, a length that the layout cannot split, malformed ``
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 
-from seqpar.comm import Group, RingComm, check_same_shapes, group_rank, group_size
+from seqpar.attention.checks import check_options, check_qkv
+from seqpar.comm import Group, RingComm, group_rank, group_size
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
-from seqpar.sharding import Layout, check_divisible, chunks_per_rank, global_index
+from seqpar.sharding import Layout, global_index
 
 __all__ = ["ring_attention"]
 
@@ -157,41 +157,6 @@ class RingAttentionFunc(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def check_args(*, layout: str, causal: object, softmax_scale: float | None) -> None:
-    """Arguments that are the same on every rank: checked before anything is exchanged."""
-    chunks_per_rank(layout)  # raises ShardingError naming the valid layouts
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal={causal!r} must be True or False (sequence-parallel masks are global)")
-    ok = isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0
-    if softmax_scale is not None and not ok:
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive finite float (None: D**-0.5)")
-
-
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, layout: str) -> None:
-    """Same shapes on every rank (collective), then local consistency (identical on every rank after that)."""
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [B, L/N, heads, D], got {type(t).__name__}")
-    check_same_shapes(group=group, q=q, k=k, v=v)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be 4-D "
-                         "[B, L/N, heads, D]: reshape [B, L, H*D] activations to [B, L, H, D]")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch, local length "
-                         "and head_dim must match and k, v must have one shape (shard q, k and v alike)")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"kv heads k.shape[2]={k.shape[2]} must divide query heads q.shape[2]={q.shape[2]} "
-                         "(GQA): use a kv head count that divides the head count")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must be one floating dtype: "
-                         "cast them to one")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v live on {q.device}, {k.device}, {v.device}: move them to one device")
-    world = group_size(group)
-    name = f"sequence length (q.shape[1]={q.shape[1]} x {world} ranks)"
-    check_divisible(q.shape[1] * world, world, layout, name=name)
-
-
 def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int, world: int, layout: str,
                  device: torch.device) -> list[torch.Tensor] | None:
     """Validate ``cu_seqlens`` (global boundaries) and return the document id of each token of every shard."""
@@ -243,7 +208,7 @@ def ring_attention(
     Bytes sent per rank: forward ``(N-1)·2·B·(L/N)·Hkv·D·itemsize``; backward that plus
     ``N·2·B·(L/N)·Hkv·D·4`` (float32 dK/dV; 8 bytes for float64) when N > 1.
     """
-    check_args(layout=layout, causal=causal, softmax_scale=softmax_scale)
+    check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group, layout=layout)
     world = group_size(group)
     segs = document_ids(cu_seqlens, q.shape[1] * world, world, layout, q.device)

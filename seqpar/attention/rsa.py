@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.attention.ring import check_args, check_qkv
+from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, RingComm, group_rank, group_size
 from seqpar.kernels import acc_dtype
 
@@ -197,7 +197,7 @@ def ring_self_attention(
     Bytes sent per rank: forward ``2·(N-1)·B·(L/N)·Hkv·D·itemsize``; backward that plus
     ``2·N·B·(L/N)·Hkv·D·4`` (float32 dK and dV partials; 8 bytes for float64) when N > 1.
     """
-    check_args(layout=layout, causal=causal, softmax_scale=softmax_scale)
+    check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     if layout != "contiguous":
         raise ValueError(f"layout={layout!r}: ring_self_attention (Li et al. 2021) supports only "
                          "layout='contiguous': shard with it, or use ring_attention for the zigzag layout")

@@ -29,9 +29,10 @@ import math
 
 import torch
 
-from seqpar.comm import Group, all_to_all, check_same_shapes, group_size
+from seqpar.attention.checks import check_options, check_qkv
+from seqpar.comm import Group, all_to_all, group_size
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import LAYOUTS, Layout, check_divisible, global_index
+from seqpar.sharding import Layout, global_index
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -67,31 +68,6 @@ def kv_replication(heads: int, kv_heads: int, world: int, *, what: str = "the gr
             f"evenly over {what}={world} ranks otherwise"
         )
     return world // math.gcd(world, kv_heads)
-
-
-def check_options(*, layout: str, causal: object, softmax_scale: float | None) -> None:
-    """Arguments that must be equal on every rank, checked before any communication."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not a layout: use one of {LAYOUTS}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal={causal!r} must be True or False (the mask is over global positions)")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive float (None: head_dim ** -0.5)")
-
-
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group) -> None:
-    """Same shapes on every rank (collective, so a mismatch raises everywhere), then local consistency."""
-    check_same_shapes(group=group, q=q, k=k, v=v)
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(
-            f"q {tuple(q.shape)} must be [B, L/N, H, D] and k {tuple(k.shape)}, v {tuple(v.shape)} "
-            "[B, L/N, Hkv, D] with equal shapes"
-        )
-    B, Lq, _, D = q.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (B, Lq, D):
-        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, local length and head_dim")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
 
 
 def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group,
@@ -151,9 +127,8 @@ def ulysses_attention(
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group)
+    check_qkv(q, k, v, group=group, layout=layout)
     seq_len = q.shape[1] * n
-    check_divisible(seq_len, n, layout, name="sequence length (q.shape[1] * N)")
     qh, kh, vh = seq_to_heads(q, k, v, group=group)
     if layout == "zigzag" and n > 1 and causal:
         # Put the gathered sequence into global order: the mask becomes plain causal (fused kernels apply),

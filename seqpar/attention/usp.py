@@ -32,10 +32,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from seqpar.attention.checks import check_options, check_qkv
 from seqpar.attention.ring import ring_attention
-from seqpar.attention.ulysses import check_options, check_qkv, heads_to_seq, seq_to_heads
+from seqpar.attention.ulysses import heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
-from seqpar.sharding import Layout, check_divisible, global_index
+from seqpar.sharding import Layout, global_index
 
 
 def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
@@ -139,9 +140,8 @@ def usp_attention(
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     u, r = _check_groups(group, ulysses_group, ring_group)
-    check_qkv(q, k, v, group=group)
+    check_qkv(q, k, v, group=group, layout=layout)
     seq_len = q.shape[1] * u * r
-    check_divisible(seq_len, u * r, layout, name="sequence length (q.shape[1] * N)")
     # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
     qh, kh, vh = seq_to_heads(q, k, v, group=ulysses_group, what="the Ulysses degree u")
     perm = ring_order(seq_len, u, r, group_rank(ring_group), layout, device=q.device)
