@@ -172,6 +172,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     tokenizer = load_tokenizer(recipe)
     samples = build_dataset(recipe, tokenizer)
     base = base_model_path(recipe, parallel.rank, tokenizer)
+    # Building the from_config base model (first run, rank 0 only) draws random numbers: reseed so LoRA's
+    # initialisation, and with it the whole run, is the same on every rank and on every rerun.
+    torch.manual_seed(recipe.trainer.seed)
     model = prepare_model(recipe, base, parallel)
     engine = build_engine(model.to(parallel.device), recipe, parallel.device)
     start = 0
