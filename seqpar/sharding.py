@@ -87,14 +87,17 @@ def unshard(x_local: torch.Tensor, *, group: Group = None, dim: int = 1, layout:
     return reorder_to_global(gathered, n, layout, dim=dim)
 
 
+def layout_order(seq_len: int, world_size: int, layout: str, device=None) -> torch.Tensor:
+    """Global position of each token of the rank-major concatenation of all shards, ``[seq_len]``."""
+    return torch.cat([global_index(seq_len, world_size, r, layout, device=device) for r in range(world_size)])
+
+
 def reorder_to_global(gathered: torch.Tensor, world_size: int, layout: str, *, dim: int = 1) -> torch.Tensor:
     """Rank-major concatenation of shards -> sequence in global order."""
     if layout == "contiguous" or world_size == 1:
         chunks_per_rank(layout)
         return gathered
-    seq_len = gathered.shape[dim]
-    index = torch.cat([global_index(seq_len, world_size, r, layout) for r in range(world_size)])
-    order = torch.argsort(index).to(gathered.device)
+    order = torch.argsort(layout_order(gathered.shape[dim], world_size, layout, device=gathered.device))
     return gathered.index_select(dim, order)
 
 

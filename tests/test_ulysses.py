@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from seqpar.comm import ByteCounter
-from tests.test_allgather import BF16, F32, F64, TOL, assert_errors, collect_errors, compare_case, error_of
-from tests.test_allgather import spawn_worlds as _spawn
+from tests.sp_harness import BF16, F32, F64, TOL, assert_errors, collect_errors, compare_case, error_of
+from tests.sp_harness import spawn_worlds as _spawn
 
 
 def _head_configs(world: int) -> list[tuple[int, int]]:

@@ -32,7 +32,7 @@ import torch
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, all_to_all, group_size
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import Layout, global_index
+from seqpar.sharding import Layout, layout_order
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -91,11 +91,6 @@ def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
 def heads_to_seq(out: torch.Tensor, *, group: Group) -> torch.Tensor:
     """``[B, L, H/N, D]`` head shard -> ``[B, L/N, H, D]`` sequence shard (the inverse all-to-all)."""
     return all_to_all(out, group=group, scatter_dim=1, gather_dim=2)
-
-
-def layout_order(seq_len: int, world: int, layout: str, device=None) -> torch.Tensor:
-    """Global position of each token of the rank-major concatenation of all shards, ``[L]``."""
-    return torch.cat([global_index(seq_len, world, r, layout, device=device) for r in range(world)])
 
 
 def ulysses_attention(
