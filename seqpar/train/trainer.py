@@ -141,6 +141,7 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
     """Mean loss over ``eval.batches`` fixed batches, model in eval mode (s2/sf use full attention)."""
     from seqpar.models import sp_cross_entropy
 
+    was_training = engine.module.training
     engine.module.eval()
     losses = []
     for i in range(recipe.eval.batches):
@@ -148,7 +149,7 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
         sp = local_batch(batch, recipe, parallel, parallel.device)
         labels = sp.pop("labels")
         losses.append(sp_cross_entropy(engine(**sp, use_cache=False).logits, labels, parallel).item())
-    engine.module.train()
+    engine.module.train(was_training)
     return _dp_mean(sum(losses) / len(losses), parallel)
 
 
@@ -182,6 +183,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
         start = ckpt.load_checkpoint(engine, latest, rank=parallel.rank, lora=recipe.lora.enabled)
         if parallel.is_main:
             print(f"resumed from {latest} at step {start}", flush=True)
+    # from_pretrained returns an eval()-mode model and DeepSpeed keeps it: without this S2/SF would run their
+    # eval-time full attention and gradient checkpointing (active only in training mode) would be off.
+    engine.module.train()
     logger = MetricsLogger(recipe, rank=parallel.rank, start_step=start, resumed=latest is not None)
     tokens_per_step = recipe.data.seq_len * recipe.trainer.micro_batch * recipe.trainer.grad_accum * parallel.dp_size
     history, every = [], recipe.checkpoint.every
