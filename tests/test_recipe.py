@@ -98,6 +98,10 @@ def test_every_recipe_dry_runs_for_its_world_size(path, capsys):
     assert f"world {world} = " in out and f"sp_size {recipe.attention.sp_size}" in out
     if recipe.model.path and not Path(recipe.model.path).exists():
         assert "is not on this machine" in out  # dry-run used the recipe's model.config facts
+    # packed documents and an attention that cannot keep them apart: said once, in the plan (issue 17)
+    d = recipe.data
+    packed_across = d.source == "files" and d.pack and recipe.attention.name not in ("ring", "allgather", "full")
+    assert ("# warning: attention.name=" in out) == packed_across, out[-600:]
 
 
 def test_dry_run_rejects_a_world_the_recipe_cannot_use(capsys):

@@ -74,6 +74,12 @@ def runs(tmp_path_factory):
     out["full"] = launch(1, tmp / "full", [*RING, f"data.files=[{docs}]", "attention.name=full",
                                            "attention.sp_size=1", "deepspeed.zero_stage=2",
                                            "trainer.gradient_checkpointing=true"])
+    # S2 (the quick start above), SF and full attention on the same data and seed, sp_size 2; SF with gradient
+    # checkpointing and one evaluation, so its metrics show the recomputation and the eval-mode fallback.
+    short = [*COMMON, "trainer.max_steps=3", "logging.wandb=false", "checkpoint.every=0"]
+    out["sf"] = launch(2, tmp / "sf", [*short, "attention.name=sf", "trainer.gradient_checkpointing=true",
+                                       "eval.every=3", "eval.batches=1"])
+    out["full_sp2"] = launch(2, tmp / "full_sp2", [*short, "attention.name=full"])
     # 6. 2-D: sp_size 2 x dp_size 2 on 4 processes; 7. its one-process twin accumulating the same 2 sequences
     two_d = ["trainer.max_steps=4", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "logging.wandb=false"]
     out["sp2dp2"] = launch(4, tmp / "sp2dp2", two_d)
@@ -194,3 +200,48 @@ def test_full_fine_tuning_checkpoint_exports_a_plain_model(runs):
     out = merge_lora(ckpt, runs["tmp"] / "exported")
     again = load_file(out / "model.safetensors")
     assert all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+LAYERS = 2  # recipes/quickstart-cpu.yaml's model
+
+
+@pytest.mark.parametrize("attention", ["s2", "sf", "full"])
+def test_train_runs_the_recipes_attention_in_training_mode(runs, attention):
+    """Issue 17: from_pretrained gives an eval()-mode model; trained in that mode, s2/sf silently ran full
+    attention. The first step's loss is the loss of the model before any update: recompute it here on the
+    same batch with transformers' own loss (labels=input_ids), the model patched with the recipe's attention
+    on one device, in training mode; for "full" the unpatched model (SDPA) is the reference."""
+    from seqpar.models import patch_model
+    from seqpar.train.data import batch_at, build_dataset, load_tokenizer
+    from seqpar.train.model import load_model
+    from seqpar.train.recipe import load_recipe
+
+    run = {"s2": "sp2", "sf": "sf", "full": "full_sp2"}[attention]
+    recipe = load_recipe(QUICK, [*COMMON, f"attention.name={attention}"])
+    ids = batch_at(build_dataset(recipe, load_tokenizer(recipe)), recipe, 0, 0, 0, 1)["input_ids"]
+    model = load_model(recipe, runs["tmp"] / run / "base_model")  # LoRA starts at B = 0: the base model's loss
+    if attention != "full":
+        a = recipe.attention
+        patch_model(model, attention, None, group_size_ratio=a.group_size_ratio, num_sink_tokens=a.num_sink_tokens)
+    with torch.no_grad():
+        train_loss = model.train()(input_ids=ids, labels=ids).loss.item()
+        eval_loss = model.eval()(input_ids=ids, labels=ids).loss.item()
+    logged = runs[run][0]["loss"]
+    print(f"{attention}: first logged loss {logged:.6f}, training-mode {train_loss:.6f}, eval-mode {eval_loss:.6f}")
+    assert abs(logged - train_loss) <= 1e-5
+    if attention != "full":  # the feature is engaged: its training-mode loss is not full attention's
+        assert abs(train_loss - eval_loss) > 1e-3
+    # every step ran the recipe's attention on every layer, once (s2, full) or twice (sf: gradient
+    # checkpointing recomputes each layer's forward in the backward)
+    calls = 2 * LAYERS if attention == "sf" else LAYERS
+    assert all(r["attention_calls"] == {attention: calls} for r in runs[run]), [r["attention_calls"]
+                                                                               for r in runs[run]]
+
+
+def test_attentions_train_differently_and_evaluate_with_full_attention(runs):
+    s2, sf, full = (losses(runs[r])[:3] for r in ("sp2", "sf", "full_sp2"))
+    print(f"first 3 losses: s2 {s2}, sf {sf}, full {full}")
+    for a, b in ((s2, sf), (s2, full), (sf, full)):
+        assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3, (a, b)
+    evaluated = [r for r in runs["sf"] if "eval_loss" in r]
+    assert len(evaluated) == 1 and evaluated[0]["eval_attention_calls"] == {"full": LAYERS}  # no recomputation

@@ -2,7 +2,7 @@
 
 from seqpar.models.batch import shard_batch, sp_cross_entropy
 from seqpar.models.linear_llama import LinearLlamaConfig, LinearLlamaForCausalLM  # registers Auto classes
-from seqpar.models.patch import patch_model, patched_layout, unpatch_model
+from seqpar.models.patch import attention_calls, patch_model, patched_layout, unpatch_model
 
-__all__ = ["patch_model", "patched_layout", "shard_batch", "sp_cross_entropy", "unpatch_model"]
+__all__ = ["attention_calls", "patch_model", "patched_layout", "shard_batch", "sp_cross_entropy", "unpatch_model"]
 __all__ += ["LinearLlamaConfig", "LinearLlamaForCausalLM"]

@@ -36,7 +36,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,7 @@ class _Patch:
     ring_group: Group
     name: str
     previous: str
+    calls: Counter = field(default_factory=Counter)  # attention actually run, per layer call (attention_calls)
 
 
 def resolve_layout(attention: str, layout: str | None = None) -> str:
@@ -154,6 +156,22 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def attention_calls(model: torch.nn.Module, *, reset: bool = False) -> dict[str, int]:
+    """How many layer calls ran each attention since the last reset, e.g. ``{"s2": 4}`` for a 2-layer model
+    trained one step with gradient checkpointing (forward + recomputation), ``{"full": 2}`` in eval mode.
+
+    The attention actually run, not the one patched: s2/sf run ``"full"`` in ``eval()`` mode. Empty for a
+    model that is not patched. A Python counter per layer call: no device work, no sync.
+    """
+    patch = getattr(_find_pretrained(model), "_seqpar_patch", None)
+    if patch is None:
+        return {}
+    counts = dict(patch.calls)
+    if reset:
+        patch.calls.clear()
+    return counts
+
+
 def patched_layout(model: torch.nn.Module) -> str:
     """The layout the patched ``model`` expects its shards in (pass it to ``shard_batch``)."""
     patch = getattr(_find_pretrained(model), "_seqpar_patch", None)
@@ -198,6 +216,7 @@ def seqpar_attention_forward(
                 f"query length {q_len} != key length {k_len} (a KV cache) under seqpar attention with SP size "
                 f"{n}: generation is single-device; unpatch_model(model) or patch with parallel=None"
             )
+        patch.calls["full"] += 1
         return _LocalAttention.apply(q, k, v, scaling, None, "bottom_right"), None
     attention = patch.attention
     if cu_seqlens is None:
@@ -209,6 +228,7 @@ def seqpar_attention_forward(
             f"attention={attention!r} does not support packed documents (cu_seqlens was given): "
             f"use one of {VARLEN} or pass unpacked sequences"
         )
+    patch.calls[attention] += 1
     return _dispatch(patch, attention, q, k, v, scaling, cu_seqlens, q_len * n).contiguous(), None
 
 

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from seqpar.train import checkpoint as ckpt
-    from seqpar.train.validate import validate
+    from seqpar.train.validate import recipe_warnings, validate
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
@@ -115,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
         print("# planned process layout (dry run: no process group started, no weights read)")
         print(describe_plan(recipe, world, config))
+        for warning in recipe_warnings(recipe):
+            print(f"# warning: {warning}")
         return 0
     # Fail fast, before the rendezvous and on every rank alike: the recipe, its files, the checkpoint to resume.
     world = launched_world()

@@ -27,7 +27,7 @@ from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
 from seqpar.train.model import BASE_DIR, build_base_model, load_model
 from seqpar.train.recipe import Recipe
-from seqpar.train.validate import validate
+from seqpar.train.validate import recipe_warnings, validate
 
 
 class TrainingError(RuntimeError):
@@ -157,8 +157,13 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
     import deepspeed
 
+    from seqpar.models import attention_calls
+
     parallel = join(recipe)
     validate(recipe, parallel.world_size, check_paths=True)
+    if parallel.is_main:
+        for warning in recipe_warnings(recipe):
+            print(f"seqpar: warning: {warning}", flush=True)
     root = ckpt.checkpoint_root(recipe)
     latest = ckpt.latest_checkpoint(root) if resume or recipe.checkpoint.resume == "auto" else None
     if latest is not None:  # before any model is built, on every rank alike (no collective involved)
@@ -196,9 +201,12 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
             raise TrainingError(nan_message(loss, step, lr, ckpt.latest_checkpoint(root)))
         metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t0), "seq_len": recipe.data.seq_len,
-                   "max_steps": recipe.trainer.max_steps}
+                   "max_steps": recipe.trainer.max_steps,
+                   # which attention the layers really ran (s2/sf fall back to full in eval mode)
+                   "attention_calls": attention_calls(engine.module, reset=True)}
         if recipe.eval.every and step % recipe.eval.every == 0:
             metrics["eval_loss"] = evaluate(engine, samples, recipe, parallel)
+            metrics["eval_attention_calls"] = attention_calls(engine.module, reset=True)
         logger.log(step, metrics, parallel.device)
         history.append({"step": step, "loss": loss})
         if (every and step % every == 0) or step == recipe.trainer.max_steps:

@@ -169,6 +169,18 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
     return config
 
 
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """What a valid recipe does that a user may not expect, said once per run (rank 0) by the trainer."""
+    from seqpar.models.patch import VARLEN
+
+    a, d = recipe.attention, recipe.data
+    if d.source == "files" and d.pack and a.name not in VARLEN:
+        return [f"attention.name={a.name} with data.pack=true: {a.name} takes no document boundaries, so packed "
+                f"documents attend to each other (ring, allgather and full keep them apart); a comparison with "
+                f"those attentions is not like for like: set data.pack=false for one document per row"]
+    return []
+
+
 def _check_model_folder(r: Recipe, config: Any, errors: list[str]) -> None:
     """The files training will read: weights present and safe to load, a tokenizer that fits the model."""
     m, d = r.model, r.data
