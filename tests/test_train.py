@@ -245,3 +245,8 @@ def test_attentions_train_differently_and_evaluate_with_full_attention(runs):
         assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3, (a, b)
     evaluated = [r for r in runs["sf"] if "eval_loss" in r]
     assert len(evaluated) == 1 and evaluated[0]["eval_attention_calls"] == {"full": LAYERS}  # no recomputation
+    # evaluate() gives the model back in training mode: the one-process "full" run (gradient checkpointing,
+    # an evaluation every 2 of 4 steps) recomputes in every step, the ones after an evaluation included
+    full = runs["full"]
+    assert [r["step"] for r in full if "eval_loss" in r] == [2, 4]
+    assert all(r["attention_calls"] == {"full": 2 * LAYERS} for r in full), [r["attention_calls"] for r in full]

@@ -69,7 +69,7 @@ def scaling(quick: bool) -> list[dict]:
     search = {"start": 128, "max_len": 1024, "budget_bytes": 48 << 20, "refine": 0} if quick else \
         {"start": 1024, "max_len": 1 << 20, "budget_bytes": 1 << 30, "refine": 2}
     series = [("llama_ring", 1), ("llama_s2", 2)] if quick else \
-        [(m, n) for m in ("llama_ring", "llama_s2") for n in (1, 2, 4)]
+        [(m, n) for m in ("llama_ring", "llama_ring_ckpt", "llama_s2") for n in (1, 2, 4)]
     rows = [{"batch": 1, "model": "tiny", "method": m, "world": n, "threads": 1, "sp": n, "search": search}
             for m, n in series]
     if quick:  # the throughput rows below run the same code as the e2e rows: the smoke run skips them

@@ -8,6 +8,7 @@ returns it and ``results.json`` records it per row: equal losses across methods 
     llama_single             one process, the unpatched model (transformers' SDPA attention), whole sequence
     llama_ring, llama_ulysses, llama_s2
                              ``patch_model(model, attention=..., parallel=group)``: seqpar's primitives
+    llama_ring_ckpt          llama_ring with gradient checkpointing (the trainer's gradient_checkpointing)
     llama_deepspeed_ulysses  DeepSpeed's own HF sequence parallelism (ALST, Arctic Long Sequence Training):
                              ``UlyssesSPAttentionHF.register_with_transformers`` swaps transformers' "sdpa"
                              function for its all-to-all wrapper; same contiguous shards and loss
@@ -104,6 +105,17 @@ def _patched(attention: str):
 
 for _name in ("ring", "ulysses", "s2"):
     method(f"llama_{_name}")(_patched(_name))
+
+
+@method("llama_ring_ckpt")
+def _llama_ring_ckpt(cfg: dict, group):
+    """``llama_ring`` with transformers' gradient checkpointing (each layer's forward recomputed in backward),
+    as ``trainer.gradient_checkpointing: true`` runs it."""
+    from seqpar.models.patch import patch_model, patched_layout
+
+    model = patch_model(build_llama(cfg["model"], cfg["seq_len"]), attention="ring", parallel=group)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _train_step(model.train(), cfg, group, patched_layout(model))
 
 
 @method("llama_deepspeed_ulysses")
