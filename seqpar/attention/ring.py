@@ -29,13 +29,12 @@ Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same 
 token a document id; tokens attend only within their document (causally when ``causal``).
 
 Errors (raised on every rank, before any K/V is exchanged): bad ``layout``/``causal``/``softmax_scale``,
-shapes differing across ranks (``comm.check_same_shapes``), q/k/v batch, length, head_dim or dtype mismatch,
+shapes or ``cu_seqlens`` differing across ranks (``checks.check_qkv``), q/k/v batch, length, head_dim or dtype mismatch,
 kv heads not dividing heads, a length that the layout cannot split, malformed ``cu_seqlens``.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ import torch
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, RingComm, group_rank, group_size
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
-from seqpar.sharding import Layout, global_index
+from seqpar.sharding import Layout, document_ids, global_index
 
 __all__ = ["ring_attention"]
 
@@ -154,28 +153,6 @@ class RingAttentionFunc(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int, world: int, layout: str,
-                 device: torch.device) -> list[torch.Tensor] | None:
-    """Validate ``cu_seqlens`` (global boundaries) and return the document id of each token of every shard."""
-    if cu_seqlens is None:
-        return None
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-        raise ValueError(f"cu_seqlens={cu_seqlens!r} must be a 1-D integer tensor [num_docs + 1] of global "
-                         "document boundaries, e.g. torch.tensor([0, 100, 250, L])")
-    cu = cu_seqlens.tolist()
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len:
-        raise ValueError(f"cu_seqlens={cu} must start at 0 and end at the global sequence length {seq_len} "
-                         "(N x local length): pass the boundaries of the whole packed sequence")
-    if any(b < a for a, b in itertools.pairwise(cu)):
-        raise ValueError(f"cu_seqlens={cu} must be non-decreasing (cumulative document lengths)")
-    cu_t = torch.tensor(cu, device=device)
-    return [torch.searchsorted(cu_t, global_index(seq_len, world, j, layout, device=device), right=True) - 1
-            for j in range(world)]
-
-
 # ---------------------------------------------------------------------------------------------- public API
 
 
@@ -209,9 +186,12 @@ def ring_attention(
     ``N·2·B·(L/N)·Hkv·D·4`` (float32 dK/dV; 8 bytes for float64) when N > 1.
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens)
     world = group_size(group)
-    segs = document_ids(cu_seqlens, q.shape[1] * world, world, layout, q.device)
+    segs = None
+    if cu_seqlens is not None:  # document id of every token of every shard
+        docs = document_ids(cu_seqlens, q.shape[1] * world, device=q.device)
+        segs = [docs[global_index(q.shape[1] * world, world, j, layout, device=q.device)] for j in range(world)]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, segs)
     return RingAttentionFunc.apply(q, k, v, plan)
