@@ -109,46 +109,46 @@ class RingComm:
             compute(cur)
             if step + 1 < n:
                 ring.wait(); cur = nxt
+
+    ``wrap=False`` opens the ring into a chain (S2-Attn's halo): the last rank in the direction of travel
+    sends nothing and the first receives nothing (``send_recv`` then returns None). ``op`` names the bytes
+    in ``ByteCounter``.
     """
 
-    def __init__(self, group: Group, *, reverse: bool = False):
-        self.group = group
+    def __init__(self, group: Group, *, reverse: bool = False, wrap: bool = True, op: str = "ring"):
+        self.group, self.op = group, op
         self.world = group_size(group)
         rank = group_rank(group)
         step = -1 if reverse else 1
+        self.sends = wrap or 0 <= rank + step < self.world
+        self.receives = wrap or 0 <= rank - step < self.world
         self.send_to = global_rank(group, (rank + step) % self.world)
         self.recv_from = global_rank(group, (rank - step) % self.world)
         self._pending: list[dist.Work] = []
 
-    def send_recv(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Post a send of ``tensor`` and a receive into ``out`` (a new buffer if None); returns ``out``."""
+    def send_recv(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Post a send of ``tensor`` and a receive into ``out`` (a new buffer if None); returns ``out``
+        (None where an open ring receives nothing; ``tensor`` also gives the shape to receive)."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called while an exchange is in flight: call wait() first")
         tensor = tensor.contiguous()  # gloo refuses views
-        if self.world == 1:  # a ring of one: the block comes back to ourselves
+        if not self.receives:
+            out = None
+        elif self.world == 1:  # a ring of one: the block comes back to ourselves
             return tensor if out is None else out.copy_(tensor)
-        out = torch.empty_like(tensor) if out is None else out
-        ops = [
-            dist.P2POp(dist.isend, tensor, self.send_to, self.group),
-            dist.P2POp(dist.irecv, out, self.recv_from, self.group),
-        ]
-        self._pending = dist.batch_isend_irecv(ops)
-        record_bytes("ring", nbytes(tensor), nbytes(out))
+        else:
+            out = torch.empty_like(tensor) if out is None else out
+        ops = ([dist.P2POp(dist.isend, tensor, self.send_to, self.group)] if self.sends else []) + (
+            [dist.P2POp(dist.irecv, out, self.recv_from, self.group)] if out is not None else [])
+        if ops:
+            self._pending = dist.batch_isend_irecv(ops)
+            record_bytes(self.op, nbytes(tensor) if self.sends else 0, 0 if out is None else nbytes(out))
         return out
 
     def wait(self) -> None:
         for work in self._pending:
             work.wait()
         self._pending = []
-
-
-def ring_shift(tensors: list[torch.Tensor], group: Group, *, reverse: bool = False) -> list[torch.Tensor]:
-    """Blocking one-step ring shift of several tensors (one batched exchange)."""
-    ring = RingComm(group, reverse=reverse)
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    got = ring.send_recv(flat)
-    ring.wait()
-    return [piece.view_as(t) for piece, t in zip(got.split([t.numel() for t in tensors]), tensors)]
 
 
 def chain_scan(x: torch.Tensor, step, group: Group, *, reverse: bool = False) -> torch.Tensor:
@@ -233,6 +233,18 @@ def broadcast_tensor(x: torch.Tensor, group: Group, src: int = 0) -> torch.Tenso
     root = group_rank(group) == src
     record_bytes("broadcast", (n - 1) * nbytes(x) if root else 0, 0 if root else nbytes(x))
     dist.broadcast(x, src=global_rank(group, src), group=group)
+    return x
+
+
+def reduce_tensor(x: torch.Tensor, group: Group, dst: int = 0) -> torch.Tensor:
+    """Sum ``x`` over the group onto group rank ``dst`` (other ranks' result is meaningless)."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    root = group_rank(group) == dst
+    record_bytes("reduce", 0 if root else nbytes(x), (n - 1) * nbytes(x) if root else 0)
+    dist.reduce(x, dst=global_rank(group, dst), group=group)
     return x
 
 

@@ -119,3 +119,42 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group
     world = group_size(group)
     name = f"sequence length (q.shape[1]={q.shape[1]} x {world} ranks)"
     check_divisible(q.shape[1] * world, world, layout, name=name)
+
+
+def tensor_fields(**tensors: torch.Tensor) -> dict[str, int]:
+    """``{"q.dim": 4, "q.B": ..., "q.L": ..., "q.H": ..., "q.D": ..., "q.dtype": ...}`` for ``check_same_values``."""
+    out = {}
+    for name, t in tensors.items():
+        dims = [*t.shape[:4], *([0] * (4 - min(t.dim(), 4)))]
+        code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
+        out.update(zip([f"{name}.{f}" for f in ("dim", "B", "L", "H", "D", "dtype")], [t.dim(), *dims, code]))
+    return out
+
+
+def check_shift_args(q, k, v, *, shift_size: int, num_sink_tokens: int, world: int, caller: str) -> None:
+    """S2/SF (LongLoRA, SinkLoRA): ``[B, n, H, D]`` shards, even head counts (half the heads are shifted), a
+    shift-group size G that is even and divides the local length n, and sink tokens that live on rank 0."""
+    G, S = shift_size, num_sink_tokens
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{caller}: {name} must be [B, L_local, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES or t.dtype != q.dtype:
+            raise ValueError(f"{caller}: {name}.dtype={t.dtype}; q, k, v must share one of {_DTYPES}")
+    B, n, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != n or k.shape[3] != D:
+        raise ValueError(f"{caller}: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+                         f"[B={B}, L_local={n}, Hkv, D={D}] like q {tuple(q.shape)}")
+    Hkv = k.shape[2]
+    if H % 2 or Hkv % 2 or H % Hkv:
+        raise ValueError(f"{caller}: H={H} query heads and Hkv={Hkv} kv heads: half the heads are shifted, so "
+                         "both must be even and Hkv must divide H (use an even number of kv heads)")
+    if G < 2 or G % 2 or n % G:
+        valid = [g for g in range(2, n + 1, 2) if n % g == 0]
+        raise ValueError(
+            f"{caller}: group_size={G} must be even and divide the local sequence length {n} (L = {n * world} "
+            f"over N = {world} ranks), so that unshifted groups stay on one rank; valid group_size values: "
+            f"{valid} (or change L or N)"
+        )
+    if not 0 <= S <= n:
+        raise ValueError(f"{caller}: num_sink_tokens={S} must be in [0, {n}] (the local length: sink tokens "
+                         "live on rank 0); use fewer sink tokens or longer shards")
