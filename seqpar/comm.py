@@ -151,6 +151,36 @@ class RingComm:
         self._pending = []
 
 
+def ring_visit(x: torch.Tensor, group: Group, visit, *, grad: bool = False, reuse_input: bool = False):
+    """A block goes round the ring and (with ``grad``) its gradient follows: call ``visit(src, x_src)`` for
+    the block of every rank ``src = rank - step``, the next block already in flight (ring and RSA attention).
+
+    With ``grad``, ``visit`` returns this rank's share of the gradient of ``x_src`` (a new tensor); the
+    shares travel one hop behind their block, so after N hops each rank holds, and this returns, the summed
+    gradient of its own ``x``. ``reuse_input``: ``x`` belongs to the caller's temporaries and may receive.
+    Bytes per rank: (N-1)·|x| for the blocks, plus N·|grad| with ``grad`` when N > 1 (op ``"ring"``).
+    """
+    n, rank = group_size(group), group_rank(group)
+    ring, grad_ring = RingComm(group), (RingComm(group) if grad else None)
+    x = x.contiguous()
+    cur, spare, total = x, (torch.empty_like(x) if n > 1 else None), None
+    for step in range(n):
+        src = (rank - step) % n
+        nxt = ring.send_recv(cur, out=spare) if step + 1 < n else None  # the next block in flight
+        part = visit(src, cur)
+        if grad:
+            if total is not None:
+                grad_ring.wait()
+                part += total
+            total = grad_ring.send_recv(part)  # travels with the block; the N-th hop brings it home
+        if nxt is not None:
+            ring.wait()
+            cur, spare = nxt, (None if cur is x and not reuse_input else cur)  # never overwrite the caller's x
+    if grad:
+        grad_ring.wait()
+    return total
+
+
 def chain_scan(x: torch.Tensor, step, group: Group, *, reverse: bool = False) -> torch.Tensor:
     """Serial chain over the group (LASP-1's prefix pass): rank r receives ``carry`` from rank r-1
     (zeros on rank 0), sends ``step(carry)`` to rank r+1, and returns ``carry``. ``reverse`` runs from the

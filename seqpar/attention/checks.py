@@ -158,3 +158,48 @@ def check_shift_args(q, k, v, *, shift_size: int, num_sink_tokens: int, world: i
     if not 0 <= S <= n:
         raise ValueError(f"{caller}: num_sink_tokens={S} must be in [0, {n}] (the local length: sink tokens "
                          "live on rank 0); use fewer sink tokens or longer shards")
+
+
+_LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_linear_args(q, k, v, *, decay, causal: bool, block_size: int) -> torch.Tensor:
+    """Check ``q [B, L, H, Dk]``, ``k [B, L, Hkv, Dk]``, ``v [B, L, Hkv, Dv]``, ``decay``; return log λ [H].
+
+    Every check is local and depends only on arguments all ranks share (dtypes, head counts, decay), so
+    it raises on every rank alike; lengths, which may differ per rank, are checked collectively by the caller.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: pass [batch, local_seq, heads, head_dim]")
+        if t.dtype not in _LINEAR_DTYPES or t.dtype != q.dtype:
+            raise ValueError(
+                f"{name}.dtype={t.dtype} (q.dtype={q.dtype}): use one of {_LINEAR_DTYPES}, the same for q, k, v"
+            )
+    B, L, H, Dk = q.shape
+    if k.shape[:2] != (B, L) or v.shape[:3] != k.shape[:3] or k.shape[3] != Dk or H % k.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must be [B, L, Hkv, D] "
+            "with q's batch and length, k's head_dim equal to q's, and Hkv dividing the query heads"
+        )
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r}: pass a positive int (tokens per intra-chunk block)")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal={causal!r}: pass True or False")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # kernels' acc_dtype
+    if decay is None:
+        return torch.zeros(H, dtype=acc, device=q.device)
+    if not causal:
+        raise ValueError(
+            f"decay={decay!r} with causal=False: decay λ^(t-s) is defined only for s <= t; pass decay=None "
+            "(non-causal linear attention is Q · Σ_s k_s^T v_s) or causal=True"
+        )
+    # A tensor keeps its autograd graph (learned decay): log λ gets a gradient through ``decay_grad``.
+    lam = decay if isinstance(decay, torch.Tensor) else torch.tensor(float(decay), dtype=torch.float64)
+    lam = lam.to(device=q.device, dtype=acc).flatten()
+    lam = lam.expand(H) if lam.numel() == 1 else lam
+    if lam.shape != (H,) or not bool(((lam.detach() > 0) & (lam.detach() <= 1)).all()):
+        raise ValueError(
+            f"decay={decay!r}: pass None, a float, or a tensor [{H}] (one per query head), values in (0, 1]"
+        )
+    return lam.log()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.attention.checks import check_options, check_qkv
-from seqpar.comm import Group, RingComm, group_rank, group_size
+from seqpar.comm import Group, group_rank, group_size, ring_visit
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
 from seqpar.sharding import Layout, document_ids, global_index
 
@@ -81,38 +81,31 @@ class _RingPlan:
 
 
 def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    ring, n = RingComm(plan.group), q.shape[1]
-    kv = torch.stack([k, v])  # one packed buffer per hop: K and V of the kv heads only (never repeated)
-    spare = torch.empty_like(kv) if plan.world > 1 else None
-    out = lse = None
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        nxt = ring.send_recv(kv, out=spare) if step + 1 < plan.world else None  # next block in flight
+    n, acc = q.shape[1], {}
+
+    def attend(src: int, kv: torch.Tensor) -> None:
         blk = plan.block(src, n)
-        if blk is not None:
-            qs, ks, diag = blk
-            o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag,
-                                   softmax_scale=plan.scale, **plan.masks(qs, src, ks))
-            if out is None:  # step 0 always covers every local query
-                out, lse = merge_partials(None, None, o, l)
-            else:
-                out[:, qs], lse[:, :, qs] = merge_partials(out[:, qs], lse[:, :, qs], o, l)
-        if nxt is not None:
-            ring.wait()
-            kv, spare = nxt, kv  # the block just sent is free again: it receives the hop after next
-    return out, lse
+        if blk is None:
+            return
+        qs, ks, diag = blk
+        o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag, softmax_scale=plan.scale,
+                               **plan.masks(qs, src, ks))
+        if not acc:  # step 0 always covers every local query
+            acc["out"], acc["lse"] = merge_partials(None, None, o, l)
+        else:
+            out, lse = acc["out"], acc["lse"]
+            out[:, qs], lse[:, :, qs] = merge_partials(out[:, qs], lse[:, :, qs], o, l)
+
+    # One packed buffer per hop: K and V of the kv heads only (never repeated).
+    ring_visit(torch.stack([k, v]), plan.group, attend, reuse_input=True)
+    return acc["out"], acc["lse"]
 
 
 def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
     acc, n = acc_dtype(q.dtype), q.shape[1]
-    kv_ring, dkv_ring = RingComm(plan.group), RingComm(plan.group)
-    kv = torch.stack([k, v])
-    spare = torch.empty_like(kv) if plan.world > 1 else None
     dq = torch.zeros_like(q, dtype=acc)
-    dkv = None  # dK/dV of the visiting block accumulated by the ranks it already visited
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        nxt = kv_ring.send_recv(kv, out=spare) if step + 1 < plan.world else None
+
+    def attend_back(src: int, kv: torch.Tensor) -> torch.Tensor:
         part = kv.new_zeros(kv.shape, dtype=acc)  # this rank's share of dK/dV of rank src's block
         blk = plan.block(src, n)
         if blk is not None:
@@ -124,14 +117,9 @@ def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
             dq[:, qs] += dq_b
             part[0][:, ks] += dk_b
             part[1][:, ks] += dv_b
-        if dkv is not None:
-            dkv_ring.wait()
-            part += dkv
-        dkv = dkv_ring.send_recv(part)  # travels with the K/V block; the N-th hop returns it to its owner
-        if nxt is not None:
-            kv_ring.wait()
-            kv, spare = nxt, kv
-    dkv_ring.wait()
+        return part
+
+    dkv = ring_visit(torch.stack([k, v]), plan.group, attend_back, grad=True, reuse_input=True)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
