@@ -387,3 +387,26 @@ def test_s2_training_is_not_full_attention(model_dir):
     model = _load(model_dir, "llama")
     full, s2, sf = (_sp_step(model, a, None, None, _batch(), group_size=16) for a in ("full", "s2", "sf"))
     assert abs(full[0] - s2[0]) > 1e-4 and abs(full[0] - sf[0]) > 1e-4 and abs(s2[0] - sf[0]) > 1e-4
+
+
+def test_one_packed_document_rule():
+    """shard_batch and the primitives share seqpar.sharding.document_ids: empty documents are accepted by
+    both (a repeated boundary holds no token), and the same malformed boundaries are refused by both."""
+    from seqpar.attention.local import local_attention
+    from seqpar.models import shard_batch
+    from seqpar.sharding import document_ids
+
+    ids = torch.arange(8)[None]
+    sp = shard_batch({"input_ids": ids, "seq_lens": [3, 0, 5]}, None, "contiguous")
+    assert sp["cu_seqlens"].tolist() == [0, 3, 3, 8]
+    assert sp["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert document_ids(sp["cu_seqlens"], 8).tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
+    q = torch.randn(1, 8, 2, 4)
+    with_empty = local_attention(q, q, q, cu_seqlens=sp["cu_seqlens"])
+    assert torch.equal(with_empty, local_attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 8])))
+    assert not torch.equal(with_empty, local_attention(q, q, q))  # the documents are engaged
+    for bad in ([3, 4], [5, -2, 5]):  # sum != L; a negative length
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            shard_batch({"input_ids": ids, "seq_lens": bad}, None, "contiguous")
+    with pytest.raises(ValueError, match="integer tensor"):
+        local_attention(q, q, q, cu_seqlens=[0, 8])
