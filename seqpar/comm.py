@@ -341,35 +341,15 @@ def all_to_all(x: torch.Tensor, *, group: Group, scatter_dim: int, gather_dim: i
     return _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
-_DTYPE_CODES = {dt: i for i, dt in enumerate(
-    (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool))}
-
-
 def check_same_shapes(*, group: Group, **tensors: torch.Tensor) -> None:
     """Raise on every rank if any named tensor differs in shape or dtype across the group (one collective).
 
     A mismatch would otherwise hang or corrupt the next collective, so primitives call this first.
+    Implemented by ``seqpar.attention.checks.check_same_inputs`` (the one place for input checks).
     """
-    n = group_size(group)
-    if n == 1:
-        return
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    row = []
-    for t in tensors.values():
-        row += [t.dim(), *t.shape, *([0] * (8 - t.dim())), _DTYPE_CODES.get(t.dtype, -1)]
-    mine = torch.tensor(row, dtype=torch.int64, device=dev)
-    everyone = torch.empty(n * mine.numel(), dtype=torch.int64, device=dev)
-    _all_gather_flat(everyone, mine, group=group)
-    rows = everyone.view(n, len(tensors), 10).cpu()
-    for i, name in enumerate(tensors):
-        seen = {(tuple(r[1 : 1 + int(r[0])].tolist()), int(r[9])) for r in rows[:, i]}
-        if len(seen) > 1:
-            codes = {v: k for k, v in _DTYPE_CODES.items()}
-            shown = sorted(f"{shape} {codes.get(dt, '?')}" for shape, dt in seen)
-            raise ValueError(
-                f"{name} has different shapes or dtypes across the {n} ranks of the SP group: {shown}; "
-                "every rank must pass its equal-length shard (shard the sequence with seqpar.sharding.shard)"
-            )
+    from seqpar.attention.checks import check_same_inputs
+
+    check_same_inputs(group, **tensors)
 
 
 def check_same_shape(x: torch.Tensor, *, group: Group, name: str) -> None:

@@ -232,6 +232,9 @@ def _init_process_group(launch: LaunchEnv, backend: str, timeout: timedelta) -> 
             dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt{attempt}", store), rank=rank,
                                     world_size=world, timeout=timeout)
             return
+        if launch.launcher == "single":  # one plain process: an in-memory store, no TCP port to collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            return
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{addr}",

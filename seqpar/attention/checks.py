@@ -18,6 +18,7 @@ from seqpar.comm import Group, _all_gather_flat, group_size
 from seqpar.sharding import check_divisible, chunks_per_rank
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_CODES = (*_DTYPES, torch.int64, torch.int32, torch.bool)  # dtype codes compared across ranks
 
 
 def _gather_ints(values: dict[str, list[int]], group: Group) -> dict[str, list[list[int]]]:
@@ -46,7 +47,7 @@ def check_same_values(group: Group, caller: str = "", **values: int) -> None:
 
 
 def _signature(t: torch.Tensor) -> list[int]:
-    code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
+    code = _CODES.index(t.dtype) if t.dtype in _CODES else -1
     return [t.dim(), *t.shape[:8], *([0] * (8 - min(t.dim(), 8))), code]
 
 
@@ -88,7 +89,7 @@ def check_same_inputs(group: Group, cu_seqlens=None, **tensors: torch.Tensor) ->
         if name == "cu_seqlens":
             raise ValueError(f"cu_seqlens differs across the {n} ranks of the SP group (count, hash per rank: "
                              f"{rows}): every rank must pass the global boundaries of the whole packed sequence")
-        shown = sorted({f"{tuple(r[1 : 1 + r[0]])} {_DTYPES[r[9]] if r[9] >= 0 else '?'}" for r in rows})
+        shown = sorted({f"{tuple(r[1 : 1 + r[0]])} {_CODES[r[9]] if r[9] >= 0 else '?'}" for r in rows})
         raise ValueError(f"{name} has different shapes or dtypes across the {n} ranks of the SP group: {shown}; "
                          "every rank must pass its equal-length shard (shard the sequence with seqpar.sharding.shard)")
 

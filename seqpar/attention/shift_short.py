@@ -2,10 +2,11 @@
 
 Chen et al. 2024, "LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models" (ICLR), §3.2.
 
-Semantics on the global sequence of L tokens, group size G (even), causal, every output at its own token:
+Semantics on the global sequence of L tokens, shift-group size G (LongLoRA's "group size", even), causal,
+every output at its own token (shift groups: ``shift_groups.py``):
 
-* heads ``[0, H/2)``: causal attention inside the groups ``[0, G), [G, 2G), ...``;
-* heads ``[H/2, H)``: causal attention inside the groups shifted by G/2: ``[0, G/2), [G/2, 3G/2), ...,
+* heads ``[0, H/2)``: causal attention inside the shift groups ``[0, G), [G, 2G), ...``;
+* heads ``[H/2, H)``: causal attention inside the shift groups moved by G/2: ``[0, G/2), [G/2, 3G/2), ...,
   [L - G/2, L)``, a half group at each end, so no token sees the end of the sequence (what LongLoRA's
   flash-attention path computes);
 * ``wrap=True``: the paper's pseudocode instead: the second half is rolled by -G/2 (token G/2 moves to
@@ -33,9 +34,8 @@ of k/v, a = itemsize of the accumulation dtype (4; 8 for float64), op name ``"ha
 An all-gather of K and V would send ``(N-1) · B · n · Hkv · D · 2 · e`` per rank: the halo is
 ``G / (4 (N-1) n)`` of that, and does not grow with N.
 
-Errors (ValueError, raised on every rank before any payload moves: one small all-gather of the arguments'
-shapes/dtypes/values per call, not counted as payload): shapes or arguments that differ across ranks, odd head
-counts, ``group_size`` odd or not dividing the local length (the message lists the valid values).
+Errors (ValueError, raised on every rank before any payload moves: ``shift_groups.make_plan``): shapes or
+arguments that differ across ranks, odd head counts, ``group_size`` odd or not dividing the local length.
 """
 
 from __future__ import annotations
@@ -44,47 +44,9 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.attention.checks import check_same_values, check_shift_args, check_softmax_scale, tensor_fields
-from seqpar.comm import Group, RingComm, group_rank
-from seqpar.comm import group_size as sp_size  # ``group_size`` is G here, as in LongLoRA
+from seqpar.attention.shift_groups import ShiftPlan, make_plan
+from seqpar.comm import Group
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
-
-
-@dataclass(frozen=True)
-class ShiftPlan:
-    """Validated arguments of one call, shared by S2-Attn and SF-Attn (kept on ``ctx``)."""
-
-    group: Group  # the SP process group
-    world: int
-    rank: int
-    local_len: int
-    shift_size: int  # G: the size of a shift group (LongLoRA's "group size")
-    wrap: bool
-    num_sink_tokens: int
-    softmax_scale: float | None
-
-    @property
-    def half(self) -> int:
-        return self.shift_size // 2
-
-    def halo_ring(self, *, backward: bool) -> RingComm:
-        """Forward r -> r+1 (this rank's tail), backward r -> r-1 (its gradient back to its owner); an open
-        ring unless ``wrap``: ``send_recv`` returns what arrives here, or None."""
-        return RingComm(self.group, reverse=backward, wrap=self.wrap, op="halo")
-
-
-def make_plan(q, k, v, *, group: Group, group_size: int, wrap: bool, num_sink_tokens: int,
-              softmax_scale: float | None, caller: str) -> ShiftPlan:
-    """Validate collectively (one small all-gather), then locally: every rank raises the same error."""
-    check_same_values(group, caller, **tensor_fields(q=q, k=k, v=v), group_size=group_size,
-                      num_sink_tokens=num_sink_tokens, wrap=int(bool(wrap)))
-    check_softmax_scale(softmax_scale)
-    world = sp_size(group)
-    check_shift_args(q, k, v, shift_size=int(group_size), num_sink_tokens=int(num_sink_tokens), world=world,
-                     caller=caller)
-    return ShiftPlan(group, world, group_rank(group), q.shape[1], int(group_size), bool(wrap),
-                     int(num_sink_tokens), softmax_scale)
-
 
 # ---------------------------------------------------------------------------------------------- tiles
 
@@ -109,13 +71,6 @@ def tiles(plan: ShiftPlan, *, shifted: bool) -> list[_Tile]:
     if n > G:
         out.insert(1, _Tile(h, n - h, n // G - 1))
     return out
-
-
-def group_start(pos: torch.Tensor, G: int, *, shifted: bool) -> torch.Tensor:
-    """Global position of the first token of each token's shift group (no wrap)."""
-    if not shifted:
-        return pos // G * G
-    return ((pos + G // 2) // G * G - G // 2).clamp_min(0)
 
 
 def _fold(x: torch.Tensor, m: int, dim: int = 1) -> torch.Tensor:

@@ -28,13 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.shift_short import (
-    ShiftPlan,
-    group_start,
-    make_plan,
-    shift_short_backward,
-    shift_short_forward,
-)
+from seqpar.attention.shift_groups import ShiftPlan, group_start, make_plan
+from seqpar.attention.shift_short import shift_short_backward, shift_short_forward
 from seqpar.comm import Group, broadcast_tensor, reduce_tensor
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
 from seqpar.sharding import global_index
