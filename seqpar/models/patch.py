@@ -123,8 +123,9 @@ def patch_model(
                    ring_group, name="", previous=None if linear else pretrained.config._attn_implementation)
     if linear != hasattr(pretrained, "set_sequence_parallel"):
         kind = "linear-attention (Linear-Llama)" if linear else "softmax-attention (Llama, Mistral, Qwen2)"
-        raise ValueError(f"attention={attention!r} runs {kind} models, not {type(pretrained).__name__}: pick an "
-                         f"attention for this model from {tuple(ATTENTIONS)}")
+        fits = tuple(n for n, s in ATTENTIONS.items() if (s.models == "linear") != linear)
+        raise ValueError(f"attention={attention!r} runs {kind} models, not {type(pretrained).__name__}: pick one "
+                         f"of {fits} for this model")
     if linear:  # the model runs LASP-2 (and LASP-2H all-gather softmax layers) itself
         pretrained.set_sequence_parallel(group, layout=layout)
         pretrained._seqpar_patch = patch
