@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("seqpar.bench.cli", "side-by-side benchmarks of the primitives -> results.json + PNG plots"),
     "eval": ("seqpar.eval.cli", "perplexity (sliding window) and passkey retrieval of a local model or LoRA adapter"),
     "train": ("seqpar.train.cli", "train or fine-tune from a YAML recipe (DeepSpeed, LoRA, sequence parallel)"),
-    "merge-lora": ("seqpar.merge", "fold a LoRA checkpoint into a plain transformers model (safetensors)"),
+    "merge-lora": ("seqpar.lora_merge", "fold a LoRA checkpoint into a plain transformers model (safetensors)"),
 }
 
 

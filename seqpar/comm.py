@@ -109,31 +109,40 @@ class RingComm:
             compute(cur)
             if step + 1 < n:
                 ring.wait(); cur = nxt
+
+    ``wrap=False`` opens the ring into a chain (S2-Attn's halo): the last rank in the direction of travel
+    sends nothing and the first receives nothing (``send_recv`` then returns None). ``op`` names the bytes
+    in ``ByteCounter``.
     """
 
-    def __init__(self, group: Group, *, reverse: bool = False):
-        self.group = group
+    def __init__(self, group: Group, *, reverse: bool = False, wrap: bool = True, op: str = "ring"):
+        self.group, self.op = group, op
         self.world = group_size(group)
         rank = group_rank(group)
         step = -1 if reverse else 1
+        self.sends = wrap or 0 <= rank + step < self.world
+        self.receives = wrap or 0 <= rank - step < self.world
         self.send_to = global_rank(group, (rank + step) % self.world)
         self.recv_from = global_rank(group, (rank - step) % self.world)
         self._pending: list[dist.Work] = []
 
-    def send_recv(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Post a send of ``tensor`` and a receive into ``out`` (a new buffer if None); returns ``out``."""
+    def send_recv(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Post a send of ``tensor`` and a receive into ``out`` (a new buffer if None); returns ``out``
+        (None where an open ring receives nothing; ``tensor`` also gives the shape to receive)."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called while an exchange is in flight: call wait() first")
         tensor = tensor.contiguous()  # gloo refuses views
-        if self.world == 1:  # a ring of one: the block comes back to ourselves
+        if not self.receives:
+            out = None
+        elif self.world == 1:  # a ring of one: the block comes back to ourselves
             return tensor if out is None else out.copy_(tensor)
-        out = torch.empty_like(tensor) if out is None else out
-        ops = [
-            dist.P2POp(dist.isend, tensor, self.send_to, self.group),
-            dist.P2POp(dist.irecv, out, self.recv_from, self.group),
-        ]
-        self._pending = dist.batch_isend_irecv(ops)
-        record_bytes("ring", nbytes(tensor), nbytes(out))
+        else:
+            out = torch.empty_like(tensor) if out is None else out
+        ops = ([dist.P2POp(dist.isend, tensor, self.send_to, self.group)] if self.sends else []) + (
+            [dist.P2POp(dist.irecv, out, self.recv_from, self.group)] if out is not None else [])
+        if ops:
+            self._pending = dist.batch_isend_irecv(ops)
+            record_bytes(self.op, nbytes(tensor) if self.sends else 0, 0 if out is None else nbytes(out))
         return out
 
     def wait(self) -> None:
@@ -142,13 +151,34 @@ class RingComm:
         self._pending = []
 
 
-def ring_shift(tensors: list[torch.Tensor], group: Group, *, reverse: bool = False) -> list[torch.Tensor]:
-    """Blocking one-step ring shift of several tensors (one batched exchange)."""
-    ring = RingComm(group, reverse=reverse)
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    got = ring.send_recv(flat)
-    ring.wait()
-    return [piece.view_as(t) for piece, t in zip(got.split([t.numel() for t in tensors]), tensors)]
+def ring_visit(x: torch.Tensor, group: Group, visit, *, grad: bool = False, reuse_input: bool = False):
+    """A block goes round the ring and (with ``grad``) its gradient follows: call ``visit(src, x_src)`` for
+    the block of every rank ``src = rank - step``, the next block already in flight (ring and RSA attention).
+
+    With ``grad``, ``visit`` returns this rank's share of the gradient of ``x_src`` (a new tensor); the
+    shares travel one hop behind their block, so after N hops each rank holds, and this returns, the summed
+    gradient of its own ``x``. ``reuse_input``: ``x`` belongs to the caller's temporaries and may receive.
+    Bytes per rank: (N-1)·|x| for the blocks, plus N·|grad| with ``grad`` when N > 1 (op ``"ring"``).
+    """
+    n, rank = group_size(group), group_rank(group)
+    ring, grad_ring = RingComm(group), (RingComm(group) if grad else None)
+    x = x.contiguous()
+    cur, spare, total = x, (torch.empty_like(x) if n > 1 else None), None
+    for step in range(n):
+        src = (rank - step) % n
+        nxt = ring.send_recv(cur, out=spare) if step + 1 < n else None  # the next block in flight
+        part = visit(src, cur)
+        if grad:
+            if total is not None:
+                grad_ring.wait()
+                part += total
+            total = grad_ring.send_recv(part)  # travels with the block; the N-th hop brings it home
+        if nxt is not None:
+            ring.wait()
+            cur, spare = nxt, (None if cur is x and not reuse_input else cur)  # never overwrite the caller's x
+    if grad:
+        grad_ring.wait()
+    return total
 
 
 def chain_scan(x: torch.Tensor, step, group: Group, *, reverse: bool = False) -> torch.Tensor:
@@ -236,6 +266,18 @@ def broadcast_tensor(x: torch.Tensor, group: Group, src: int = 0) -> torch.Tenso
     return x
 
 
+def reduce_tensor(x: torch.Tensor, group: Group, dst: int = 0) -> torch.Tensor:
+    """Sum ``x`` over the group onto group rank ``dst`` (other ranks' result is meaningless)."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    root = group_rank(group) == dst
+    record_bytes("reduce", 0 if root else nbytes(x), (n - 1) * nbytes(x) if root else 0)
+    dist.reduce(x, dst=global_rank(group, dst), group=group)
+    return x
+
+
 def all_reduce_tensor(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     n = group_size(group)
     if n == 1:
@@ -299,35 +341,15 @@ def all_to_all(x: torch.Tensor, *, group: Group, scatter_dim: int, gather_dim: i
     return _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
-_DTYPE_CODES = {dt: i for i, dt in enumerate(
-    (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool))}
-
-
 def check_same_shapes(*, group: Group, **tensors: torch.Tensor) -> None:
     """Raise on every rank if any named tensor differs in shape or dtype across the group (one collective).
 
     A mismatch would otherwise hang or corrupt the next collective, so primitives call this first.
+    Implemented by ``seqpar.attention.checks.check_same_inputs`` (the one place for input checks).
     """
-    n = group_size(group)
-    if n == 1:
-        return
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    row = []
-    for t in tensors.values():
-        row += [t.dim(), *t.shape, *([0] * (8 - t.dim())), _DTYPE_CODES.get(t.dtype, -1)]
-    mine = torch.tensor(row, dtype=torch.int64, device=dev)
-    everyone = torch.empty(n * mine.numel(), dtype=torch.int64, device=dev)
-    _all_gather_flat(everyone, mine, group=group)
-    rows = everyone.view(n, len(tensors), 10).cpu()
-    for i, name in enumerate(tensors):
-        seen = {(tuple(r[1 : 1 + int(r[0])].tolist()), int(r[9])) for r in rows[:, i]}
-        if len(seen) > 1:
-            codes = {v: k for k, v in _DTYPE_CODES.items()}
-            shown = sorted(f"{shape} {codes.get(dt, '?')}" for shape, dt in seen)
-            raise ValueError(
-                f"{name} has different shapes or dtypes across the {n} ranks of the SP group: {shown}; "
-                "every rank must pass its equal-length shard (shard the sequence with seqpar.sharding.shard)"
-            )
+    from seqpar.attention.checks import check_same_inputs
+
+    check_same_inputs(group, **tensors)
 
 
 def check_same_shape(x: torch.Tensor, *, group: Group, name: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -134,6 +134,17 @@ class ParallelState:
     backend: str
     sp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
+    _usp: dict = field(default_factory=dict, repr=False, compare=False)  # ulysses_degree -> sub-groups
+
+    def usp_groups(self, ulysses_degree: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """USP's (Ulysses, ring) sub-groups of the SP group, made once per degree (collective over the world
+        on first use: every rank asks for the same degrees in the same order)."""
+        if ulysses_degree not in self._usp:
+            from seqpar.attention.usp import make_usp_groups
+
+            self._usp[ulysses_degree] = make_usp_groups(self.sp_group if self.sp_size > 1 else None,
+                                                        ulysses_degree)
+        return self._usp[ulysses_degree]
 
     @property
     def dp_size(self) -> int:
@@ -211,8 +222,19 @@ class ParallelState:
 
 
 def _init_process_group(launch: LaunchEnv, backend: str, timeout: timedelta) -> None:
+    """Join the default group. Under torchrun its keys are prefixed by the restart attempt: torchrun's store
+    outlives a failed attempt, and a restarted group would otherwise read the dead ranks' addresses."""
     addr = f"{launch.master_addr}:{launch.master_port}"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     try:
+        if attempt is not None:
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timeout)
+            return
+        if launch.launcher == "single":  # one plain process: an in-memory store, no TCP port to collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            return
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{addr}",

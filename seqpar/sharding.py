@@ -10,6 +10,7 @@ The layouts are a public contract (checkpoints, data loaders and every primitive
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -104,3 +105,24 @@ def reorder_to_global(gathered: torch.Tensor, world_size: int, layout: str, *, d
 def position_ids(seq_len: int, *, group: Group = None, layout: Layout = "zigzag", device=None) -> torch.Tensor:
     """Global position ids ``[seq_len / N]`` of this rank's tokens, for RoPE on the local shard."""
     return global_index(seq_len, group_size(group), group_rank(group), layout, device=device)
+
+
+def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor | None = None,
+                 device=None) -> torch.Tensor:
+    """Document id of each global position (default: every position ``0..seq_len-1``), ``[len(positions)]``.
+
+    The one rule for packed documents everywhere (``shard_batch``, the primitives, the patched model):
+    ``cu_seqlens`` is a 1-D integer tensor ``[0, l1, l1 + l2, ..., seq_len]`` of global boundaries, the same
+    on every rank; it is non-decreasing, so empty documents (a repeated boundary) are allowed and hold no token.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens={cu_seqlens!r} must be a 1-D integer tensor [num_docs + 1] of global document "
+                         "boundaries, e.g. torch.tensor([0, 100, 250, L]) (seq_lens [100, 150, ...] -> cumsum)")
+    cu = cu_seqlens.tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len or any(b < a for a, b in itertools.pairwise(cu)):
+        raise ValueError(f"cu_seqlens={cu} must start at 0 and end at the global sequence length {seq_len}, "
+                         f"non-decreasing from 0 to {seq_len} (an empty document repeats a boundary): pass the "
+                         "cumulative document lengths of the whole packed sequence")
+    device = cu_seqlens.device if device is None else device
+    positions = torch.arange(seq_len, device=device) if positions is None else positions.to(device)
+    return torch.searchsorted(torch.tensor(cu, device=device), positions, right=True) - 1

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from seqpar.kernels.reference import causal_mask, dense_attention, rel_err, segment_mask
 from seqpar.sharding import shard
 from tests.dist import run_ranks
-from tests.reference import causal_mask, dense_attention, rel_err, segment_mask
 
 # float32: 1e-5 of the output scale (the brief's bound); bf16: inputs, output and gradients are rounded
 # to 8 bits of mantissa, so ~2e-2; float64: only summation order differs.

@@ -73,9 +73,12 @@ def _bad_input_checks(rank, world, group) -> dict:
         "layout": error_of(call(layout="zig"), "layout='zig'", "contiguous"),
         "causal": error_of(call(causal="bottom_right"), "causal='bottom_right'", "True or False"),
         "cu_seqlens": error_of(call(cu_seqlens=torch.tensor([0, 3, 8 * world - 1])), "cu_seqlens", "0 to"),
+        "cu_list": error_of(call(cu_seqlens=[0, 8 * world]), "cu_seqlens=[0,", "integer tensor"),
     }
     if world > 1:  # the last rank passes a longer shard: every rank must raise, none may hang
         msgs["shape"] = error_of(call(Lq=8 + 2 * (rank == world - 1)), "q has different shapes")
+        cu = torch.tensor([0, 3 + (rank == world - 1), 8 * world])  # valid on each rank, not the same
+        msgs["cu_ranks"] = error_of(call(cu_seqlens=cu), "cu_seqlens differs across", "every rank")
     return msgs
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from seqpar.kernels import block_attention, block_attention_backward, merge_all, merge_partials
-from tests.reference import causal_mask, dense_attention, rel_err, segment_mask
+from seqpar.kernels.reference import causal_mask, dense_attention, rel_err, segment_mask
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 

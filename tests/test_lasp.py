@@ -13,9 +13,10 @@ import torch
 
 from seqpar.attention import lasp1_linear_attention, lasp2_linear_attention
 from seqpar.comm import ByteCounter
+from seqpar.kernels.reference import linear_attention as reference
+from seqpar.kernels.reference import rel_err
 from seqpar.sharding import shard
 from tests.dist import run_ranks
-from tests.reference import rel_err
 
 PRIMITIVES = {"lasp2": lasp2_linear_attention, "lasp1": lasp1_linear_attention}
 DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
@@ -27,19 +28,6 @@ TOL = {"f64": 1e-10, "f32": 1e-5, "bf16": 2e-2}
 DLAMBDA_TOL = {"f64": 1e-10, "f32": 1e-4, "bf16": 2e-2}
 DECAY = torch.tensor([1.0, 0.97, 0.9, 0.8], dtype=torch.float64)  # λ^24 from 1 to 0.005: rank prefixes matter
 N_LOCAL, BLOCK = 24, 16  # 1.5 blocks per rank: a full and a partial intra-chunk block
-
-
-def reference(q, k, v, decay, causal):
-    """o_t = Σ_s (q_t · k_s) D_ts v_s with D_ts = λ^(t-s) for s <= t (causal), all ones otherwise; float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    H, L = q.shape[2], q.shape[1]
-    k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
-    lam = torch.ones(H, dtype=torch.float64) if decay is None else decay.double()
-    t = torch.arange(L, dtype=torch.float64)
-    diff = t[:, None] - t[None, :]
-    D = lam[:, None, None] ** diff.clamp_min(0) * (diff >= 0) if causal else torch.ones(H, L, L).double()
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * D
-    return torch.einsum("bhts,bshd->bthd", scores, v)
 
 
 def _cases():

@@ -137,3 +137,26 @@ def test_linear_layers_reject_zigzag(sp_results):
     _, results = sp_results
     for res in results:
         assert res["zigzag_error"] is not None and "layout='contiguous'" in res["zigzag_error"]
+
+
+def test_patch_model_runs_linear_llama_through_the_registry():
+    """"lasp2" goes through patch_model like every attention (the trainer has no lasp2 branch); a softmax
+    attention on Linear-Llama, or lasp2 on Llama, is refused naming the attentions that fit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seqpar.models import patch_model, patched_layout, unpatch_model
+
+    cfg = LinearLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64, layer_types=["linear", "softmax"])
+    model, ids = LinearLlamaForCausalLM(cfg), torch.randint(0, 64, (1, 16))
+    plain = model(input_ids=ids).logits
+    patch_model(model, "lasp2", None)
+    assert patched_layout(model) == "contiguous"
+    assert torch.equal(model(input_ids=ids).logits, plain)
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="'lasp2',"):
+        patch_model(model, "ring", None)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match="'ring', 'rsa'"):
+        patch_model(llama, "lasp2", None)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from seqpar.merge import merge_lora
+from seqpar.lora_merge import merge_lora
 from seqpar.train.checkpoint import MARKER
 from seqpar.train.lora import apply_lora, count_parameters, trainable_parameter_names
 from seqpar.train.recipe import load_recipe, save_recipe

@@ -9,12 +9,11 @@ attention) it is the same patched model run in one process (SP = 1) on the whole
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.distributed as dist
 
+from seqpar.attention.registry import ATTENTIONS
 from seqpar.comm import ByteCounter
 from seqpar.models import sp_cross_entropy
 from seqpar.parallel import ParallelState
@@ -22,21 +21,16 @@ from tests.dist import run_ranks
 
 VOCAB, L, TOL = 128, 48, 1e-4  # L splits into 2N zigzag chunks for N = 2, 3, 4
 MODELS = ("llama", "mistral", "qwen2")
-# (attention, layout) cases compared with the unpatched model; layout None = the primitive's default.
-EXACT_CASES = [("ring", "zigzag"), ("ring", "contiguous"), ("rsa", None), ("ulysses", None), ("usp", "zigzag"),
-               ("usp", "contiguous"),
-               ("allgather", "zigzag"), ("allgather", "contiguous"), ("full", None)]
-PACKED_CASES = [("ring", "zigzag"), ("ring", "contiguous"), ("allgather", "zigzag"), ("full", None)]
+# Every softmax attention of the registry: exact ones (no eval-time fallback) in each layout they allow are
+# compared with the unpatched model; varlen ones also on packed documents (the primitive's default layout,
+# plus ring contiguous); training-time-only ones (s2/sf) with the same model on one process. A new registry
+# entry is picked up here with no edit.
+SOFTMAX = {n: s for n, s in ATTENTIONS.items() if s.models == "softmax"}
+EXACT_CASES = [(n, layout if len(s.layouts) > 1 else None) for n, s in SOFTMAX.items() if not s.eval_fallback
+               for layout in s.layouts if n != "full" or layout == s.default_layout]
+PACKED_CASES = [(n, None) for n, s in SOFTMAX.items() if s.varlen] + [("ring", "contiguous")]
+SHIFTED = [n for n, s in SOFTMAX.items() if s.eval_fallback]
 DOC_LENS = [10, 22, 16]
-MODULE = {"ring": "ring", "rsa": "rsa", "ulysses": "ulysses", "usp": "usp", "allgather": "allgather",
-          "full": "ring", "s2": "shift_short", "sf": "sink_shift"}
-
-
-def available(attention: str, world: int = 2) -> bool:
-    """A primitive is tested once its module exists (the primitives are written in parallel)."""
-    if attention == "full" and world == 1:
-        return True
-    return importlib.util.find_spec(f"seqpar.attention.{MODULE[attention]}") is not None
 
 
 def _config(name: str):
@@ -226,8 +220,10 @@ def _rank_checks(rank: int, world: int, group, model_dir: str, models: tuple, ca
     for name in models:
         model = _load(model_dir, name)
         ref = _reference(model, batch)
-        for attention, layout in cases:
-            out["exact"][name, attention, layout] = _errors(_sp_step(model, attention, group, layout, batch), ref)
+        for attention, layout in cases:  # a non-default layout runs on the first model only (budget)
+            if layout in (None, ATTENTIONS[attention].default_layout) or name == models[0]:
+                out["exact"][name, attention, layout] = _errors(_sp_step(model, attention, group, layout, batch),
+                                                                ref)
         ref = _packed_reference(model, packed_ids)
         for attention, layout in packed:
             docs = {"input_ids": packed_ids, "seq_lens": DOC_LENS}
@@ -271,17 +267,10 @@ def _label_checks(group, world: int) -> list:
 # ---------------------------------------------------------------------------------------------- tests
 
 
-def _cases(world: int):
-    exact = [c for c in EXACT_CASES if available(c[0], world)]
-    packed = [c for c in PACKED_CASES if available(c[0], world)]
-    shifted = [a for a in ("s2", "sf") if available(a) and available("ring")]
-    return exact, packed, shifted
-
-
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"SP{w}")
 def sp_results(request, model_dir):
     world = request.param
-    exact, packed, shifted = _cases(world)
+    exact, packed, shifted = EXACT_CASES, PACKED_CASES, SHIFTED
     models, shift_size = MODELS, None
     if world == 3:  # odd SP: Llama only (budget); 4 heads do not split over 3 ranks (Ulysses refuses);
         exact = [c for c in exact if c[0] != "ulysses"]  # G = 0.25 L = 12 does not divide L/3 = 16: G = 16
@@ -290,30 +279,25 @@ def sp_results(request, model_dir):
     return world, results
 
 
-def _missing(world: int) -> list[str]:
-    return [a for a in MODULE if not available(a, world)]
-
-
 def test_every_primitive_matches_unpatched_model(sp_results):
     world, results = sp_results
     for key, err in results[0]["exact"].items():
         assert err["loss"] <= TOL and err["grad"] <= TOL, (world, key, err)
         assert all(r["exact"][key]["value"] == err["value"] for r in results), "loss differs across ranks"
-    if _missing(world):
-        pytest.skip(f"primitives not written yet, not tested: {_missing(world)}")
+    want = {(a, lay) for a, lay in EXACT_CASES if world != 3 or a != "ulysses"}
+    assert {(a, lay) for _, a, lay in results[0]["exact"]} == want  # every case ran
 
 
 def test_packed_documents_match_separate_documents(sp_results):
     world, results = sp_results
-    assert results[0]["packed"] or _missing(world)
+    assert {(a, lay) for _, a, lay in results[0]["packed"]} == set(PACKED_CASES)  # every case ran
     for key, err in results[0]["packed"].items():
         assert err["loss"] <= TOL and err["grad"] <= TOL, (world, key, err)
 
 
 def test_shifted_attention_sp_matches_one_process_and_eval_is_full(sp_results):
     world, results = sp_results
-    if not results[0]["shifted"]:
-        pytest.skip(f"s2/sf (or ring, their eval path) not written yet: missing {_missing(world)}")
+    assert {a for _, a in results[0]["shifted"]} == {a for _, a in results[0]["eval"]} == set(SHIFTED)
     for key, err in results[0]["shifted"].items():
         assert err["loss"] <= TOL and err["grad"] <= TOL, (world, key, err)
     for key, err in results[0]["eval"].items():
@@ -398,9 +382,31 @@ def test_single_device_errors(model_dir):
     assert sp_cross_entropy(torch.zeros(1, 4, VOCAB), torch.full((1, 4), -100), None).item() == 0.0
 
 
-@pytest.mark.skipif(not (available("s2") and available("sf")), reason="shift_short/sink_shift not written yet")
 def test_s2_training_is_not_full_attention(model_dir):
     """Guards the s2/sf comparisons against a vacuous pass: shifted groups really differ from full attention."""
     model = _load(model_dir, "llama")
     full, s2, sf = (_sp_step(model, a, None, None, _batch(), group_size=16) for a in ("full", "s2", "sf"))
     assert abs(full[0] - s2[0]) > 1e-4 and abs(full[0] - sf[0]) > 1e-4 and abs(s2[0] - sf[0]) > 1e-4
+
+
+def test_one_packed_document_rule():
+    """shard_batch and the primitives share seqpar.sharding.document_ids: empty documents are accepted by
+    both (a repeated boundary holds no token), and the same malformed boundaries are refused by both."""
+    from seqpar.attention.local import local_attention
+    from seqpar.models import shard_batch
+    from seqpar.sharding import document_ids
+
+    ids = torch.arange(8)[None]
+    sp = shard_batch({"input_ids": ids, "seq_lens": [3, 0, 5]}, None, "contiguous")
+    assert sp["cu_seqlens"].tolist() == [0, 3, 3, 8]
+    assert sp["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert document_ids(sp["cu_seqlens"], 8).tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
+    q = torch.randn(1, 8, 2, 4)
+    with_empty = local_attention(q, q, q, cu_seqlens=sp["cu_seqlens"])
+    assert torch.equal(with_empty, local_attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 8])))
+    assert not torch.equal(with_empty, local_attention(q, q, q))  # the documents are engaged
+    for bad in ([3, 4], [5, -2, 5]):  # sum != L; a negative length
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            shard_batch({"input_ids": ids, "seq_lens": bad}, None, "contiguous")
+    with pytest.raises(ValueError, match="integer tensor"):
+        local_attention(q, q, q, cu_seqlens=[0, 8])

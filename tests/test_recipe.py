@@ -33,7 +33,7 @@ BAD = [
     (["deepspeed.zero_stage=4"], 2, ["deepspeed.zero_stage=4", "0, 1, 2, 3"]),
     (["trainer.dtype=fp16"], 2, ["trainer.dtype='fp16'", "'bf16'"]),
     (["deepspeed.zero_stage=0", "deepspeed.offload=cpu"], 2, ["deepspeed.offload='cpu'", "zero_stage to 2 or 3"]),
-    (["attention.name=lasp2"], 2, ["attention.name='lasp2'", "model_type='llama'", "ring/ulysses"]),
+    (["attention.name=lasp2"], 2, ["attention.name='lasp2'", "model_type='llama'", "'ring', 'rsa', 'ulysses'"]),
     (["rope_scaling.factor=0.5"], 2, ["rope_scaling.factor=0.5", ">= 1"]),
     (["lora.r=0"], 2, ["lora.r=0", ">= 1"]),
     (["lora.trainable=[embed,bias]"], 2, ["lora.trainable", "'bias'", "valid extras"]),

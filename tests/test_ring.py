@@ -12,9 +12,9 @@ import torch
 
 from seqpar.attention import ring_attention
 from seqpar.comm import ByteCounter
+from seqpar.kernels.reference import causal_mask, dense_attention, rel_err, segment_mask
 from seqpar.sharding import shard
 from tests.dist import run_ranks
-from tests.reference import causal_mask, dense_attention, rel_err, segment_mask
 
 N_LOCAL, B = 32, 2  # tokens per rank (zigzag chunks of 16), batch
 # float32: max abs error relative to the output's scale; bfloat16: inputs rounded to 8 bits of mantissa.

@@ -11,9 +11,9 @@ import torch
 
 from seqpar.attention import ring_self_attention
 from seqpar.comm import ByteCounter
+from seqpar.kernels.reference import rel_err
 from seqpar.sharding import shard
 from tests.dist import run_ranks
-from tests.reference import rel_err
 from tests.test_ring import N_LOCAL, TOL, B, _case, make_inputs, reference
 
 CASES = {

@@ -12,27 +12,12 @@ import torch
 
 from seqpar.attention import shift_short_attention
 from seqpar.comm import ByteCounter
+from seqpar.kernels.reference import dense_attention, rel_err, s2_mask
 from seqpar.sharding import shard
 from tests.dist import run_ranks
-from tests.reference import dense_attention, rel_err
 
 # float32: max abs error relative to the output scale <= 1e-5; bfloat16 rounds inputs and outputs (2^-8).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def s2_mask(L: int, H: int, G: int, *, wrap: bool = False, num_sink_tokens: int = 0) -> torch.Tensor:
-    """Bool [H, L, L], True = query t (row) sees key s (column), written from the definitions."""
-    t = torch.arange(L)
-    causal = t[None, :] <= t[:, None]
-    same = lambda gid: gid[:, None] == gid[None, :]  # noqa: E731
-    plain = same(t // G) & causal  # groups [0, G), [G, 2G), ...
-    if wrap:  # roll by -G/2: token t sits at rolled position (t - G/2) mod L; causal in rolled order
-        r = (t - G // 2) % L
-        shifted = same(r // G) & (r[None, :] <= r[:, None])
-    else:  # groups [0, G/2), [G/2, 3G/2), ..., [L - G/2, L)
-        shifted = same((t + G // 2) // G) & causal
-    sinks = (t[None, :] < num_sink_tokens) & causal
-    return torch.stack([plain | sinks] * (H // 2) + [shifted | sinks] * (H // 2))
 
 
 def make_inputs(case: dict, world: int, seed: int):

@@ -1,5 +1,5 @@
 """SinkLoRA SF-Attn (``sink_shift_attention``) vs a dense float64 reference (S2-Attn groups without wrap plus
-causal sink tokens, mask built from the definition in ``tests/test_shift_short.py``), on one device
+causal sink tokens, mask built from the definition in ``seqpar/kernels/reference.py``), on one device
 (group=None, in process) and on W = 2, 3, 4 gloo ranks; one spawn per world size runs every case.
 """
 
@@ -10,10 +10,10 @@ import torch
 
 from seqpar.attention import sink_shift_attention
 from seqpar.comm import ByteCounter
+from seqpar.kernels.reference import dense_attention, s2_mask
 from seqpar.sharding import shard
 from tests.dist import run_ranks
-from tests.reference import dense_attention
-from tests.test_shift_short import TOL, raises_message, run_case, s2_mask
+from tests.test_shift_short import TOL, raises_message, run_case
 
 f64, f32, bf16 = torch.float64, torch.float32, torch.bfloat16
 CASES = [  # n = local length; L = n * W; S = None: the default (4)

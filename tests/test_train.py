@@ -145,7 +145,7 @@ def test_merge_lora_from_zero_checkpoint(runs, run, stage):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from seqpar.merge import find_checkpoint, merge_lora
+    from seqpar.lora_merge import find_checkpoint, merge_lora
     from seqpar.train.model import load_model
     from seqpar.train.recipe import load_recipe
 
@@ -190,7 +190,7 @@ def test_incomplete_checkpoints_are_never_picked(tmp_path):
 def test_full_fine_tuning_checkpoint_exports_a_plain_model(runs):
     from safetensors.torch import load_file
 
-    from seqpar.merge import find_checkpoint, merge_lora
+    from seqpar.lora_merge import find_checkpoint, merge_lora
 
     ckpt = find_checkpoint(runs["tmp"] / "lasp2")
     trained = load_file(ckpt / "model" / "model.safetensors")

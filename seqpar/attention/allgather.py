@@ -27,21 +27,7 @@ import torch
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import Layout, global_index
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-        raise ValueError(
-            f"cu_seqlens must be a 1-D integer tensor [num_docs + 1] of document boundaries, got "
-            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
-        )
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != seq_len or bounds != sorted(bounds):
-        raise ValueError(
-            f"cu_seqlens={bounds} must rise from 0 to the global sequence length {seq_len} "
-            "(q.shape[1] * N): pass the boundaries of the whole packed sequence, the same on every rank"
-        )
+from seqpar.sharding import Layout, document_ids, global_index
 
 
 def _mask_args(seq_len: int, n: int, rank: int, layout: str, causal: bool, cu_seqlens, device) -> dict:
@@ -52,9 +38,8 @@ def _mask_args(seq_len: int, n: int, rank: int, layout: str, causal: bool, cu_se
     k_pos = torch.cat([global_index(seq_len, n, r, layout, device=device) for r in range(n)])
     args = {"q_pos": q_pos, "k_pos": k_pos} if causal else {}
     if cu_seqlens is not None:  # document id of every global position
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        args["q_seg"] = torch.searchsorted(cu, q_pos, right=True) - 1
-        args["k_seg"] = torch.searchsorted(cu, k_pos, right=True) - 1
+        args["q_seg"] = document_ids(cu_seqlens, seq_len, q_pos, device=device)
+        args["k_seg"] = document_ids(cu_seqlens, seq_len, k_pos, device=device)
     return args
 
 
@@ -114,10 +99,9 @@ def allgather_attention(
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout)
-    seq_len = q.shape[1] * n
+    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, seq_len)
+        document_ids(cu_seqlens, q.shape[1] * n)  # validates (the same error on every rank)
     return _AllGatherAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens
     )

@@ -25,9 +25,9 @@ import torch
 
 from seqpar.attention.lasp2 import prepare_linear_inputs
 from seqpar.comm import Group, RingComm, chain_scan, group_rank, group_size
+from seqpar.kernels import acc_dtype
 from seqpar.kernels.linear import (
     DEFAULT_LINEAR_BLOCK,
-    acc_dtype,
     apply_prefix,
     apply_prefix_bwd,
     chunk_state,

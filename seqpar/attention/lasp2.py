@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import torch
 
+from seqpar.attention.checks import check_linear_args
 from seqpar.comm import Group, all_gather_tensor, check_same_shape, group_rank, group_size
+from seqpar.kernels import acc_dtype
 from seqpar.kernels.linear import (
     DEFAULT_LINEAR_BLOCK,
-    acc_dtype,
     apply_prefix,
     apply_prefix_bwd,
     chunk_state,
@@ -43,7 +44,6 @@ from seqpar.kernels.linear import (
     linear_attention_bwd,
     linear_attention_fwd,
     powers,
-    validate_linear_args,
 )
 
 
@@ -112,7 +112,7 @@ def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_s
     # leaves the others waiting in a collective (the remaining checks give the same verdict on every rank).
     lengths = torch.empty((*q.shape[:2], *k.shape[:2], *v.shape[:2]), device="meta")
     check_same_shape(lengths, group=group, name="[batch, seq] of q, k, v")
-    log_decay = validate_linear_args(q, k, v, decay=decay, causal=causal, block_size=block_size)
+    log_decay = check_linear_args(q, k, v, decay=decay, causal=causal, block_size=block_size)
     groups = q.shape[2] // k.shape[2]
     if groups > 1:  # autograd sums the repeated heads' gradients back
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)

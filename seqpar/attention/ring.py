@@ -29,21 +29,20 @@ Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same 
 token a document id; tokens attend only within their document (causally when ``causal``).
 
 Errors (raised on every rank, before any K/V is exchanged): bad ``layout``/``causal``/``softmax_scale``,
-shapes differing across ranks (``comm.check_same_shapes``), q/k/v batch, length, head_dim or dtype mismatch,
+shapes or ``cu_seqlens`` differing across ranks (``checks.check_qkv``), q/k/v batch, length, head_dim or dtype mismatch,
 kv heads not dividing heads, a length that the layout cannot split, malformed ``cu_seqlens``.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 
 from seqpar.attention.checks import check_options, check_qkv
-from seqpar.comm import Group, RingComm, group_rank, group_size
+from seqpar.comm import Group, group_rank, group_size, ring_visit
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
-from seqpar.sharding import Layout, global_index
+from seqpar.sharding import Layout, document_ids, global_index
 
 __all__ = ["ring_attention"]
 
@@ -82,38 +81,31 @@ class _RingPlan:
 
 
 def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    ring, n = RingComm(plan.group), q.shape[1]
-    kv = torch.stack([k, v])  # one packed buffer per hop: K and V of the kv heads only (never repeated)
-    spare = torch.empty_like(kv) if plan.world > 1 else None
-    out = lse = None
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        nxt = ring.send_recv(kv, out=spare) if step + 1 < plan.world else None  # next block in flight
+    n, acc = q.shape[1], {}
+
+    def attend(src: int, kv: torch.Tensor) -> None:
         blk = plan.block(src, n)
-        if blk is not None:
-            qs, ks, diag = blk
-            o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag,
-                                   softmax_scale=plan.scale, **plan.masks(qs, src, ks))
-            if out is None:  # step 0 always covers every local query
-                out, lse = merge_partials(None, None, o, l)
-            else:
-                out[:, qs], lse[:, :, qs] = merge_partials(out[:, qs], lse[:, :, qs], o, l)
-        if nxt is not None:
-            ring.wait()
-            kv, spare = nxt, kv  # the block just sent is free again: it receives the hop after next
-    return out, lse
+        if blk is None:
+            return
+        qs, ks, diag = blk
+        o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag, softmax_scale=plan.scale,
+                               **plan.masks(qs, src, ks))
+        if not acc:  # step 0 always covers every local query
+            acc["out"], acc["lse"] = merge_partials(None, None, o, l)
+        else:
+            out, lse = acc["out"], acc["lse"]
+            out[:, qs], lse[:, :, qs] = merge_partials(out[:, qs], lse[:, :, qs], o, l)
+
+    # One packed buffer per hop: K and V of the kv heads only (never repeated).
+    ring_visit(torch.stack([k, v]), plan.group, attend, reuse_input=True)
+    return acc["out"], acc["lse"]
 
 
 def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
     acc, n = acc_dtype(q.dtype), q.shape[1]
-    kv_ring, dkv_ring = RingComm(plan.group), RingComm(plan.group)
-    kv = torch.stack([k, v])
-    spare = torch.empty_like(kv) if plan.world > 1 else None
     dq = torch.zeros_like(q, dtype=acc)
-    dkv = None  # dK/dV of the visiting block accumulated by the ranks it already visited
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        nxt = kv_ring.send_recv(kv, out=spare) if step + 1 < plan.world else None
+
+    def attend_back(src: int, kv: torch.Tensor) -> torch.Tensor:
         part = kv.new_zeros(kv.shape, dtype=acc)  # this rank's share of dK/dV of rank src's block
         blk = plan.block(src, n)
         if blk is not None:
@@ -125,14 +117,9 @@ def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
             dq[:, qs] += dq_b
             part[0][:, ks] += dk_b
             part[1][:, ks] += dv_b
-        if dkv is not None:
-            dkv_ring.wait()
-            part += dkv
-        dkv = dkv_ring.send_recv(part)  # travels with the K/V block; the N-th hop returns it to its owner
-        if nxt is not None:
-            kv_ring.wait()
-            kv, spare = nxt, kv
-    dkv_ring.wait()
+        return part
+
+    dkv = ring_visit(torch.stack([k, v]), plan.group, attend_back, grad=True, reuse_input=True)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
@@ -152,28 +139,6 @@ class RingAttentionFunc(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
         return dq, dk, dv, None
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int, world: int, layout: str,
-                 device: torch.device) -> list[torch.Tensor] | None:
-    """Validate ``cu_seqlens`` (global boundaries) and return the document id of each token of every shard."""
-    if cu_seqlens is None:
-        return None
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-        raise ValueError(f"cu_seqlens={cu_seqlens!r} must be a 1-D integer tensor [num_docs + 1] of global "
-                         "document boundaries, e.g. torch.tensor([0, 100, 250, L])")
-    cu = cu_seqlens.tolist()
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len:
-        raise ValueError(f"cu_seqlens={cu} must start at 0 and end at the global sequence length {seq_len} "
-                         "(N x local length): pass the boundaries of the whole packed sequence")
-    if any(b < a for a, b in itertools.pairwise(cu)):
-        raise ValueError(f"cu_seqlens={cu} must be non-decreasing (cumulative document lengths)")
-    cu_t = torch.tensor(cu, device=device)
-    return [torch.searchsorted(cu_t, global_index(seq_len, world, j, layout, device=device), right=True) - 1
-            for j in range(world)]
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -209,9 +174,12 @@ def ring_attention(
     ``N·2·B·(L/N)·Hkv·D·4`` (float32 dK/dV; 8 bytes for float64) when N > 1.
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens)
     world = group_size(group)
-    segs = document_ids(cu_seqlens, q.shape[1] * world, world, layout, q.device)
+    segs = None
+    if cu_seqlens is not None:  # document id of every token of every shard
+        docs = document_ids(cu_seqlens, q.shape[1] * world, device=q.device)
+        segs = [docs[global_index(q.shape[1] * world, world, j, layout, device=q.device)] for j in range(world)]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, segs)
     return RingAttentionFunc.apply(q, k, v, plan)

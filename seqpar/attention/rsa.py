@@ -28,13 +28,12 @@ Contiguous layout only (the paper's); zigzag raises. Errors are raised on every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from seqpar.attention.checks import check_options, check_qkv
-from seqpar.comm import Group, RingComm, group_rank, group_size
+from seqpar.comm import Group, group_rank, group_size, ring_visit
 from seqpar.kernels import acc_dtype
 
 __all__ = ["ring_self_attention"]
@@ -58,44 +57,6 @@ class _RSAPlan:
         return None
 
 
-def _ring_visit(x: torch.Tensor, plan: _RSAPlan, visit: Callable[[int, torch.Tensor], None]) -> None:
-    """Call ``visit(src, x_src)`` for the block of every rank, the next block in flight meanwhile."""
-    ring = RingComm(plan.group)
-    x = x.contiguous()
-    cur, spare = x, (torch.empty_like(x) if plan.world > 1 else None)
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        nxt = ring.send_recv(cur, out=spare) if step + 1 < plan.world else None
-        visit(src, cur)
-        if nxt is not None:
-            ring.wait()
-            cur, spare = nxt, (None if cur is x else cur)  # never receive into the caller's tensor
-
-
-def _ring_visit_grad(x: torch.Tensor, plan: _RSAPlan, visit: Callable[[int, torch.Tensor], torch.Tensor]):
-    """Like ``_ring_visit``; ``visit`` returns this rank's gradient share of ``x_src`` (accumulation dtype).
-
-    The shares travel one hop behind their block; after N hops each rank holds the summed gradient of its x.
-    """
-    ring, grad_ring = RingComm(plan.group), RingComm(plan.group)
-    x = x.contiguous()
-    cur, spare = x, (torch.empty_like(x) if plan.world > 1 else None)
-    grad = None
-    for step in range(plan.world):
-        src = (plan.rank - step) % plan.world
-        nxt = ring.send_recv(cur, out=spare) if step + 1 < plan.world else None
-        part = visit(src, cur)
-        if grad is not None:
-            grad_ring.wait()
-            part += grad
-        grad = grad_ring.send_recv(part)
-        if nxt is not None:
-            ring.wait()
-            cur, spare = nxt, (None if cur is x else cur)  # never receive into the caller's tensor
-    grad_ring.wait()
-    return grad
-
-
 def _heads(q: torch.Tensor, hkv: int, acc) -> torch.Tensor:
     """[B, n, H, D] -> [B, n, Hkv, g, D] in the accumulation dtype (GQA by grouping, never repeating K/V)."""
     B, n, H, D = q.shape
@@ -113,7 +74,7 @@ def _rsa_forward(q, k, v, plan: _RSAPlan) -> tuple[torch.Tensor, torch.Tensor]:
             mask = plan.mask(src, n, q.device)
             s[..., src * n : (src + 1) * n] = blk if mask is None else blk.masked_fill(~mask, float("-inf"))
 
-    _ring_visit(k, plan, scores)
+    ring_visit(k, plan.group, scores)
     p = torch.softmax(s, dim=-1)  # every row sees at least its own token
     out = torch.zeros_like(qh)
 
@@ -121,7 +82,7 @@ def _rsa_forward(q, k, v, plan: _RSAPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if plan.visible(src):
             out.add_(torch.einsum("bhgqk,bkhd->bqhgd", p[..., src * n : (src + 1) * n], v_src.to(acc)))
 
-    _ring_visit(v, plan, weigh)
+    ring_visit(v, plan.group, weigh)
     return out.view(B, n, H, D), p
 
 
@@ -138,7 +99,7 @@ def _rsa_backward(dout, q, k, v, p, plan: _RSAPlan):
             dv += torch.einsum("bhgqk,bqhgd->bkhd", p[..., cols], doh)
         return dv
 
-    dv = _ring_visit_grad(v, plan, through_v)
+    dv = ring_visit(v, plan.group, through_v, grad=True)
     # Softmax backward over the full rows, in place of dP (masked entries have P = 0).
     ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
     dq = torch.zeros_like(qh)
@@ -151,7 +112,7 @@ def _rsa_backward(dout, q, k, v, p, plan: _RSAPlan):
             dk += torch.einsum("bhgqk,bqhgd->bkhd", ds_blk, qh) * plan.scale
         return dk
 
-    dk = _ring_visit_grad(k, plan, through_k)
+    dk = ring_visit(k, plan.group, through_k, grad=True)
     return dq.view(B, n, H, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -2,10 +2,11 @@
 
 Chen et al. 2024, "LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models" (ICLR), §3.2.
 
-Semantics on the global sequence of L tokens, group size G (even), causal, every output at its own token:
+Semantics on the global sequence of L tokens, shift-group size G (LongLoRA's "group size", even), causal,
+every output at its own token (shift groups: ``shift_groups.py``):
 
-* heads ``[0, H/2)``: causal attention inside the groups ``[0, G), [G, 2G), ...``;
-* heads ``[H/2, H)``: causal attention inside the groups shifted by G/2: ``[0, G/2), [G/2, 3G/2), ...,
+* heads ``[0, H/2)``: causal attention inside the shift groups ``[0, G), [G, 2G), ...``;
+* heads ``[H/2, H)``: causal attention inside the shift groups moved by G/2: ``[0, G/2), [G/2, 3G/2), ...,
   [L - G/2, L)``, a half group at each end, so no token sees the end of the sequence (what LongLoRA's
   flash-attention path computes);
 * ``wrap=True``: the paper's pseudocode instead: the second half is rolled by -G/2 (token G/2 moves to
@@ -33,205 +34,54 @@ of k/v, a = itemsize of the accumulation dtype (4; 8 for float64), op name ``"ha
 An all-gather of K and V would send ``(N-1) · B · n · Hkv · D · 2 · e`` per rank: the halo is
 ``G / (4 (N-1) n)`` of that, and does not grow with N.
 
-Errors (ValueError, raised on every rank before any payload moves: one small all-gather of the arguments'
-shapes/dtypes/values per call, not counted as payload): shapes or arguments that differ across ranks, odd head
-counts, ``group_size`` odd or not dividing the local length (the message lists the valid values).
+Errors (ValueError, raised on every rank before any payload moves: ``shift_groups.make_plan``): shapes or
+arguments that differ across ranks, odd head counts, ``group_size`` odd or not dividing the local length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from seqpar.comm import Group, global_rank, group_rank, nbytes, record_bytes
-from seqpar.comm import group_size as sp_size  # ``group_size`` is G here, as in LongLoRA
+from seqpar.attention.shift_groups import ShiftPlan, make_plan
+from seqpar.comm import Group
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
-
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class ShiftPlan:
-    """Validated arguments of one call, shared by S2-Attn and SF-Attn (kept on ``ctx``)."""
-
-    group: Group
-    world: int
-    rank: int
-    local_len: int
-    group_size: int
-    wrap: bool
-    num_sink_tokens: int
-    softmax_scale: float | None
-
-    @property
-    def half(self) -> int:
-        return self.group_size // 2
-
-    @property
-    def receives_halo(self) -> bool:  # in the forward pass
-        return self.wrap or self.rank > 0
-
-    @property
-    def sends_halo(self) -> bool:
-        return self.wrap or self.rank < self.world - 1
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def _signature(q, k, v, group_size, num_sink_tokens, wrap) -> list[int]:
-    """Everything the local checks depend on, as ints, so that ranks can compare them in one collective."""
-    sig = []
-    for t in (q, k, v):
-        dims = list(t.shape[:4]) + [0] * (4 - min(t.dim(), 4))
-        sig += [t.dim(), *dims, _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1]
-    return [*sig, int(group_size), int(num_sink_tokens), int(bool(wrap))]
-
-
-_SIG_NAMES = [f"{t}.{f}" for t in "qkv" for f in ("dim", "B", "L", "H", "D", "dtype")] + [
-    "group_size", "num_sink_tokens", "wrap"]
-
-
-def _check_ranks_agree(sig: list[int], group: Group, caller: str, device: torch.device) -> None:
-    """One all-gather of the signature; raise the same error on every rank if any field differs."""
-    n = sp_size(group)
-    if n == 1:
-        return
-    dev = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    mine = torch.tensor(sig, dtype=torch.int64, device=dev)
-    rows = [torch.empty_like(mine) for _ in range(n)]
-    dist.all_gather(rows, mine, group=group)  # not counted: validation, not payload
-    table = torch.stack(rows).cpu()
-    differ = [i for i in range(len(sig)) if len(set(table[:, i].tolist())) > 1]
-    if differ:
-        what = ", ".join(f"{_SIG_NAMES[i]} per rank = {table[:, i].tolist()}" for i in differ)
-        raise ValueError(
-            f"{caller}: the {n} ranks of the SP group disagree: {what}; every rank must pass its equal-length "
-            "shard (seqpar.sharding.shard(..., layout='contiguous')) and the same group_size/num_sink_tokens/wrap"
-        )
-
-
-def _check_local(q, k, v, G: int, S: int, world: int, caller: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{caller}: {name} must be [B, L_local, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES or t.dtype != q.dtype:
-            raise ValueError(f"{caller}: {name}.dtype={t.dtype}; q, k, v must share one of {_DTYPES}")
-    B, n, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != n or k.shape[3] != D:
-        raise ValueError(f"{caller}: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
-                         f"[B={B}, L_local={n}, Hkv, D={D}] like q {tuple(q.shape)}")
-    Hkv = k.shape[2]
-    if H % 2 or Hkv % 2 or H % Hkv:
-        raise ValueError(f"{caller}: H={H} query heads and Hkv={Hkv} kv heads: half the heads are shifted, so "
-                         "both must be even and Hkv must divide H (use an even number of kv heads)")
-    if G < 2 or G % 2 or n % G:
-        valid = [g for g in range(2, n + 1, 2) if n % g == 0]
-        raise ValueError(
-            f"{caller}: group_size={G} must be even and divide the local sequence length {n} (L = {n * world} "
-            f"over N = {world} ranks), so that unshifted groups stay on one rank; valid group_size values: "
-            f"{valid} (or change L or N)"
-        )
-    if not 0 <= S <= n:
-        raise ValueError(f"{caller}: num_sink_tokens={S} must be in [0, {n}] (the local length: sink tokens "
-                         "live on rank 0); use fewer sink tokens or longer shards")
-
-
-def make_plan(q, k, v, *, group: Group, group_size: int, wrap: bool, num_sink_tokens: int,
-              softmax_scale: float | None, caller: str) -> ShiftPlan:
-    """Validate collectively (one small all-gather), then locally: every rank raises the same error."""
-    _check_ranks_agree(_signature(q, k, v, group_size, num_sink_tokens, wrap), group, caller, q.device)
-    world = sp_size(group)
-    _check_local(q, k, v, int(group_size), int(num_sink_tokens), world, caller)
-    return ShiftPlan(group, world, group_rank(group), q.shape[1], int(group_size), bool(wrap),
-                     int(num_sink_tokens), softmax_scale)
-
-
-# ---------------------------------------------------------------------------------------------- halo
-
-
-def exchange_halo(x: torch.Tensor, plan: ShiftPlan, *, backward: bool) -> Callable[[], torch.Tensor | None]:
-    """Post the halo exchange and return ``finish()`` -> what arrived (None if nothing is due here).
-
-    Forward: send ``x`` (this rank's tail) to rank r+1, receive rank r-1's tail. Backward: the mirror image,
-    send ``x`` (the halo's gradient) to r-1, receive ours from r+1. ``x`` also gives the receive shape.
-    """
-    send, recv = (plan.receives_halo, plan.sends_halo) if backward else (plan.sends_halo, plan.receives_halo)
-    if plan.world == 1:  # wrap on one device: the halo is our own tail
-        return lambda: x if (send and recv) else None
-    step = -1 if backward else 1
-    peer_to = global_rank(plan.group, (plan.rank + step) % plan.world)
-    peer_from = global_rank(plan.group, (plan.rank - step) % plan.world)
-    x = x.contiguous()  # gloo refuses views
-    buf = torch.empty_like(x) if recv else None
-    ops = ([dist.P2POp(dist.isend, x, peer_to, plan.group)] if send else []) + (
-        [dist.P2POp(dist.irecv, buf, peer_from, plan.group)] if recv else [])
-    works = dist.batch_isend_irecv(ops) if ops else []
-    record_bytes("halo", nbytes(x) if send else 0, nbytes(x) if recv else 0)
-
-    def finish() -> torch.Tensor | None:
-        for w in works:
-            w.wait()
-        return buf
-
-    return finish
-
 
 # ---------------------------------------------------------------------------------------------- tiles
 
 
 @dataclass(frozen=True)
 class _Tile:
-    """Local tokens ``[start, stop)`` cut into ``groups`` equal groups; ``halo``: the keys of the (single)
-    group are prefixed by the G/2 halo tokens (queries see them all: bottom-right causal)."""
+    """Local tokens ``[start, stop)`` cut into ``count`` equal shift groups; ``halo``: the keys of the (single)
+    shift group are prefixed by the G/2 halo tokens (queries see them all: bottom-right causal)."""
 
     start: int
     stop: int
-    groups: int
+    count: int
     halo: bool = False
 
 
 def tiles(plan: ShiftPlan, *, shifted: bool) -> list[_Tile]:
-    """The local groups of one head half, in order; the halo tile (if any) first."""
-    n, G, h = plan.local_len, plan.group_size, plan.half
+    """The local shift groups of one head half, in order; the halo tile (if any) first."""
+    n, G, h = plan.local_len, plan.shift_size, plan.half
     if not shifted:
         return [_Tile(0, n, n // G)]
-    out = [_Tile(0, h, 1, halo=plan.receives_halo), _Tile(n - h, n, 1)]  # the two half groups at the ends
+    out = [_Tile(0, h, 1, halo=plan.wrap or plan.rank > 0), _Tile(n - h, n, 1)]  # the half groups at the ends
     if n > G:
         out.insert(1, _Tile(h, n - h, n // G - 1))
     return out
 
 
-def group_start(pos: torch.Tensor, G: int, *, shifted: bool) -> torch.Tensor:
-    """Global position of the first token of each token's group (no wrap)."""
-    if not shifted:
-        return pos // G * G
-    return ((pos + G // 2) // G * G - G // 2).clamp_min(0)
+def _fold(x: torch.Tensor, m: int, dim: int = 1) -> torch.Tensor:
+    """Shift groups become batch entries: [B, m*g, h, D] -> [B*m, g, h, D] (lse, dim=2: [B, h, m*g] -> [B*m, h, g])."""
+    x = x.movedim(dim, 1)
+    return x.reshape(x.shape[0] * m, x.shape[1] // m, *x.shape[2:]).movedim(1, dim)
 
 
-def _fold(x: torch.Tensor, m: int) -> torch.Tensor:
-    """[B, m*g, h, D] -> [B*m, g, h, D]: groups become batch entries."""
-    B, L = x.shape[:2]
-    return x.reshape(B * m, L // m, *x.shape[2:])
-
-
-def _unfold(x: torch.Tensor, m: int) -> torch.Tensor:
-    Bm, g = x.shape[:2]
-    return x.reshape(Bm // m, m * g, *x.shape[2:])
-
-
-def _fold_lse(lse: torch.Tensor, m: int) -> torch.Tensor:
-    """[B, h, m*g] -> [B*m, h, g]."""
-    B, h, L = lse.shape
-    return lse.reshape(B, h, m, L // m).transpose(1, 2).reshape(B * m, h, L // m)
-
-
-def _unfold_lse(lse: torch.Tensor, m: int) -> torch.Tensor:
-    Bm, h, g = lse.shape
-    return lse.reshape(Bm // m, m, h, g).transpose(1, 2).reshape(Bm // m, h, m * g)
+def _unfold(x: torch.Tensor, m: int, dim: int = 1) -> torch.Tensor:
+    x = x.movedim(dim, 1)
+    return x.reshape(x.shape[0] // m, x.shape[1] * m, *x.shape[2:]).movedim(1, dim)
 
 
 def _tile_inputs(t: _Tile, q, k, v, halo):
@@ -244,16 +94,16 @@ def _tile_inputs(t: _Tile, q, k, v, halo):
 
 def _tile_forward(t: _Tile, q, k, v, halo, scale):
     qt, kt, vt, causal = _tile_inputs(t, q, k, v, halo)
-    m = t.groups
+    m = t.count
     out, lse = block_attention(_fold(qt, m), _fold(kt, m), _fold(vt, m), causal=causal, softmax_scale=scale)
-    return _unfold(out, m), _unfold_lse(lse, m)
+    return _unfold(out, m), _unfold(lse, m, dim=2)
 
 
 def _tile_backward(t: _Tile, dout, q, k, v, out, lse, halo, scale):
     qt, kt, vt, causal = _tile_inputs(t, q, k, v, halo)
-    s, m = slice(t.start, t.stop), t.groups
+    s, m = slice(t.start, t.stop), t.count
     grads = block_attention_backward(_fold(dout[:, s], m), _fold(qt, m), _fold(kt, m), _fold(vt, m),
-                                     _fold(out[:, s], m), _fold_lse(lse[:, :, s], m), causal=causal,
+                                     _fold(out[:, s], m), _fold(lse[:, :, s], m, dim=2), causal=causal,
                                      softmax_scale=scale)
     return [_unfold(g, m) for g in grads]
 
@@ -272,11 +122,12 @@ def shift_short_forward(q, k, v, plan: ShiftPlan):
     ``[2, B, G/2, Hkv/2, D]`` (K, V) this rank received (None if none), kept for the backward."""
     (qa, qb), (ka, kb), (va, vb) = _halves(q), _halves(k), _halves(v)
     h, scale = plan.half, plan.softmax_scale
-    finish = exchange_halo(torch.stack([kb[:, -h:], vb[:, -h:]]), plan, backward=False)
+    ring = plan.halo_ring(backward=False)
+    halo = ring.send_recv(torch.stack([kb[:, -h:], vb[:, -h:]]))
     parts_a = [_tile_forward(t, qa, ka, va, None, scale) for t in tiles(plan, shifted=False)]
     head, *rest = tiles(plan, shifted=True)
     parts_b = [_tile_forward(t, qb, kb, vb, None, scale) for t in rest]  # while the halo travels
-    halo = finish()
+    ring.wait()
     parts_b.insert(0, _tile_forward(head, qb, kb, vb, halo, scale))
     out = torch.cat([torch.cat([o for o, _ in p], dim=1) for p in (parts_a, parts_b)], dim=2)
     lse = torch.cat([torch.cat([s for _, s in p], dim=2) for p in (parts_a, parts_b)], dim=1)
@@ -308,9 +159,10 @@ def shift_short_backward(dout, q, k, v, out, lse, halo, plan: ShiftPlan):
     dq_b, dk_b, dv_b, d_halo = _half_backward(tiles(plan, shifted=True), do_b, qb, kb, vb, o_b, l_b, halo, scale)
     if d_halo is None:  # nothing to send, but the buffer gives the shape of what we may receive
         d_halo = torch.zeros((2, *kb[:, -plan.half:].shape), dtype=dk_b.dtype, device=dk_b.device)
-    finish = exchange_halo(d_halo, plan, backward=True)
+    ring = plan.halo_ring(backward=True)
+    back = ring.send_recv(d_halo)
     dq_a, dk_a, dv_a, _ = _half_backward(tiles(plan, shifted=False), do_a, qa, ka, va, o_a, l_a, None, scale)
-    back = finish()  # gradient of our tail tokens as rank r+1's halo
+    ring.wait()  # back: the gradient of our tail tokens as rank r+1's halo
     if back is not None:
         dk_b[:, -plan.half:] += back[0]
         dv_b[:, -plan.half:] += back[1]

@@ -27,29 +27,12 @@ An all-gather of K and V would send ``(N-1) · B · n · Hkv · D · 2 · e`` pe
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from seqpar.attention.shift_short import (
-    ShiftPlan,
-    group_start,
-    make_plan,
-    shift_short_backward,
-    shift_short_forward,
-)
-from seqpar.comm import Group, broadcast_tensor, global_rank, nbytes, record_bytes
+from seqpar.attention.shift_groups import ShiftPlan, group_start, make_plan
+from seqpar.attention.shift_short import shift_short_backward, shift_short_forward
+from seqpar.comm import Group, broadcast_tensor, reduce_tensor
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
 from seqpar.sharding import global_index
-
-
-def _reduce_to_first(x: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
-    """Sum ``x`` over the group onto group rank 0 (the sinks' owner); other ranks' result is meaningless."""
-    if plan.world == 1:
-        return x
-    x = x.contiguous()
-    root = plan.rank == 0
-    record_bytes("reduce", 0 if root else nbytes(x), (plan.world - 1) * nbytes(x) if root else 0)
-    dist.reduce(x, dst=global_rank(plan.group, 0), group=plan.group)
-    return x
 
 
 def _sink_kv(k: torch.Tensor, v: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
@@ -61,7 +44,7 @@ def _sink_kv(k: torch.Tensor, v: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
 
 def _sink_masks(plan: ShiftPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per head half, ``(q_pos, k_pos)`` making causal mean ``s < start(t)``: the sinks outside t's group."""
-    n, G = plan.local_len, plan.group_size
+    n, G = plan.local_len, plan.shift_size
     pos = global_index(n * plan.world, plan.world, plan.rank, "contiguous", device=device)
     k_pos = torch.arange(plan.num_sink_tokens, device=device)
     return [(group_start(pos, G, shifted=shifted) - 1, k_pos) for shifted in (False, True)]
@@ -103,7 +86,7 @@ def sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, plan: ShiftPlan):
         dqh += gq  # views into dq / d_sinks
         dkv[0] += gk
         dkv[1] += gv
-    d_sinks = _reduce_to_first(d_sinks, plan)
+    d_sinks = reduce_tensor(d_sinks, plan.group, dst=0)  # onto the sinks' owner
     if plan.rank == 0:
         S = plan.num_sink_tokens
         dk[:, :S] += d_sinks[0]

@@ -30,28 +30,9 @@ import math
 import torch
 
 from seqpar.attention.checks import check_options, check_qkv
+from seqpar.attention.local import local_attention
 from seqpar.comm import Group, all_to_all, group_size
-from seqpar.kernels import block_attention, block_attention_backward
 from seqpar.sharding import Layout, layout_order
-
-
-class _LocalAttention(torch.autograd.Function):
-    """Exact attention over the whole (gathered) sequence; backward recomputes from the saved lse."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float | None):
-        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = block_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, causal=ctx.causal, softmax_scale=ctx.scale
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def kv_replication(heads: int, kv_heads: int, world: int, *, what: str = "the group size N") -> int:
@@ -131,8 +112,8 @@ def ulysses_attention(
         order = layout_order(seq_len, n, layout, device=q.device)
         to_global = torch.argsort(order)
         qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
-        out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), True, softmax_scale)
+        out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=True)
         out = out.index_select(1, order)
     else:  # contiguous is already in global order; without a mask the order does not matter
-        out = _LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), causal, softmax_scale)
+        out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=causal)
     return heads_to_seq(out, group=group)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from seqpar.attention.registry import ATTENTIONS
 from seqpar.comm import group_size
 from seqpar.sharding import shard
 
@@ -68,13 +69,16 @@ def _single_sdpa(cfg: dict, group):
 
 
 def _seqpar(name: str, layout: str, **extra):
-    def build(cfg: dict, group):
-        import seqpar.attention as A
+    """A softmax primitive of the registry (``seqpar.attention.registry``) in one of its layouts."""
+    spec = ATTENTIONS[name]
+    if layout not in spec.layouts:
+        raise ValueError(f"bench method {name}/{layout}: the registry allows {spec.layouts}")
 
-        fn = getattr(A, name)
+    def build(cfg: dict, group):
+        fn = spec.load()
         q, k, v = _qkv(cfg, group, layout=layout)
         kwargs = {"group": group, "causal": cfg["causal"], "layout": layout, **extra}
-        if name == "usp_attention":
+        if spec.subgroups:
             from seqpar.attention.usp import make_usp_groups
 
             u = cfg.get("ulysses_degree", 2 if group_size(group) % 2 == 0 else 1)
@@ -85,12 +89,12 @@ def _seqpar(name: str, layout: str, **extra):
     return build
 
 
-METHODS["ring_zigzag"] = _seqpar("ring_attention", "zigzag")
-METHODS["ring_contiguous"] = _seqpar("ring_attention", "contiguous")
-METHODS["rsa"] = _seqpar("ring_self_attention", "contiguous")
-METHODS["ulysses"] = _seqpar("ulysses_attention", "contiguous")
-METHODS["usp"] = _seqpar("usp_attention", "zigzag")
-METHODS["allgather"] = _seqpar("allgather_attention", "zigzag")
+METHODS["ring_zigzag"] = _seqpar("ring", "zigzag")
+METHODS["ring_contiguous"] = _seqpar("ring", "contiguous")
+METHODS["rsa"] = _seqpar("rsa", "contiguous")
+METHODS["ulysses"] = _seqpar("ulysses", "contiguous")
+METHODS["usp"] = _seqpar("usp", "zigzag")
+METHODS["allgather"] = _seqpar("allgather", "zigzag")
 
 
 @method("deepspeed_ulysses")
@@ -184,9 +188,7 @@ METHODS["lasp1"] = _linear("lasp1_linear_attention")
 
 def _longlora(name: str):
     def build(cfg: dict, group):
-        import seqpar.attention as A
-
-        fn = getattr(A, name)
+        fn = ATTENTIONS[name].load()
         q, k, v = _qkv(cfg, group, layout="contiguous")
         G = int(cfg["seq_len"] * cfg["group_size_ratio"])
         return _fwd_bwd(lambda q, k, v: fn(q, k, v, group_size=G, group=group), [q, k, v], "contiguous")
@@ -194,8 +196,8 @@ def _longlora(name: str):
     return build
 
 
-METHODS["s2"] = _longlora("shift_short_attention")
-METHODS["sf"] = _longlora("sink_shift_attention")
+METHODS["s2"] = _longlora("s2")
+METHODS["sf"] = _longlora("sf")
 
 
 # ------------------------------------------------------------------------------------------- GPU kernels

@@ -19,7 +19,7 @@ the running state gradient G for dK, dV (G_b = λ^c G_{b+1} + (Q_b ⊙ λ^(t+1))
 
 Shapes: every function here works heads-first in the accumulation dtype: ``q, k [B, H, L, Dk]``,
 ``v, out [B, H, L, Dv]``, states ``[B, H, Dk, Dv]``, ``log_decay [H]`` (log λ; zeros = no decay).
-``validate_linear_args`` checks the public ``[B, L, H, D]`` inputs and returns ``log_decay``.
+The public ``[B, L, H, D]`` inputs are checked by ``seqpar.attention.checks.check_linear_args``.
 """
 
 from __future__ import annotations
@@ -27,53 +27,6 @@ from __future__ import annotations
 import torch
 
 DEFAULT_LINEAR_BLOCK = 64
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def validate_linear_args(q, k, v, *, decay, causal: bool, block_size: int) -> torch.Tensor:
-    """Check ``q [B, L, H, Dk]``, ``k [B, L, Hkv, Dk]``, ``v [B, L, Hkv, Dv]``, ``decay``; return log λ [H].
-
-    Every check is local and depends only on arguments all ranks share (dtypes, head counts, decay), so
-    it raises on every rank alike; lengths, which may differ per rank, are checked collectively by the caller.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}: pass [batch, local_seq, heads, head_dim]")
-        if t.dtype not in _DTYPES or t.dtype != q.dtype:
-            raise ValueError(
-                f"{name}.dtype={t.dtype} (q.dtype={q.dtype}): use one of {_DTYPES}, the same for q, k, v"
-            )
-    B, L, H, Dk = q.shape
-    if k.shape[:2] != (B, L) or v.shape[:3] != k.shape[:3] or k.shape[3] != Dk or H % k.shape[2]:
-        raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must be [B, L, Hkv, D] "
-            "with q's batch and length, k's head_dim equal to q's, and Hkv dividing the query heads"
-        )
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r}: pass a positive int (tokens per intra-chunk block)")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal={causal!r}: pass True or False")
-    acc = acc_dtype(q.dtype)
-    if decay is None:
-        return torch.zeros(H, dtype=acc, device=q.device)
-    if not causal:
-        raise ValueError(
-            f"decay={decay!r} with causal=False: decay λ^(t-s) is defined only for s <= t; pass decay=None "
-            "(non-causal linear attention is Q · Σ_s k_s^T v_s) or causal=True"
-        )
-    # A tensor keeps its autograd graph (learned decay): log λ gets a gradient through ``decay_grad``.
-    lam = decay if isinstance(decay, torch.Tensor) else torch.tensor(float(decay), dtype=torch.float64)
-    lam = lam.to(device=q.device, dtype=acc).flatten()
-    lam = lam.expand(H) if lam.numel() == 1 else lam
-    if lam.shape != (H,) or not bool(((lam.detach() > 0) & (lam.detach() <= 1)).all()):
-        raise ValueError(
-            f"decay={decay!r}: pass None, a float, or a tensor [{H}] (one per query head), values in (0, 1]"
-        )
-    return lam.log()
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -44,18 +44,14 @@ import torch.distributed as dist
 from transformers import AttentionInterface, PreTrainedModel
 
 from seqpar import comm
+from seqpar.attention.local import local_attention
+from seqpar.attention.registry import ATTENTIONS, get_spec, resolve_layout
 from seqpar.comm import Group
-from seqpar.kernels.softmax import block_attention, block_attention_backward
 from seqpar.models.batch import sp_group_of
 from seqpar.parallel import ParallelState
 from seqpar.sharding import global_index
 
-ATTENTIONS = ("ring", "rsa", "ulysses", "usp", "allgather", "s2", "sf", "full")
-# Default sequence layout per primitive: zigzag balances causal work where the primitive supports it.
-DEFAULT_LAYOUT = {"ring": "zigzag", "allgather": "zigzag", "full": "zigzag", "usp": "zigzag", "rsa": "contiguous",
-                  "ulysses": "contiguous", "s2": "contiguous", "sf": "contiguous"}
-# Primitives that take global document boundaries (packed sequences) as ``cu_seqlens``.
-VARLEN = ("ring", "allgather", "full")
+__all__ = ["ATTENTIONS", "patch_model", "patched_layout", "resolve_layout", "unpatch_model"]
 
 
 @dataclass
@@ -71,23 +67,19 @@ class _Patch:
     ulysses_group: Group
     ring_group: Group
     name: str
-    previous: str
+    previous: str | None
     calls: Counter = field(default_factory=Counter)  # attention actually run, per layer call (attention_calls)
 
-
-def resolve_layout(attention: str, layout: str | None = None) -> str:
-    """The sequence layout ``attention`` runs with (and that ``shard_batch`` must use)."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention={attention!r} is not a seqpar attention: use one of {ATTENTIONS}")
-    layout = DEFAULT_LAYOUT[attention] if layout is None else layout
-    if layout not in ("zigzag", "contiguous"):
-        raise ValueError(f"layout={layout!r} is not a layout: use 'zigzag' or 'contiguous'")
-    if attention in ("s2", "sf") and layout != "contiguous":
-        raise ValueError(
-            f"layout={layout!r} with attention={attention!r}: shifted-group attention needs the contiguous "
-            "layout (its groups are runs of consecutive tokens); pass layout='contiguous' or leave it None"
-        )
-    return layout
+    def shift_size(self, seq_len: int) -> int:
+        """S2/SF shift-group size G: explicit, or ratio x global length; G tiles the sequence and shifts by G/2."""
+        size = self.group_size if self.group_size is not None else int(self.group_size_ratio * seq_len)
+        if size < 2 or size % 2 or seq_len % size:
+            source = "group_size" if self.group_size is not None else f"group_size_ratio={self.group_size_ratio} x L"
+            raise ValueError(
+                f"{self.attention} group size {size} (from {source}) must be even and divide the global sequence "
+                f"length {seq_len}: choose group_size among the even divisors of {seq_len}"
+            )
+        return size
 
 
 def patch_model(
@@ -105,8 +97,9 @@ def patch_model(
 
     Args:
         model: a transformers ``PreTrainedModel`` (or a wrapper holding one, e.g. a PEFT model).
-        attention: one of ``ATTENTIONS``; ``"full"`` is exact causal attention (the local kernel on one
-            device, ``ring_attention`` on an SP group).
+        attention: a name of ``seqpar.attention.registry.ATTENTIONS``; ``"full"`` is exact causal attention
+            (the local kernel on one device, ``ring_attention`` on an SP group); ``"lasp2"`` runs a
+            linear-attention model (Linear-Llama and its hybrid) through its ``set_sequence_parallel``.
         parallel: ``ParallelState``, an SP process group, or None (one device). With usp, every rank of the
             world must call ``patch_model`` (it creates the Ulysses and ring sub-groups).
         layout: sequence layout of the shards (default per primitive: ``resolve_layout``).
@@ -115,7 +108,7 @@ def patch_model(
 
     Returns the same model, patched in place. ``unpatch_model`` restores it.
     """
-    layout = resolve_layout(attention, layout)
+    spec, layout = get_spec(attention), resolve_layout(attention, layout)
     if not 0 < group_size_ratio <= 1:
         raise ValueError(f"group_size_ratio={group_size_ratio} must be in (0, 1] (LongLoRA uses 0.25)")
     pretrained = _find_pretrained(model)
@@ -123,14 +116,22 @@ def patch_model(
         unpatch_model(pretrained)  # re-patching starts from the original implementation
     group = sp_group_of(parallel)
     ulysses_group = ring_group = None
-    if attention == "usp":
-        from seqpar.attention.usp import make_usp_groups
-
+    if spec.subgroups:  # usp: the Ulysses x ring sub-groups of the SP group
         if ulysses_degree is None:
             ulysses_degree = math.gcd(comm.group_size(group), pretrained.config.num_key_value_heads)
-        ulysses_group, ring_group = make_usp_groups(group, ulysses_degree)
+        ulysses_group, ring_group = _usp_groups(parallel, group, ulysses_degree)
+    linear = spec.models == "linear"
     patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
-                   ring_group, name="", previous=pretrained.config._attn_implementation)
+                   ring_group, name="", previous=None if linear else pretrained.config._attn_implementation)
+    if linear != hasattr(pretrained, "set_sequence_parallel"):
+        kind = "linear-attention (Linear-Llama)" if linear else "softmax-attention (Llama, Mistral, Qwen2)"
+        fits = tuple(n for n, s in ATTENTIONS.items() if (s.models == "linear") != linear)
+        raise ValueError(f"attention={attention!r} runs {kind} models, not {type(pretrained).__name__}: pick one "
+                         f"of {fits} for this model")
+    if linear:  # the model runs LASP-2 (and LASP-2H all-gather softmax layers) itself
+        pretrained.set_sequence_parallel(group, layout=layout)
+        pretrained._seqpar_patch = patch
+        return model
     patch.name = f"seqpar_{attention}_{id(patch):x}"
     AttentionInterface.register(patch.name, functools.partial(seqpar_attention_forward, patch))
     pretrained.set_attn_implementation(patch.name)
@@ -150,8 +151,11 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     patch = getattr(pretrained, "_seqpar_patch", None)
     if patch is None:
         raise ValueError(f"{type(pretrained).__name__} is not patched by seqpar: nothing to unpatch")
-    pretrained.set_attn_implementation(patch.previous)
-    AttentionInterface._global_mapping.pop(patch.name, None)
+    if patch.previous is None:  # a linear-attention model: back to one device
+        pretrained.set_sequence_parallel(None)
+    else:
+        pretrained.set_attn_implementation(patch.previous)
+        AttentionInterface._global_mapping.pop(patch.name, None)
     del pretrained._seqpar_patch
     return model
 
@@ -178,6 +182,15 @@ def patched_layout(model: torch.nn.Module) -> str:
     if patch is None:
         raise ValueError("the model is not patched by seqpar: call seqpar.models.patch_model first")
     return patch.layout
+
+
+def _usp_groups(parallel, group: Group, ulysses_degree: int) -> tuple[Group, Group]:
+    """USP sub-groups: the ParallelState's (made once for the run) when it has them, else made here."""
+    if isinstance(parallel, ParallelState):
+        return parallel.usp_groups(ulysses_degree)
+    from seqpar.attention.usp import make_usp_groups
+
+    return make_usp_groups(group, ulysses_degree)
 
 
 def _find_pretrained(model: torch.nn.Module) -> PreTrainedModel:
@@ -217,19 +230,20 @@ def seqpar_attention_forward(
                 f"{n}: generation is single-device; unpatch_model(model) or patch with parallel=None"
             )
         patch.calls["full"] += 1
-        return _LocalAttention.apply(q, k, v, scaling, None, "bottom_right"), None
-    attention = patch.attention
+        return local_attention(q, k, v, scaling, causal="bottom_right"), None
+    spec = get_spec(patch.attention)
     if cu_seqlens is None:
         _check_positions(patch, module, kwargs.get("position_ids"), q_len, query.device)
-    if attention in ("s2", "sf") and not module.training:
-        attention = "full"  # LongLoRA: shifted groups at training time, full attention at inference
-    if cu_seqlens is not None and attention not in VARLEN:
+    if spec.eval_fallback and not module.training:
+        spec = get_spec(spec.eval_fallback)  # LongLoRA: shifted groups at training time, full attention at inference
+    if cu_seqlens is not None and not spec.varlen:
+        varlen = tuple(name for name, s in ATTENTIONS.items() if s.varlen)
         raise ValueError(
-            f"attention={attention!r} does not support packed documents (cu_seqlens was given): "
-            f"use one of {VARLEN} or pass unpacked sequences"
+            f"attention={spec.name!r} does not support packed documents (cu_seqlens was given): "
+            f"use one of {varlen} or pass unpacked sequences"
         )
-    patch.calls[attention] += 1
-    return _dispatch(patch, attention, q, k, v, scaling, cu_seqlens, q_len * n).contiguous(), None
+    patch.calls[spec.name] += 1
+    return spec.call(patch, q, k, v, scaling, cu_seqlens).contiguous(), None
 
 
 def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len, kwargs) -> None:
@@ -280,68 +294,3 @@ def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) ->
             "group (missing position_ids, packed documents without cu_seqlens, or left padding): build the "
             "inputs with seqpar.models.shard_batch(batch, parallel, patched_layout(model)) and pass all of them"
         )
-
-
-def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len: int) -> torch.Tensor:
-    """Call the primitive on ``[B, L/N, H, D]`` shards; imports are lazy so one primitive needs only its file."""
-    import seqpar.attention as A
-
-    g, layout = patch.group, patch.layout
-    if attention == "full" and comm.group_size(g) == 1:
-        seg = None if cu_seqlens is None else _segment_ids(cu_seqlens, q.shape[1], q.device)
-        return _LocalAttention.apply(q, k, v, scale, seg, True)
-    if attention in ("ring", "full", "allgather"):
-        fn = A.allgather_attention if attention == "allgather" else A.ring_attention
-        return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout, cu_seqlens=cu_seqlens)
-    if attention in ("rsa", "ulysses"):
-        fn = A.ring_self_attention if attention == "rsa" else A.ulysses_attention
-        return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout)
-    if attention == "usp":
-        return A.usp_attention(q, k, v, group=g, ulysses_group=patch.ulysses_group, ring_group=patch.ring_group,
-                               causal=True, softmax_scale=scale, layout=layout)
-    size = _shift_group_size(patch, seq_len)
-    if attention == "s2":
-        return A.shift_short_attention(q, k, v, group_size=size, group=g, softmax_scale=scale)
-    return A.sink_shift_attention(q, k, v, group_size=size, num_sink_tokens=patch.num_sink_tokens, group=g,
-                                  softmax_scale=scale)
-
-
-def _shift_group_size(patch: _Patch, seq_len: int) -> int:
-    """S2/SF group size G: explicit, or ratio x global length; groups tile the sequence and shift by G/2."""
-    size = patch.group_size if patch.group_size is not None else int(patch.group_size_ratio * seq_len)
-    if size < 2 or size % 2 or seq_len % size:
-        source = "group_size" if patch.group_size is not None else f"group_size_ratio={patch.group_size_ratio} x L"
-        raise ValueError(
-            f"{patch.attention} group size {size} (from {source}) must be even and divide the global sequence "
-            f"length {seq_len}: choose group_size among the even divisors of {seq_len}"
-        )
-    return size
-
-
-def _segment_ids(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
-    """Document id of every token from cumulative boundaries ``[0, l1, l1 + l2, ..., L]``."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != seq_len or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(
-            f"cu_seqlens={cu.tolist()} must be 1-D, non-decreasing, start at 0 and end at the sequence length "
-            f"{seq_len}: pass the cumulative document lengths of the whole sequence"
-        )
-    return torch.bucketize(torch.arange(seq_len, device=device), cu[1:], right=True)
-
-
-class _LocalAttention(torch.autograd.Function):
-    """Exact attention on one device through the seqpar kernel: forward (out, lse), recomputing backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, seg, causal):
-        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, q_seg=seg, k_seg=seg)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.seg, ctx.causal = scale, seg, causal
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, softmax_scale=ctx.scale,
-                                              q_seg=ctx.seg, k_seg=ctx.seg)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

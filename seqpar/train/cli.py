@@ -7,7 +7,7 @@ model weights.
 
 Errors are one line on stderr of every rank, ``seqpar: error: <what is wrong and the fix>``, no traceback:
 exit code 2 for user errors (recipe, files, process layout, checkpoint to resume), 1 for a NaN/inf loss or a
-rendezvous that times out. Training itself re-checks everything after the process group is up.
+rendezvous that times out. The recipe is validated here, once, before the rendezvous.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def planned_world(recipe: Recipe, override: int | None) -> int:
 
 
 def describe_plan(recipe: Recipe, world: int, config) -> str:
+    from seqpar.attention.registry import resolve_layout
     from seqpar.parallel import group_ranks
     from seqpar.train.model import config_source, rope_factor
-    from seqpar.train.validate import effective_layout
 
     a, t, d = recipe.attention, recipe.trainer, recipe.data
     sp_groups, dp_groups = group_ranks(world, a.sp_size)
@@ -59,7 +59,7 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         f"sp_size {a.sp_size} x dp_size {dp}",
         f"SP groups (consecutive ranks): {sp_groups}",
         f"DP groups (strided ranks): {dp_groups}",
-        f"attention {a.name}, layout {effective_layout(recipe)}: {d.seq_len} tokens per sequence, "
+        f"attention {a.name}, layout {resolve_layout(a.name, a.layout)}: {d.seq_len} tokens per sequence, "
         f"{d.seq_len // a.sp_size} per rank",
         f"global batch {t.micro_batch} x {t.grad_accum} (accum) x {dp} (dp) = "
         f"{t.micro_batch * t.grad_accum * dp} sequences = {t.micro_batch * t.grad_accum * dp * d.seq_len} tokens/step",
@@ -127,5 +127,5 @@ def _run(args: argparse.Namespace) -> int:
         ckpt.verify_checkpoint(latest, recipe, world)
     from seqpar.train import trainer
 
-    trainer.train(recipe, resume=args.resume)
+    trainer.train(recipe, resume=args.resume, validated=True)  # checked above, once
     return 0

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-ATTENTIONS = ("ring", "rsa", "ulysses", "usp", "allgather", "lasp2", "s2", "sf", "full")
+from seqpar.attention.registry import NAMES as ATTENTIONS
+
 SOFTMAX_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LINEAR_MODEL_TYPES = ("linear_llama",)  # seqpar.models.linear_llama; hybrids set layer_types
 # Names other tools use for our keys, suggested when difflib finds nothing close.
@@ -43,7 +44,7 @@ class ModelSection:
 
 @dataclass
 class AttentionSection:
-    name: Literal["ring", "rsa", "ulysses", "usp", "allgather", "lasp2", "s2", "sf", "full"] = "full"
+    name: Literal[ATTENTIONS] = "full"  # seqpar.attention.registry
     sp_size: int = 1
     layout: Literal["zigzag", "contiguous"] | None = None  # None: the primitive's default (zigzag for ring)
     group_size_ratio: float = 0.25  # s2/sf: group G = ratio x global sequence length (LongLoRA uses 1/4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,27 +36,8 @@ class TrainingError(RuntimeError):
 
 
 def join(recipe: Recipe) -> ParallelState:
-    """Process groups for this run. Under torchrun the default group is made here, with its keys prefixed by
-    the restart attempt: torchrun's store outlives a failed attempt, and a restarted group would otherwise
-    read the dead ranks' gloo/NCCL addresses and fail to connect."""
-    from seqpar.parallel import RendezvousError, default_device_backend, group_ranks, read_launch_env
-
-    attempt, timeout = os.environ.get("TORCHELASTIC_RESTART_COUNT"), timedelta(seconds=recipe.launch.rendezvous_timeout)
-    if attempt is not None and not dist.is_initialized():
-        launch = read_launch_env()
-        group_ranks(launch.world_size, recipe.attention.sp_size)  # a bad layout fails before waiting on anybody
-        device, backend = default_device_backend(recipe.launch.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        try:
-            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-            dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt{attempt}", store), rank=rank,
-                                    world_size=world, timeout=timeout)
-        except (RuntimeError, TimeoutError, ConnectionError) as err:
-            raise RendezvousError(f"rank {launch.rank} of {launch.world_size} could not join the process group at "
-                                  f"{launch.master_addr}:{launch.master_port} within {timeout.total_seconds():.0f}s "
-                                  f"({' '.join(str(err).split())[:200]}): check that every node's torchrun "
-                                  "started and can reach that address") from err
+    """Process groups for this run (``ParallelState.from_env``: the restart-prefixed rendezvous under torchrun)."""
+    timeout = timedelta(seconds=recipe.launch.rendezvous_timeout)
     return ParallelState.from_env(recipe.attention.sp_size, device=recipe.launch.device, timeout=timeout)
 
 
@@ -73,16 +55,12 @@ def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
 
 def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
     from seqpar.models import patch_model
-    from seqpar.models.batch import sp_group_of
 
     model = load_model(recipe, path)
     model.config.use_cache = False
     a = recipe.attention
-    if a.name == "lasp2":  # Linear-Llama runs LASP-2 (and LASP-2H all-gather softmax layers) itself
-        model.set_sequence_parallel(sp_group_of(parallel), layout="contiguous")
-    else:
-        patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
-                    num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree)
+    patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
+                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree)
     if recipe.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:
@@ -94,16 +72,15 @@ def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
 
 def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: torch.device) -> dict:
     """This rank's shard; packed documents become ``seq_lens`` (rows flattened into one sequence if B > 1)."""
+    from seqpar.attention.registry import get_spec, resolve_layout
     from seqpar.models import shard_batch
-    from seqpar.models.patch import VARLEN, resolve_layout  # VARLEN: primitives that take cu_seqlens
 
     ids, docs = batch["input_ids"], batch["doc_lens"]
     full = {"input_ids": ids}
-    if recipe.attention.name in VARLEN and any(len(d) > 1 for d in docs):
+    if get_spec(recipe.attention.name).varlen and any(len(d) > 1 for d in docs):
         # Row ends are document ends, so one row of B x L tokens with the documents marked is the same batch.
         full = {"input_ids": ids.reshape(1, -1), "seq_lens": [n for d in docs for n in d]}
-    layout = "contiguous" if recipe.attention.name == "lasp2" else resolve_layout(recipe.attention.name,
-                                                                                   recipe.attention.layout)
+    layout = resolve_layout(recipe.attention.name, recipe.attention.layout)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in shard_batch(full, parallel, layout).items()}
 
@@ -153,21 +130,39 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
     return _dp_mean(sum(losses) / len(losses), parallel)
 
 
-def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
-    """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    recipe: Recipe
+    parallel: ParallelState
+    engine: Any
+    samples: list
+    tokenizer: Any
+    base: Path
+    root: Path
+    start: int
+    resumed: bool
+
+
+def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> Run:
+    """Process groups, data, model (+ LoRA, + seqpar attention), DeepSpeed engine, resumed state.
+
+    ``validated``: the caller (``seqpar train``) already ran ``validate(recipe, world, check_paths=True)`` and
+    verified the checkpoint to resume, before the rendezvous; otherwise it is done here, once.
+    """
     import deepspeed
 
-    from seqpar.models import attention_calls
-
     parallel = join(recipe)
-    validate(recipe, parallel.world_size, check_paths=True)
     if parallel.is_main:
         for warning in recipe_warnings(recipe):
             print(f"seqpar: warning: {warning}", flush=True)
     root = ckpt.checkpoint_root(recipe)
     latest = ckpt.latest_checkpoint(root) if resume or recipe.checkpoint.resume == "auto" else None
-    if latest is not None:  # before any model is built, on every rank alike (no collective involved)
-        ckpt.verify_checkpoint(latest, recipe, parallel.world_size)
+    if not validated:
+        validate(recipe, parallel.world_size, check_paths=True)
+        if latest is not None:  # before any model is built, on every rank alike (no collective involved)
+            ckpt.verify_checkpoint(latest, recipe, parallel.world_size)
     # DeepSpeed reads these; srun and single-process runs do not set them (torchrun does).
     for var, value in (("RANK", parallel.rank), ("WORLD_SIZE", parallel.world_size),
                        ("LOCAL_RANK", parallel.local_rank)):
@@ -191,14 +186,22 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     # from_pretrained returns an eval()-mode model and DeepSpeed keeps it: without this S2/SF would run their
     # eval-time full attention and gradient checkpointing (active only in training mode) would be off.
     engine.module.train()
-    logger = MetricsLogger(recipe, rank=parallel.rank, start_step=start, resumed=latest is not None)
+    return Run(recipe, parallel, engine, samples, tokenizer, base, root, start, latest is not None)
+
+
+def loop(run: Run) -> list[dict]:
+    """Optimizer steps from ``run.start`` to ``trainer.max_steps``: log, evaluate, checkpoint; returns the logs."""
+    from seqpar.models import attention_calls
+
+    recipe, parallel, engine, samples = run.recipe, run.parallel, run.engine, run.samples
+    logger = MetricsLogger(recipe, rank=parallel.rank, start_step=run.start, resumed=run.resumed)
     tokens_per_step = recipe.data.seq_len * recipe.trainer.micro_batch * recipe.trainer.grad_accum * parallel.dp_size
     history, every = [], recipe.checkpoint.every
-    for step in range(start + 1, recipe.trainer.max_steps + 1):
+    for step in range(run.start + 1, recipe.trainer.max_steps + 1):
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the lr this step uses
         loss = train_step(engine, samples, recipe, step - 1, parallel)
         if not math.isfinite(loss):  # the same value on every rank (a mean over SP and DP): all stop together
-            raise TrainingError(nan_message(loss, step, lr, ckpt.latest_checkpoint(root)))
+            raise TrainingError(nan_message(loss, step, lr, ckpt.latest_checkpoint(run.root)))
         metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t0), "seq_len": recipe.data.seq_len,
                    "max_steps": recipe.trainer.max_steps,
@@ -210,9 +213,17 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
         logger.log(step, metrics, parallel.device)
         history.append({"step": step, "loss": loss})
         if (every and step % every == 0) or step == recipe.trainer.max_steps:
-            ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=base, tokenizer=tokenizer)
+            ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=run.base,
+                                 tokenizer=run.tokenizer)
     logger.close()
-    parallel.destroy()  # a clean exit: torch warns about process groups left alive
+    return history
+
+
+def train(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> list[dict]:
+    """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
+    run = setup(recipe, resume=resume, validated=validated)
+    history = loop(run)
+    run.parallel.destroy()  # a clean exit: torch warns about process groups left alive
     return history
 
 

@@ -9,26 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from seqpar.attention.registry import ATTENTIONS, resolve_layout
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
 
 TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}
 BYTE_VOCAB = 259  # 256 bytes + <pad>, <s>, </s> (seqpar.train.data.byte_tokenizer)
-
-
-def effective_layout(recipe: Recipe) -> str:
-    """The layout the patched model shards with (seqpar.models.patch.resolve_layout's rule)."""
-    from seqpar.models.patch import resolve_layout
-
-    if recipe.attention.name == "lasp2":
-        if recipe.attention.layout not in (None, "contiguous"):
-            raise RecipeError(f"attention.layout={recipe.attention.layout!r}: LASP-2 needs the contiguous layout "
-                              "(each rank's prefix state covers all earlier tokens); use attention.layout=contiguous")
-        return "contiguous"
-    try:
-        return resolve_layout(recipe.attention.name, recipe.attention.layout)
-    except ValueError as err:
-        raise RecipeError(f"attention.layout={recipe.attention.layout!r}: {err}") from err
 
 
 def s2_group_size(recipe: Recipe) -> float:
@@ -70,11 +56,14 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
                       f"or launch a multiple of {a.sp_size} processes")
     if a.sp_size >= 1 and seq_len >= 1:
         try:
-            check_divisible(seq_len, a.sp_size, effective_layout(r), name="data.seq_len")
-        except ShardingError as err:
-            errors.append(f"{err} [attention.name={a.name}, attention.sp_size={a.sp_size}]")
-        except RecipeError as err:
-            errors.append(str(err))
+            layout = resolve_layout(a.name, a.layout)
+        except ValueError as err:
+            errors.append(f"attention.layout={a.layout!r}: {err}")
+        else:
+            try:
+                check_divisible(seq_len, a.sp_size, layout, name="data.seq_len")
+            except ShardingError as err:
+                errors.append(f"{err} [attention.name={a.name}, attention.sp_size={a.sp_size}]")
     heads = getattr(config, "num_attention_heads", None)
     degree = a.sp_size if a.name == "ulysses" else a.ulysses_degree if a.name == "usp" else None
     if a.name == "usp" and degree is not None and (degree < 1 or a.sp_size % degree):
@@ -94,12 +83,15 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
         if a.name == "sf" and not 0 <= a.num_sink_tokens < g:
             errors.append(f"attention.num_sink_tokens={a.num_sink_tokens}: must be in [0, group size {g:g})")
     model_type = getattr(config, "model_type", None)
-    if a.name == "lasp2" and model_type not in LINEAR_MODEL_TYPES:
-        errors.append(f"attention.name='lasp2' needs a linear-attention model (model_type in {LINEAR_MODEL_TYPES}),"
-                      f" got model_type={model_type!r}: use ring/ulysses/usp/allgather for softmax models")
-    if model_type in LINEAR_MODEL_TYPES and a.name != "lasp2":
+    linear = ATTENTIONS[a.name].models == "linear"
+    fits = [n for n, s in ATTENTIONS.items() if s.models != "linear"]
+    if linear and model_type not in LINEAR_MODEL_TYPES:
+        errors.append(f"attention.name={a.name!r} needs a linear-attention model (model_type in {LINEAR_MODEL_TYPES}),"
+                      f" got model_type={model_type!r}: use one of {fits} for softmax models")
+    if model_type in LINEAR_MODEL_TYPES and not linear:
+        fits = [n for n, s in ATTENTIONS.items() if s.models == "linear"]
         errors.append(f"attention.name={a.name!r}: model_type={model_type!r} is a linear-attention model; "
-                      "use attention.name=lasp2 (the softmax layers of a hybrid use all-gather attention)")
+                      f"use attention.name in {fits} (the softmax layers of a hybrid use all-gather attention)")
 
 
 def _check_lora(r: Recipe, leaf_names: set[str] | None, errors: list[str]) -> None:
@@ -171,10 +163,10 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
 
 def recipe_warnings(recipe: Recipe) -> list[str]:
     """What a valid recipe does that a user may not expect, said once per run (rank 0) by the trainer."""
-    from seqpar.models.patch import VARLEN
+    from seqpar.attention.registry import get_spec
 
     a, d = recipe.attention, recipe.data
-    if d.source == "files" and d.pack and a.name not in VARLEN:
+    if d.source == "files" and d.pack and not get_spec(a.name).varlen:
         return [f"attention.name={a.name} with data.pack=true: {a.name} takes no document boundaries, so packed "
                 f"documents attend to each other (ring, allgather and full keep them apart); a comparison with "
                 f"those attentions is not like for like: set data.pack=false for one document per row"]

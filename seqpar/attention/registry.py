@@ -1,0 +1,128 @@
+"""The table of seqpar attentions: one entry per name a user can pick (``patch_model``, recipes, ``seqpar bench``).
+
+Each ``AttentionSpec`` says where the primitive lives, which sequence layouts it accepts and which one it uses
+by default, whether it takes packed documents (``cu_seqlens``), which attention runs in ``eval()`` mode
+(LongLoRA's S2/SF are training-time only), which SP sub-groups ``patch_model`` must create for it, and which
+models it runs in (softmax models through transformers' attention registry; linear-attention models through
+their own ``set_sequence_parallel``). ``call`` maps one transformers attention call onto the primitive.
+
+Adding a primitive: write ``seqpar/attention/<name>.py`` (one function ``q, k, v [B, L/N, H, D] -> out``, exact
+backward, errors raised on every rank), export it from ``seqpar.attention`` and add one ``AttentionSpec`` below;
+``patch_model``, the recipe validator, the trainer and the model-level tests (tests/test_patch_models.py)
+pick it up from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One seqpar attention: where it lives and what it supports."""
+
+    name: str
+    primitive: str  # "seqpar.attention.<module>:<function>", imported lazily
+    layouts: tuple[str, ...]  # layouts it runs exactly in; the first is the default
+    varlen: bool = False  # takes global document boundaries ``cu_seqlens`` (packed sequences)
+    eval_fallback: str | None = None  # the attention used when the model is in eval() mode
+    subgroups: tuple[str, ...] = ()  # SP sub-groups patch_model creates (usp: Ulysses x ring)
+    models: str = "softmax"  # "softmax": transformers models; "linear": seqpar's Linear-Llama (and hybrid)
+    call: Callable[..., torch.Tensor] | None = None  # (patch, q, k, v, scale, cu_seqlens) -> out [B, L/N, H, D]
+    why_layout: str = ""  # why the layouts are restricted (said in the error)
+
+    @property
+    def default_layout(self) -> str:
+        return self.layouts[0]
+
+    def load(self) -> Callable:
+        """The primitive function (its module is imported on first use)."""
+        module, name = self.primitive.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _softmax_call(spec_name: str) -> Callable:
+    """Causal call of a softmax primitive with the patch's group and layout (varlen ones get cu_seqlens)."""
+
+    def call(patch: Any, q, k, v, scale, cu_seqlens) -> torch.Tensor:
+        spec = ATTENTIONS[spec_name]
+        extra = {"cu_seqlens": cu_seqlens} if spec.varlen else {}
+        if "ulysses" in spec.subgroups:
+            extra.update(ulysses_group=patch.ulysses_group, ring_group=patch.ring_group)
+        return spec.load()(q, k, v, group=patch.group, causal=True, softmax_scale=scale, layout=patch.layout,
+                           **extra)
+
+    return call
+
+
+def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens) -> torch.Tensor:
+    """S2/SF: shift groups of size ``patch.shift_size(L)`` (L global)."""
+    spec = ATTENTIONS[patch.attention]
+    size = patch.shift_size(q.shape[1] * _world(patch.group))
+    extra = {"num_sink_tokens": patch.num_sink_tokens} if patch.attention == "sf" else {}
+    return spec.load()(q, k, v, group_size=size, group=patch.group, softmax_scale=scale, **extra)
+
+
+def _full_call(patch: Any, q, k, v, scale, cu_seqlens) -> torch.Tensor:
+    """Exact causal attention: the local kernel on one device, ring attention over an SP group."""
+    if _world(patch.group) == 1:
+        from seqpar.attention.local import local_attention
+
+        return local_attention(q, k, v, scale, cu_seqlens=cu_seqlens)
+    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens)
+
+
+def _world(group) -> int:
+    from seqpar.comm import group_size
+
+    return group_size(group)
+
+
+_SHIFT_WHY = "shifted-group attention needs the contiguous layout (its groups are runs of consecutive tokens)"
+ATTENTIONS: dict[str, AttentionSpec] = {s.name: s for s in (
+    AttentionSpec("ring", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_softmax_call("ring")),
+    AttentionSpec("rsa", "seqpar.attention.rsa:ring_self_attention", ("contiguous",), call=_softmax_call("rsa"),
+                  why_layout="ring self-attention (Li et al. 2021) runs the contiguous layout only"),
+    AttentionSpec("ulysses", "seqpar.attention.ulysses:ulysses_attention", ("contiguous", "zigzag"),
+                  call=_softmax_call("ulysses")),
+    AttentionSpec("usp", "seqpar.attention.usp:usp_attention", LAYOUTS, subgroups=("ulysses", "ring"),
+                  call=_softmax_call("usp")),
+    AttentionSpec("allgather", "seqpar.attention.allgather:allgather_attention", LAYOUTS, varlen=True,
+                  call=_softmax_call("allgather")),
+    AttentionSpec("s2", "seqpar.attention.shift_short:shift_short_attention", ("contiguous",),
+                  eval_fallback="full", call=_shifted_call, why_layout=_SHIFT_WHY),
+    AttentionSpec("sf", "seqpar.attention.sink_shift:sink_shift_attention", ("contiguous",),
+                  eval_fallback="full", call=_shifted_call, why_layout=_SHIFT_WHY),
+    AttentionSpec("full", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_full_call),
+    AttentionSpec("lasp2", "seqpar.attention.lasp2:lasp2_linear_attention", ("contiguous",), models="linear",
+                  why_layout="LASP-2 needs the contiguous layout (each rank's prefix state covers all earlier "
+                             "tokens)"),
+)}
+NAMES = tuple(ATTENTIONS)
+VARLEN = tuple(n for n, s in ATTENTIONS.items() if s.varlen)
+
+
+def get_spec(name: str) -> AttentionSpec:
+    if name not in ATTENTIONS:
+        raise ValueError(f"attention={name!r} is not a seqpar attention: use one of {NAMES}")
+    return ATTENTIONS[name]
+
+
+def resolve_layout(attention: str, layout: str | None = None) -> str:
+    """The sequence layout ``attention`` runs with (and that ``shard_batch`` must use)."""
+    spec = get_spec(attention)
+    layout = spec.default_layout if layout is None else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a layout: use 'zigzag' or 'contiguous'")
+    if layout not in spec.layouts:
+        raise ValueError(f"layout={layout!r} with attention={attention!r}: {spec.why_layout}; pass "
+                         f"layout={spec.default_layout!r} or leave it None")
+    return layout

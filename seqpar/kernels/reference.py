@@ -1,0 +1,72 @@
+"""Independent single-process float64 references, written from the definitions: dense masked softmax
+attention, the causal linear-attention recurrence with per-head decay, and the S2/SF (LongLoRA, SinkLoRA)
+masks. O(L^2) memory: for checking, never for training.
+
+Nothing here uses seqpar's kernels: the tests and ``seqpar demo`` compare seqpar against these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_attention(q, k, v, mask=None, scale=None, dtype=torch.float64):
+    """softmax(scale * Q K^T + mask) V with q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (kv heads repeated).
+
+    ``mask``: bool [Lq, Lk] or [H, Lq, Lk] (True = visible). Rows with no visible key give 0.
+    Returns (out [B, Lq, H, D], lse [B, H, Lq]) in ``dtype``; differentiable.
+    """
+    H, Hkv = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(H // Hkv, dim=2), vd.repeat_interleave(H // Hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vd)
+    return out, lse
+
+
+def causal_mask(Lq, Lk, *, bottom_right=False):
+    shift = Lk - Lq if bottom_right else 0
+    return torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + shift
+
+
+def segment_mask(q_seg, k_seg):
+    return q_seg[:, None] == k_seg[None, :]
+
+
+def rel_err(got, ref):
+    """Max abs error relative to the reference's scale (max |ref|, floored at 1)."""
+    got, ref = got.double(), ref.double()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+def linear_attention(q, k, v, decay=None, causal=True):
+    """o_t = Σ_s (q_t · k_s) D_ts v_s with D_ts = λ^(t-s) for s <= t (causal), all ones otherwise; float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    H, L = q.shape[2], q.shape[1]
+    k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // v.shape[2], dim=2)
+    lam = torch.ones(H, dtype=torch.float64) if decay is None else decay.double()
+    t = torch.arange(L, dtype=torch.float64)
+    diff = t[:, None] - t[None, :]
+    D = lam[:, None, None] ** diff.clamp_min(0) * (diff >= 0) if causal else torch.ones(H, L, L).double()
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * D
+    return torch.einsum("bhts,bshd->bthd", scores, v)
+
+
+def s2_mask(L: int, H: int, G: int, *, wrap: bool = False, num_sink_tokens: int = 0) -> torch.Tensor:
+    """Bool [H, L, L], True = query t (row) sees key s (column), written from the definitions."""
+    t = torch.arange(L)
+    causal = t[None, :] <= t[:, None]
+    same = lambda gid: gid[:, None] == gid[None, :]  # noqa: E731
+    plain = same(t // G) & causal  # shift groups [0, G), [G, 2G), ...
+    if wrap:  # roll by -G/2: token t sits at rolled position (t - G/2) mod L; causal in rolled order
+        r = (t - G // 2) % L
+        shifted = same(r // G) & (r[None, :] <= r[:, None])
+    else:  # groups [0, G/2), [G/2, 3G/2), ..., [L - G/2, L)
+        shifted = same((t + G // 2) // G) & causal
+    sinks = (t[None, :] < num_sink_tokens) & causal
+    return torch.stack([plain | sinks] * (H // 2) + [shifted | sinks] * (H // 2))
