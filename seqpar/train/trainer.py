@@ -13,6 +13,7 @@ import math
 import os
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from seqpar.train.data import batch_at, build_dataset, load_tokenizer
 from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
 from seqpar.train.model import BASE_DIR, build_base_model, load_model
+from seqpar.train.preemption import Preemption
 from seqpar.train.recipe import Recipe
 from seqpar.train.validate import validate
 
@@ -157,6 +159,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
     """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
     import deepspeed
 
+    preempt = Preemption(recipe)  # first: a signal during start-up stops the run after its first step
     parallel = join(recipe)
     validate(recipe, parallel.world_size, check_paths=True)
     root = ckpt.checkpoint_root(recipe)
@@ -201,8 +204,14 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[dict]:
             metrics["eval_loss"] = evaluate(engine, samples, recipe, parallel)
         logger.log(step, metrics, parallel.device)
         history.append({"step": step, "loss": loss})
-        if (every and step % every == 0) or step == recipe.trainer.max_steps:
+        saved = (every and step % every == 0) or step == recipe.trainer.max_steps
+        if saved:
             ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=base, tokenizer=tokenizer)
+        if preempt.requested(parallel) and step < recipe.trainer.max_steps:  # one 4-byte all_reduce per step
+            preempt.exit(step, parallel, None if saved else partial(
+                ckpt.save_checkpoint, engine, recipe, step, rank=parallel.rank, base_model=base, tokenizer=tokenizer),
+                logger.close)
+    preempt.close()
     logger.close()
     parallel.destroy()  # a clean exit: torch warns about process groups left alive
     return history
