@@ -9,7 +9,8 @@
 # Signals: SIGTERM / SIGUSR1 / SIGINT sent to this script go to torchrun, which passes them to every worker;
 # with the recipe's checkpoint.on_signal (default SIGTERM, SIGUSR1) the workers finish the step, checkpoint
 # and stop, and this script exits 75 ("preempted, resume me": rerun it with --resume). TORCHRUN_SHUTDOWN_TIMEOUT
-# (default 600) is how long torchrun waits for that before it SIGKILLs the workers.
+# (default 300) is how long torchrun waits for that before it SIGKILLs the workers.
+#
 # PYTHON picks the interpreter (default: python3 on PATH).
 set -euo pipefail
 
@@ -48,7 +49,7 @@ export SEQPAR_PREEMPTED_FILE=${SEQPAR_PREEMPTED_FILE:-$(mktemp -u "${TMPDIR:-/tm
 rm -f "$SEQPAR_PREEMPTED_FILE"
 echo "seqpar: torchrun with $nproc process(es) per node (GPUs visible: $gpus)" >&2
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${TORCHRUN_SHUTDOWN_TIMEOUT:-600}" \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${TORCHRUN_SHUTDOWN_TIMEOUT:-300}" \
   -m seqpar train "$RECIPE" "$@" "${extra[@]}" &
 child=$!
 for sig in TERM USR1 INT HUP; do

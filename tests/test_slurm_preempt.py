@@ -98,3 +98,44 @@ def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_ste
     run_id = (out / "wandb" / "run_id").read_text().strip()
     assert [(r, s) for r, s, _ in rows] == [(run_id, s) for s in range(1, STEPS + 1)]  # one run, each step once
     assert [loss for *_, loss in rows] == [r["loss"] for r in got]
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for `python -m torch.distributed.run ... -m seqpar train`: FAKE_MODE says how the run ends.
+case "$FAKE_MODE" in
+  finish) exit 0 ;;
+  fail) exit 1 ;;
+  signal) trap 'echo 3 > "$SEQPAR_PREEMPTED_FILE"; exit 75' TERM USR1
+          echo "fake: running"
+          for _ in $(seq 600); do sleep 0.1; done ;;
+esac
+"""
+
+
+def test_jobs_that_finish_fail_or_are_cancelled_are_not_requeued(slurm_cluster, tmp_path):  # noqa: F811
+    """The requeue rule of slurm/train.sbatch, with a stand-in for the trainer (seconds, not minutes): only a
+    run stopped by a signal is requeued, not one that finished or failed, nor a cancelled one (scancel's
+    SIGTERM makes the trainer checkpoint and exit 75 too)."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    jobs = {}
+    for mode in ("finish", "fail", "signal"):
+        env = {**slurm_cluster.env, **clean_env(PYTHON=str(fake), NPROC_PER_NODE="1", FAKE_MODE=mode)}
+        sub = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=5", "--gpus-per-node=0",
+                              f"--output={tmp_path / mode}.out", f"--chdir={tmp_path}",
+                              str(ROOT / "slurm" / "train.sbatch"), str(QUICK)],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert sub.returncode == 0, sub.stderr
+        jobs[mode] = int(sub.stdout.strip().split(";")[0])
+    log = tmp_path / "signal.out"
+    until("the stand-in to run", lambda: log.exists() and "fake: running" in log.read_text(), timeout=120)
+    subprocess.run(["scancel", str(jobs["signal"])], env=slurm_cluster.env, check=True, timeout=30)
+    want = {"finish": ("COMPLETED", "0:0"), "fail": ("FAILED", "1:0"), "signal": ("CANCELLED", None)}
+    for mode, job in jobs.items():
+        state = slurm_cluster.wait(job, timeout=60)
+        text = (tmp_path / f"{mode}.out").read_text()
+        assert (state["JobState"], state["ExitCode"] if want[mode][1] else None) == want[mode], f"{state}\n{text}"
+        assert state["Restarts"] == "0" and "requeueing" not in text, f"{state}\n{text}"
+    assert "stopped after step 3 with a checkpoint; the job is ending (COMPLETING, e.g. scancel): not requeued" in \
+        log.read_text()
