@@ -63,7 +63,7 @@ def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_ste
     figures = []
     try:
         for restart, (step, signal_args) in enumerate([(2, ["--signal=USR1", "--batch"]), (5, ["--signal=TERM"])]):
-            until(f"the ranks to hold in step {step}", lambda s=step: f"holds in step {s} " in text())
+            until(f"the ranks to hold in step {step}", lambda s=step: f"holds in step {s} " in text(), timeout=600)
             t0 = time.monotonic()
             subprocess.run(["scancel", *signal_args, str(job)], env=env, check=True, timeout=30)
             state = until(f"requeue {restart + 1}", lambda r=restart: (lambda s: s if s.get("JobState") == "PENDING"
