@@ -69,8 +69,8 @@ def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_ste
             state = until(f"requeue {restart + 1}", lambda r=restart: (lambda s: s if s.get("JobState") == "PENDING"
                           and s.get("Restarts") == str(r + 1) else None)(slurm_cluster.job_state(job)))
             t_requeued = time.monotonic()
-            assert state.get("Reason") == "BeginTime", state  # SLURM's hold of a requeued job
-            scontrol("update", f"JobId={job}", "StartTime=now")
+            assert state.get("Reason") in ("BeginTime", "None"), state  # None: before SLURM sets the hold
+            scontrol("update", f"JobId={job}", "StartTime=now")  # skip the hold (121 s)
             until(f"restart {restart + 1} to run", lambda: slurm_cluster.job_state(job).get("JobState") == "RUNNING")
             figures.append((step, t_requeued - t0, time.monotonic() - t0))
         final = slurm_cluster.wait(job, timeout=400)
