@@ -6,6 +6,11 @@
 #   NPROC=4 launch/torchrun.sh RECIPE ...                                 # force the process count
 #   SEQPAR_CPU=1 launch/torchrun.sh RECIPE ...                            # ignore GPUs, use gloo on CPU
 #
+# Signals: SIGTERM / SIGUSR1 / SIGINT sent to this script go to torchrun, which passes them to every worker;
+# with the recipe's checkpoint.on_signal (default SIGTERM, SIGUSR1) the workers finish the step, checkpoint
+# and stop, and this script exits 75 ("preempted, resume me": rerun it with --resume). TORCHRUN_SHUTDOWN_TIMEOUT
+# (default 300) is how long torchrun waits for that before it SIGKILLs the workers.
+#
 # PYTHON picks the interpreter (default: python3 on PATH).
 set -euo pipefail
 
@@ -39,6 +44,24 @@ PY
 fi
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Each rank writes the step here when a signal stopped it (torchrun reports any stopped worker as 1).
+export SEQPAR_PREEMPTED_FILE=${SEQPAR_PREEMPTED_FILE:-$(mktemp -u "${TMPDIR:-/tmp}/seqpar-preempted.XXXXXX")}
+rm -f "$SEQPAR_PREEMPTED_FILE"
 echo "seqpar: torchrun with $nproc process(es) per node (GPUs visible: $gpus)" >&2
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-  -m seqpar train "$RECIPE" "$@" "${extra[@]}"
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${TORCHRUN_SHUTDOWN_TIMEOUT:-300}" \
+  -m seqpar train "$RECIPE" "$@" "${extra[@]}" &
+child=$!
+for sig in TERM USR1 INT HUP; do
+  trap "kill -s $sig $child 2>/dev/null || true" "$sig"   # pass it on; `wait` returns early, so wait again
+done
+rc=0
+wait "$child" || rc=$?
+while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done
+if [[ $rc -ne 0 && -s "$SEQPAR_PREEMPTED_FILE" ]]; then
+  echo "seqpar: preempted after step $(cat "$SEQPAR_PREEMPTED_FILE"): the checkpoint is written; rerun with --resume" >&2
+  rm -f "$SEQPAR_PREEMPTED_FILE"
+  exit 75
+fi
+rm -f "$SEQPAR_PREEMPTED_FILE"
+exit "$rc"

@@ -41,6 +41,8 @@ BAD = [
     ("unknown attention", ["attention.name=flash"], 2, [], ["attention.name='flash'", "'ring'", "'ulysses'"]),
     ("zero stage 4", ["deepspeed.zero_stage=4"], 2, [], ["deepspeed.zero_stage=4", "0, 1, 2, 3"]),
     ("negative lr", ["trainer.lr=-1"], 2, [], ["trainer.lr=-1.0", "must be > 0"]),
+    ("unknown signal", ["checkpoint.on_signal=[SIGUSR1,SIGFOO]"], 2, [], ["checkpoint.on_signal[1]='SIGFOO'",
+                                                                          "SIGTERM, SIGUSR1"]),
     ("nan lr", ["trainer.lr=.nan"], 2, [], ["trainer.lr=nan", "must be > 0"]),
     ("override without =", ["trainer.max_steps"], 2, [], ["'trainer.max_steps'", "dotted.key=value"]),
     ("rope factor < 1", ["rope_scaling.factor=0.5"], 2, [], ["rope_scaling.factor=0.5", ">= 1"]),

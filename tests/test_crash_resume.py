@@ -1,66 +1,34 @@
 """Crash and resume under torchrun: nothing is lost when a rank dies.
 
-One run of the quick start (2 processes, sp_size 2, LoRA, ZeRO-2, a checkpoint every 3 steps) is hit by two
-faults injected through test-only hooks (seqpar/train/faults.py), under ``torchrun --max-restarts=2`` and
-``checkpoint.resume=auto``:
+One run of the quick start (tests/resume_harness.py: 2 processes, sp_size 2, LoRA, ZeRO-2, a checkpoint every
+3 steps) is hit by two faults injected through test-only hooks (seqpar/train/faults.py), under
+``torchrun --max-restarts=2`` and ``checkpoint.resume=auto``:
 
 1. attempt 0: rank 1 is SIGKILLed in the middle of step 5 (after the step-3 checkpoint);
 2. attempt 1 resumes from step 3; rank 1 is SIGKILLed while writing the step-6 checkpoint (its DeepSpeed
    shards are on disk, the rest is not): only a ``.tmp-`` folder remains, never mistaken for a checkpoint;
 3. attempt 2 resumes from step 3 again and finishes.
 
-Its per-step losses, logged once per step, and its final weights equal an uninterrupted run's.
+Its per-step losses, logged once per step, and its final weights equal the uninterrupted run's
+(``quickstart_reference``, tests/conftest.py, shared with the preemption tests).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from seqpar.train import checkpoint as ckpt
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICK = ROOT / "recipes" / "quickstart-cpu.yaml"
-STEPS = 8
-OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.num_samples=16",
-             "checkpoint.every=3", "checkpoint.resume=auto", "logging.wandb=false"]
-
-
-def torchrun(out: Path, *, restarts: int = 0, **faults: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **faults}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "-m", "seqpar", "train", str(QUICK), f"trainer.output_dir={out}",
-           *OVERRIDES]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=out.parent)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(out / "checkpoints" / f"step-{STEPS:08d}" / "adapter" / "adapter_model.safetensors")
+from tests.resume_harness import STEPS, adapter, max_difference, metrics, torchrun
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, quickstart_reference):
     tmp = tmp_path_factory.mktemp("crash")
-    clean = torchrun(tmp / "clean")
     faulty = torchrun(tmp / "faulty", restarts=2, SEQPAR_FAULT_RANK="1", SEQPAR_FAULT_KILL_AT_STEP="5",
                       SEQPAR_FAULT_KILL_IN_SAVE="6@1")
-    return {"tmp": tmp, "clean": clean, "faulty": faulty}
+    return {"tmp": tmp, "clean": quickstart_reference, "faulty": faulty}
 
 
 def test_both_faults_fired_and_each_restart_resumed_from_the_newest_complete_checkpoint(runs):
@@ -74,7 +42,7 @@ def test_both_faults_fired_and_each_restart_resumed_from_the_newest_complete_che
 
 
 def test_losses_equal_the_uninterrupted_run(runs):
-    clean, faulty = metrics(runs["tmp"] / "clean"), metrics(runs["tmp"] / "faulty")
+    clean, faulty = metrics(runs["clean"]), metrics(runs["tmp"] / "faulty")
     assert [r["step"] for r in faulty] == list(range(1, STEPS + 1))  # each step logged once
     worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(clean, faulty))
     print(f"crash+resume vs uninterrupted: max |loss difference| over {STEPS} steps = {worst:.2e}")
@@ -82,9 +50,7 @@ def test_losses_equal_the_uninterrupted_run(runs):
 
 
 def test_final_weights_equal_the_uninterrupted_run(runs):
-    clean, faulty = adapter(runs["tmp"] / "clean"), adapter(runs["tmp"] / "faulty")
-    assert clean.keys() == faulty.keys() and len(clean) > 0
-    worst = max((clean[k] - faulty[k]).abs().max().item() for k in clean)
+    worst = max_difference(adapter(runs["clean"]), adapter(runs["tmp"] / "faulty"))
     print(f"crash+resume vs uninterrupted: max |weight difference| = {worst:.2e}")
     assert worst <= 1e-6
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from seqpar.train import wandb_history
 from seqpar.train.recipe import Recipe
 
 
@@ -44,6 +46,16 @@ def _step(line: str) -> float:
         return float("inf")
 
 
+def wandb_run_id(folder: Path, resumed: bool) -> str:
+    """One wandb run per training run: a resumed (requeued) run continues the id kept in ``folder/run_id``."""
+    path = folder / "run_id"
+    if resumed and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # wandb's format: 8 characters [0-9a-z]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     def __init__(self, recipe: Recipe, *, rank: int, start_step: int, resumed: bool):
         self.rank, self.every = rank, recipe.logging.log_every
@@ -54,9 +66,11 @@ class MetricsLogger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "metrics.jsonl"
-        if resumed and path.is_file():  # steps after the checkpoint are trained again: keep each step once
-            path.write_text("".join(x + "\n" for x in path.read_text().splitlines() if _step(x) <= start_step))
+        lines = path.read_text().splitlines() if resumed and path.is_file() else []
+        if lines:  # steps after the checkpoint are trained again: keep each step once
+            path.write_text("".join(x + "\n" for x in lines if _step(x) <= start_step))
         self.file = path.open("a")
+        self.sent = start_step  # wandb holds the steps up to here
         lg = recipe.logging
         if lg.wandb and lg.mode != "disabled":
             os.environ.setdefault("WANDB_DIR", str(self.out / "wandb"))
@@ -64,8 +78,18 @@ class MetricsLogger:
             (self.out / "wandb").mkdir(exist_ok=True)
             import wandb
 
+            run_id = wandb_run_id(self.out / "wandb", resumed)
+            # The last step the run holds: offline, read from its files (its service may have died with the
+            # job's signal before writing the last steps); online, the last one logged before.
+            logged = max([0, *(s for s in map(_step, lines) if s != float("inf"))])
+            held = wandb_history.last_step(self.out / "wandb", run_id) if lg.mode == "offline" else logged
             self.wandb = wandb.init(project=lg.project, name=lg.name, mode=lg.mode, config=recipe.to_dict(),
-                                    dir=os.environ["WANDB_DIR"], resume="allow" if resumed else None)
+                                    dir=os.environ["WANDB_DIR"], resume="allow" if resumed else None, id=run_id)
+            for line in lines:  # steps metrics.jsonl has and wandb lost, from metrics.jsonl
+                if held < _step(line) <= start_step:
+                    self._to_wandb(json.loads(line))
+            # wandb cannot drop rows: it keeps its first record of a step trained twice (after a crash)
+            self.sent = max(held, start_step)
         from tqdm import tqdm
 
         self.bar = tqdm(total=recipe.trainer.max_steps, initial=start_step, desc="train", unit="step",
@@ -84,10 +108,8 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            flat = {k: v for k, v in record.items() if not isinstance(v, list)}
-            flat.update({f"peak_memory_mb/rank{r}": m for r, m in enumerate(metrics["peak_memory_mb"])})
-            self.wandb.log(flat, step=step)
+        if step > self.sent:
+            self._to_wandb(record)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             self.bar.update(1)
@@ -97,6 +119,18 @@ class MetricsLogger:
         print(f"step {step}/{self.max_steps} loss {metrics['loss']:.6f} lr {metrics['lr']:.3g} "
               f"tokens/s {metrics['tokens_per_s']:.0f} eta {per_step * (self.max_steps - step):.0f}s", flush=True)
 
+    def _to_wandb(self, record: dict) -> None:
+        if self.wandb is None:
+            return
+        flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+        flat.update({f"peak_memory_mb/rank{r}": m for r, m in enumerate(record["peak_memory_mb"])})
+        try:
+            self.wandb.log(flat, step=record["step"])
+        except (OSError, RuntimeError) as err:  # e.g. its service process got the job's SIGTERM and ended
+            print(f"seqpar: wandb stopped at step {record['step']} ({type(err).__name__}: {err}); metrics.jsonl "
+                  "goes on, and a resumed run sends wandb the steps it missed", flush=True)
+            self.wandb = None
+
     def close(self) -> None:
         if self.rank != 0:
             return
@@ -104,4 +138,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except (OSError, RuntimeError) as err:
+                print(f"seqpar: wandb could not finish ({type(err).__name__}: {err})", flush=True)

@@ -134,6 +134,8 @@ class CheckpointSection:
     keep: int = 2
     resume: Literal["never", "auto"] = "never"
     dir: str | None = None  # default: <output_dir>/checkpoints
+    # Signals that mean "save and exit 75 to be requeued" (seqpar/train/preemption.py); [] turns it off.
+    on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from seqpar.train.data import batch_at, build_dataset, load_tokenizer
 from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
 from seqpar.train.model import BASE_DIR, build_base_model, load_model
+from seqpar.train.preemption import Preemption
 from seqpar.train.recipe import Recipe
 from seqpar.train.validate import recipe_warnings, validate
 
@@ -143,6 +145,7 @@ class Run:
     root: Path
     start: int
     resumed: bool
+    preempt: Preemption
 
 
 def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> Run:
@@ -153,6 +156,7 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
     """
     import deepspeed
 
+    preempt = Preemption(recipe)  # first: a signal during start-up stops the run after its first step
     parallel = join(recipe)
     if parallel.is_main:
         for warning in recipe_warnings(recipe):
@@ -186,7 +190,7 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
     # from_pretrained returns an eval()-mode model and DeepSpeed keeps it: without this S2/SF would run their
     # eval-time full attention and gradient checkpointing (active only in training mode) would be off.
     engine.module.train()
-    return Run(recipe, parallel, engine, samples, tokenizer, base, root, start, latest is not None)
+    return Run(recipe, parallel, engine, samples, tokenizer, base, root, start, latest is not None, preempt)
 
 
 def loop(run: Run) -> list[dict]:
@@ -212,9 +216,15 @@ def loop(run: Run) -> list[dict]:
             metrics["eval_attention_calls"] = attention_calls(engine.module, reset=True)
         logger.log(step, metrics, parallel.device)
         history.append({"step": step, "loss": loss})
-        if (every and step % every == 0) or step == recipe.trainer.max_steps:
+        saved = (every and step % every == 0) or step == recipe.trainer.max_steps
+        if saved:
             ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=run.base,
                                  tokenizer=run.tokenizer)
+        if run.preempt.requested(parallel) and step < recipe.trainer.max_steps:  # one 4-byte all_reduce per step
+            run.preempt.exit(step, parallel, None if saved else partial(
+                ckpt.save_checkpoint, engine, recipe, step, rank=parallel.rank, base_model=run.base,
+                tokenizer=run.tokenizer), logger.close)
+    run.preempt.close()
     logger.close()
     return history
 

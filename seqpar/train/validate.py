@@ -11,6 +11,7 @@ from typing import Any
 
 from seqpar.attention.registry import ATTENTIONS, resolve_layout
 from seqpar.sharding import ShardingError, check_divisible
+from seqpar.train.preemption import check_signals
 from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
 
 TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}
@@ -147,6 +148,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
     except RecipeError as err:
         errors.append(str(err))
     _check_numbers(recipe, errors)
+    check_signals(recipe.checkpoint.on_signal, errors)
     _check_model_data(recipe, config, errors)
     if check_paths:  # what training reads on this machine (--dry-run plans for another one)
         _check_model_folder(recipe, config, errors)
