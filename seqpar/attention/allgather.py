@@ -27,10 +27,10 @@ import torch
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import Layout, global_index
+from seqpar.sharding import Layout, local_chunks
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[int, ...]:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
         raise ValueError(
             f"cu_seqlens must be a 1-D integer tensor [num_docs + 1] of document boundaries, got "
@@ -42,19 +42,19 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
             f"cu_seqlens={bounds} must rise from 0 to the global sequence length {seq_len} "
             "(q.shape[1] * N): pass the boundaries of the whole packed sequence, the same on every rank"
         )
+    return tuple(bounds)
 
 
-def _mask_args(seq_len: int, n: int, rank: int, layout: str, causal: bool, cu_seqlens, device) -> dict:
-    """Kernel mask arguments for this rank's queries against the rank-major gathered keys."""
+def _mask_args(seq_len: int, n: int, rank: int, layout: str, cu_seqlens) -> dict:
+    """Kernel mask arguments for this rank's queries against the rank-major gathered keys: the global runs
+    of both as host ints (the kernel cuts the block into a full rectangle of the keys before each local
+    chunk plus that chunk's causal diagonal, per document), and the documents' boundaries."""
     if n == 1 and cu_seqlens is None:
-        return {}  # plain (square) causal or no mask: lets the fused kernels run
-    q_pos = global_index(seq_len, n, rank, layout, device=device)
-    k_pos = torch.cat([global_index(seq_len, n, r, layout, device=device) for r in range(n)])
-    args = {"q_pos": q_pos, "k_pos": k_pos} if causal else {}
-    if cu_seqlens is not None:  # document id of every global position
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        args["q_seg"] = torch.searchsorted(cu, q_pos, right=True) - 1
-        args["k_seg"] = torch.searchsorted(cu, k_pos, right=True) - 1
+        return {}  # plain (square) causal or no mask: one fused kernel call
+    args = {"q_spans": local_chunks(seq_len, n, rank, layout),
+            "k_spans": [c for r in range(n) for c in local_chunks(seq_len, n, r, layout)]}
+    if cu_seqlens is not None:
+        args["cu_seqlens"] = cu_seqlens
     return args
 
 
@@ -64,7 +64,7 @@ class _AllGatherAttention(torch.autograd.Function):
         n, rank = group_size(group), group_rank(group)
         # Step 1: one all-gather of K and V together -> [2, B, L, Hkv, D] in rank-major order.
         kv = all_gather_tensor(torch.stack([k, v]), group, dim=2)
-        mask = _mask_args(q.shape[1] * n, n, rank, layout, causal, cu_seqlens, q.device)
+        mask = _mask_args(q.shape[1] * n, n, rank, layout, cu_seqlens)
         # Step 2: local queries over the whole sequence, masked by global positions / documents.
         out, lse = block_attention(q, kv[0], kv[1], causal=causal, softmax_scale=scale, **mask)
         ctx.save_for_backward(q, kv, out, lse)
@@ -117,7 +117,7 @@ def allgather_attention(
     check_qkv(q, k, v, group=group, layout=layout)
     seq_len = q.shape[1] * n
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, seq_len)
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, seq_len)  # host ints from here on
     return _AllGatherAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens
     )

@@ -42,8 +42,8 @@ import torch
 
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, RingComm, group_rank, group_size
-from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
-from seqpar.sharding import Layout, global_index
+from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, cut_spans, merge_partials
+from seqpar.sharding import Layout, local_chunks
 
 __all__ = ["ring_attention"]
 
@@ -60,7 +60,7 @@ class _RingPlan:
     causal: bool
     scale: float
     layout: str
-    segs: list[torch.Tensor] | None  # document id of every token of rank j's shard, for each j (varlen)
+    cu: tuple[int, ...] | None  # global document boundaries (varlen), host ints
 
     def block(self, src: int, n: int) -> tuple[slice, slice, bool] | None:
         """``(query slice, key slice, causal diagonal?)`` of the product with rank ``src``'s K/V, or None."""
@@ -75,10 +75,15 @@ class _RingPlan:
             return _ALL, slice(0, half), False
         return slice(half, None), _ALL, False  # only chunk 2N-1-r sees rank src's two chunks
 
-    def masks(self, qs: slice, src: int, ks: slice) -> dict:
-        if self.segs is None:
-            return {}
-        return {"q_seg": self.segs[self.rank][qs], "k_seg": self.segs[src][ks]}
+    def masks(self, qs: slice, src: int, ks: slice, diag: bool, n: int) -> dict:
+        """Kernel mask arguments of one step: plain (causal diagonal or full), or with documents the global
+        runs of the block's rows and keys (host ints: the kernel cuts them into fused pieces per document)."""
+        if self.cu is None:
+            return {"causal": diag}
+        L = n * self.world
+        runs = lambda r, s: cut_spans(local_chunks(L, self.world, r, self.layout), s.start or 0, s.stop)  # noqa: E731
+        return {"causal": self.causal, "q_spans": runs(self.rank, qs), "k_spans": runs(src, ks),
+                "cu_seqlens": self.cu}
 
 
 def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +97,8 @@ def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]
         blk = plan.block(src, n)
         if blk is not None:
             qs, ks, diag = blk
-            o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag,
-                                   softmax_scale=plan.scale, **plan.masks(qs, src, ks))
+            o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], softmax_scale=plan.scale,
+                                   **plan.masks(qs, src, ks, diag, n))
             if out is None:  # step 0 always covers every local query
                 out, lse = merge_partials(None, None, o, l)
             else:
@@ -120,8 +125,8 @@ def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
             qs, ks, diag = blk
             # The merged out/lse make each block's gradients exact partial sums (FlashAttention-2).
             dq_b, dk_b, dv_b = block_attention_backward(
-                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], causal=diag,
-                softmax_scale=plan.scale, **plan.masks(qs, src, ks))
+                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
+                softmax_scale=plan.scale, **plan.masks(qs, src, ks, diag, n))
             dq[:, qs] += dq_b
             part[0][:, ks] += dk_b
             part[1][:, ks] += dv_b
@@ -157,9 +162,8 @@ class RingAttentionFunc(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int, world: int, layout: str,
-                 device: torch.device) -> list[torch.Tensor] | None:
-    """Validate ``cu_seqlens`` (global boundaries) and return the document id of each token of every shard."""
+def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, ...] | None:
+    """Validate ``cu_seqlens`` (global boundaries) and return them as host ints (one read per call)."""
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
@@ -171,9 +175,7 @@ def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int, world: int, layo
                          "(N x local length): pass the boundaries of the whole packed sequence")
     if any(b < a for a, b in itertools.pairwise(cu)):
         raise ValueError(f"cu_seqlens={cu} must be non-decreasing (cumulative document lengths)")
-    cu_t = torch.tensor(cu, device=device)
-    return [torch.searchsorted(cu_t, global_index(seq_len, world, j, layout, device=device), right=True) - 1
-            for j in range(world)]
+    return tuple(cu)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -211,7 +213,7 @@ def ring_attention(
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group, layout=layout)
     world = group_size(group)
-    segs = document_ids(cu_seqlens, q.shape[1] * world, world, layout, q.device)
+    cu = document_ids(cu_seqlens, q.shape[1] * world)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, segs)
+    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, cu)
     return RingAttentionFunc.apply(q, k, v, plan)

@@ -268,8 +268,8 @@ def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len
 
     g, layout = patch.group, patch.layout
     if attention == "full" and comm.group_size(g) == 1:
-        seg = None if cu_seqlens is None else _segment_ids(cu_seqlens, q.shape[1], q.device)
-        return _LocalAttention.apply(q, k, v, scale, seg, True)
+        docs = None if cu_seqlens is None else _doc_bounds(cu_seqlens, q.shape[1])
+        return _LocalAttention.apply(q, k, v, scale, docs, True)
     if attention in ("ring", "full", "allgather"):
         fn = A.allgather_attention if attention == "allgather" else A.ring_attention
         return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout, cu_seqlens=cu_seqlens)
@@ -298,30 +298,31 @@ def _shift_group_size(patch: _Patch, seq_len: int) -> int:
     return size
 
 
-def _segment_ids(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
-    """Document id of every token from cumulative boundaries ``[0, l1, l1 + l2, ..., L]``."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != seq_len or bool((cu[1:] < cu[:-1]).any()):
+def _doc_bounds(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[int, ...]:
+    """Cumulative document boundaries ``[0, l1, l1 + l2, ..., L]`` as host ints (one read per call)."""
+    cu = cu_seqlens.tolist() if cu_seqlens.dim() == 1 else None
+    if cu is None or not cu or cu[0] != 0 or cu[-1] != seq_len or cu != sorted(cu):
         raise ValueError(
-            f"cu_seqlens={cu.tolist()} must be 1-D, non-decreasing, start at 0 and end at the sequence length "
-            f"{seq_len}: pass the cumulative document lengths of the whole sequence"
+            f"cu_seqlens={cu_seqlens.tolist()} must be 1-D, non-decreasing, start at 0 and end at the sequence "
+            f"length {seq_len}: pass the cumulative document lengths of the whole sequence"
         )
-    return torch.bucketize(torch.arange(seq_len, device=device), cu[1:], right=True)
+    return tuple(int(c) for c in cu)
 
 
 class _LocalAttention(torch.autograd.Function):
     """Exact attention on one device through the seqpar kernel: forward (out, lse), recomputing backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, seg, causal):
-        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, q_seg=seg, k_seg=seg)
+    def forward(ctx, q, k, v, scale, docs, causal):
+        # docs: host-int document boundaries (packed sequences): fused pieces per document, none across
+        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.seg, ctx.causal = scale, seg, causal
+        ctx.scale, ctx.docs, ctx.causal = scale, docs, causal
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, softmax_scale=ctx.scale,
-                                              q_seg=ctx.seg, k_seg=ctx.seg)
+                                              cu_seqlens=ctx.docs)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
