@@ -153,7 +153,11 @@ def _error_checks(rank: int, world: int, group) -> dict:
 
 
 def _all_checks(rank: int, world: int, group) -> dict:
-    return {"exact": _exact_checks(rank, world, group), "bytes": _byte_checks(rank, world, group),
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    reset_fallbacks()
+    return {"exact": _exact_checks(rank, world, group), "fallbacks": fallback_counts(),
+            "bytes": _byte_checks(rank, world, group),
             "errors": _error_checks(rank, world, group)}
 
 
@@ -169,6 +173,12 @@ def test_matches_dense_float64(world_results, case):
     for key in ("out", "dq", "dk", "dv"):
         err = max(r["exact"][case][key] for r in results)
         assert err <= tol, f"{case} on {world} ranks: {key} relative error {err:.2e} > {tol:.0e}"
+
+
+def test_no_tiled_kernel_fallback(world_results):
+    """Every block of these calls (documents, zigzag, halos, sinks) ran a fused kernel."""
+    world, results = world_results
+    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
 
 
 def test_bytes_match_formula(world_results):

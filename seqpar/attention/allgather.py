@@ -92,6 +92,7 @@ def allgather_attention(
     softmax_scale: float | None = None,
     layout: Layout = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-gather K, V; attend with global positions.
 
@@ -104,6 +105,8 @@ def allgather_attention(
         layout: ``"zigzag"`` or ``"contiguous"`` (seqpar.sharding); the output uses the same layout.
         cu_seqlens: optional int ``[num_docs + 1]`` global document boundaries of the packed sequence
             (same on every rank, 0 first, L last); no token attends across documents.
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -114,7 +117,7 @@ def allgather_attention(
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     seq_len = q.shape[1] * n
     if cu_seqlens is not None:
         cu_seqlens = _check_cu_seqlens(cu_seqlens, seq_len)  # host ints from here on

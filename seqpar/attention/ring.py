@@ -191,6 +191,7 @@ def ring_attention(
     softmax_scale: float | None = None,
     layout: Layout = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole sharded sequence, K/V travelling on a ring.
 
@@ -203,6 +204,8 @@ def ring_attention(
         layout: ``"zigzag"`` (balanced causal work; L divisible by 2N) or ``"contiguous"`` (L divisible by N).
         cu_seqlens: optional int ``[num_docs + 1]`` global document boundaries (0, ..., L) of a packed
             sequence; attention stays inside documents.
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` in q's dtype, sharded like q (partials accumulated in float32).
@@ -211,7 +214,7 @@ def ring_attention(
     ``N·2·B·(L/N)·Hkv·D·4`` (float32 dK/dV; 8 bytes for float64) when N > 1.
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     world = group_size(group)
     cu = document_ids(cu_seqlens, q.shape[1] * world)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

@@ -141,9 +141,11 @@ def _check_local(q, k, v, G: int, S: int, world: int, caller: str) -> None:
 
 
 def make_plan(q, k, v, *, group: Group, group_size: int, wrap: bool, num_sink_tokens: int,
-              softmax_scale: float | None, caller: str) -> ShiftPlan:
-    """Validate collectively (one small all-gather), then locally: every rank raises the same error."""
-    _check_ranks_agree(_signature(q, k, v, group_size, num_sink_tokens, wrap), group, caller, q.device)
+              softmax_scale: float | None, caller: str, validate: bool = True) -> ShiftPlan:
+    """Validate collectively (one small all-gather; skipped with ``validate=False``), then locally: every rank
+    raises the same error."""
+    if validate:
+        _check_ranks_agree(_signature(q, k, v, group_size, num_sink_tokens, wrap), group, caller, q.device)
     world = sp_size(group)
     _check_local(q, k, v, int(group_size), int(num_sink_tokens), world, caller)
     return ShiftPlan(group, world, group_rank(group), q.shape[1], int(group_size), bool(wrap),
@@ -347,6 +349,7 @@ def shift_short_attention(
     group: Group = None,
     wrap: bool = False,
     softmax_scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """LongLoRA S2-Attn (causal) of this rank's contiguous shard.
 
@@ -358,10 +361,12 @@ def shift_short_attention(
         wrap: roll the shifted half with wrap-around (the paper's pseudocode) instead of half groups at the
             ends (LongLoRA's flash path, the default).
         softmax_scale: defaults to ``D ** -0.5``.
+        validate: compare the arguments across ranks (one small all-gather); False skips it when the caller
+            already did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, n, H, D]`` in q's dtype; differentiable in q, k, v (hand-written backward).
     """
     plan = make_plan(q, k, v, group=group, group_size=group_size, wrap=wrap, num_sink_tokens=0,
-                     softmax_scale=softmax_scale, caller="shift_short_attention")
+                     softmax_scale=softmax_scale, caller="shift_short_attention", validate=validate)
     return ShiftShortAttention.apply(q, k, v, plan)

@@ -155,6 +155,7 @@ def sink_shift_attention(
     num_sink_tokens: int = 4,
     group: Group = None,
     softmax_scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """SinkLoRA SF-Attn (causal) of this rank's contiguous shard.
 
@@ -165,10 +166,12 @@ def sink_shift_attention(
         num_sink_tokens: S in ``[0, n]``: the first S tokens of the sequence, seen by every query (0: S2-Attn).
         group: the SP process group; None = one device.
         softmax_scale: defaults to ``D ** -0.5``.
+        validate: compare the arguments across ranks (one small all-gather); False skips it when the caller
+            already did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, n, H, D]`` in q's dtype; differentiable in q, k, v (hand-written backward).
     """
     plan = make_plan(q, k, v, group=group, group_size=group_size, wrap=False, num_sink_tokens=num_sink_tokens,
-                     softmax_scale=softmax_scale, caller="sink_shift_attention")
+                     softmax_scale=softmax_scale, caller="sink_shift_attention", validate=validate)
     return SinkShiftAttention.apply(q, k, v, plan)

@@ -9,6 +9,7 @@ primitives. Model-level methods (a Llama training step) live in ``seqpar.bench.t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -67,13 +68,26 @@ def _single_sdpa(cfg: dict, group):
     return _fwd_bwd(attn, [q, k, v], None)
 
 
-def _seqpar(name: str, layout: str, **extra):
+def packed_cu_seqlens(L: int, docs: str) -> torch.Tensor:
+    """Document boundaries of a packed row: ``"eighths"`` = 8 documents of L/8; ``"mixed"`` = lengths 1/2,
+    1/8, 1/4, 1/16, 1/16 of L (long and short documents, boundaries inside shards)."""
+    lens = [L // 8] * 8 if docs == "eighths" else [L // 2, L // 8, L // 4, L // 16, L // 16]
+    return torch.tensor([0, *itertools.accumulate(lens)])
+
+
+def _seqpar(name: str, layout: str, *, docs: str | None = None, dtype: str | None = None, **extra):
+    """A seqpar primitive; ``docs``: packed documents (``packed_cu_seqlens``); ``dtype`` overrides the suite's."""
+
     def build(cfg: dict, group):
         import seqpar.attention as A
 
         fn = getattr(A, name)
+        if dtype is not None:
+            cfg = {**cfg, "dtype": dtype}
         q, k, v = _qkv(cfg, group, layout=layout)
         kwargs = {"group": group, "causal": cfg["causal"], "layout": layout, **extra}
+        if docs is not None:
+            kwargs["cu_seqlens"] = packed_cu_seqlens(cfg["seq_len"], docs)
         if name == "usp_attention":
             from seqpar.attention.usp import make_usp_groups
 
@@ -91,6 +105,11 @@ METHODS["rsa"] = _seqpar("ring_self_attention", "contiguous")
 METHODS["ulysses"] = _seqpar("ulysses_attention", "contiguous")
 METHODS["usp"] = _seqpar("usp_attention", "zigzag")
 METHODS["allgather"] = _seqpar("allgather_attention", "zigzag")
+METHODS["ring_packed"] = _seqpar("ring_attention", "zigzag", docs="eighths")
+METHODS["ring_packed_mixed"] = _seqpar("ring_attention", "zigzag", docs="mixed")
+METHODS["allgather_packed"] = _seqpar("allgather_attention", "zigzag", docs="eighths")
+METHODS["ring_zigzag_bf16"] = _seqpar("ring_attention", "zigzag", dtype="bfloat16")
+METHODS["allgather_bf16"] = _seqpar("allgather_attention", "zigzag", dtype="bfloat16")
 
 
 @method("deepspeed_ulysses")

@@ -209,7 +209,8 @@ def seqpar_attention_forward(
             f"attention={attention!r} does not support packed documents (cu_seqlens was given): "
             f"use one of {VARLEN} or pass unpacked sequences"
         )
-    return _dispatch(patch, attention, q, k, v, scaling, cu_seqlens, q_len * n).contiguous(), None
+    first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
+    return _dispatch(patch, attention, q, k, v, scaling, cu_seqlens, q_len * n, first_layer).contiguous(), None
 
 
 def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len, kwargs) -> None:
@@ -262,9 +263,14 @@ def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) ->
         )
 
 
-def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len: int) -> torch.Tensor:
-    """Call the primitive on ``[B, L/N, H, D]`` shards; imports are lazy so one primitive needs only its file."""
+def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len: int,
+              validate: bool = True) -> torch.Tensor:
+    """Call the primitive on ``[B, L/N, H, D]`` shards; imports are lazy so one primitive needs only its file.
+    ``validate``: run the primitives' cross-rank shape checks (the first layer of a forward; every layer has
+    the same shapes, so later layers skip that collective)."""
     import seqpar.attention as A
+
+    checked = {"validate": validate}
 
     g, layout = patch.group, patch.layout
     if attention == "full" and comm.group_size(g) == 1:
@@ -272,7 +278,8 @@ def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len
         return _LocalAttention.apply(q, k, v, scale, docs, True)
     if attention in ("ring", "full", "allgather"):
         fn = A.allgather_attention if attention == "allgather" else A.ring_attention
-        return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout, cu_seqlens=cu_seqlens)
+        return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout, cu_seqlens=cu_seqlens,
+                  **checked)
     if attention in ("rsa", "ulysses"):
         fn = A.ring_self_attention if attention == "rsa" else A.ulysses_attention
         return fn(q, k, v, group=g, causal=True, softmax_scale=scale, layout=layout)
@@ -281,9 +288,9 @@ def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len
                                causal=True, softmax_scale=scale, layout=layout)
     size = _shift_group_size(patch, seq_len)
     if attention == "s2":
-        return A.shift_short_attention(q, k, v, group_size=size, group=g, softmax_scale=scale)
+        return A.shift_short_attention(q, k, v, group_size=size, group=g, softmax_scale=scale, **checked)
     return A.sink_shift_attention(q, k, v, group_size=size, num_sink_tokens=patch.num_sink_tokens, group=g,
-                                  softmax_scale=scale)
+                                  softmax_scale=scale, **checked)
 
 
 def _shift_group_size(patch: _Patch, seq_len: int) -> int:
