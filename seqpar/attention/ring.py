@@ -26,7 +26,10 @@ Communication per call, with b = 2·B·(L/N)·Hkv·D (K and V of the kv heads on
     with acc = 4 (float32 accumulators; 8 for float64 inputs).
 
 Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same on every rank) gives every
-token a document id; tokens attend only within their document (causally when ``causal``).
+token a document id; tokens attend only within their document (causally when ``causal``). Each block is cut
+on the host into per-document fused pieces (kernels/plan.py); pieces of documents a block does not share are
+never computed. When no document crosses a layout chunk (e.g. 8 documents of L/8 at N = 2), no rank needs
+another's K/V: the call computes its diagonal block and sends nothing (0 bytes, forward and backward).
 
 Errors (raised on every rank, before any K/V is exchanged): bad ``layout``/``causal``/``softmax_scale``,
 shapes differing across ranks (``comm.check_same_shapes``), q/k/v batch, length, head_dim or dtype mismatch,
@@ -61,6 +64,7 @@ class _RingPlan:
     scale: float
     layout: str
     cu: tuple[int, ...] | None  # global document boundaries (varlen), host ints
+    local_only: bool = False  # no document spans two shards: no K/V needs to leave its rank
 
     def block(self, src: int, n: int) -> tuple[slice, slice, bool] | None:
         """``(query slice, key slice, causal diagonal?)`` of the product with rank ``src``'s K/V, or None."""
@@ -87,6 +91,9 @@ class _RingPlan:
 
 
 def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    if plan.local_only:  # packed documents that all stay inside one shard: the diagonal block is everything
+        o, l = block_attention(q, k, v, softmax_scale=plan.scale, **plan.masks(_ALL, plan.rank, _ALL, True, q.shape[1]))
+        return merge_partials(None, None, o, l)
     ring, n = RingComm(plan.group), q.shape[1]
     kv = torch.stack([k, v])  # one packed buffer per hop: K and V of the kv heads only (never repeated)
     spare = torch.empty_like(kv) if plan.world > 1 else None
@@ -110,6 +117,10 @@ def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
+    if plan.local_only:
+        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, softmax_scale=plan.scale,
+                                              **plan.masks(_ALL, plan.rank, _ALL, True, q.shape[1]))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     acc, n = acc_dtype(q.dtype), q.shape[1]
     kv_ring, dkv_ring = RingComm(plan.group), RingComm(plan.group)
     kv = torch.stack([k, v])
@@ -178,6 +189,14 @@ def document_ids(cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, ..
     return tuple(cu)
 
 
+def _docs_stay_in_shards(cu: tuple[int, ...] | None, seq_len: int, world: int, layout: str) -> bool:
+    """Every document lies inside one layout chunk (host ints only), so no rank needs another's K/V."""
+    if cu is None or world == 1:
+        return False
+    chunk = seq_len // (world * (2 if layout == "zigzag" else 1))
+    return all(a // chunk == (b - 1) // chunk for a, b in itertools.pairwise(cu) if b > a)
+
+
 # ---------------------------------------------------------------------------------------------- public API
 
 
@@ -218,5 +237,6 @@ def ring_attention(
     world = group_size(group)
     cu = document_ids(cu_seqlens, q.shape[1] * world)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, cu)
+    local = _docs_stay_in_shards(cu, q.shape[1] * world, world, layout)
+    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, cu, local)
     return RingAttentionFunc.apply(q, k, v, plan)
