@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 DEFAULT_LINEAR_BLOCK = 64
-RUN_SCORES = 1 << 24  # at most this many score elements (64 MB in float32) computed together (``_runs``)
+RUN_SCORES = 1 << 20  # at most this many score elements (4 MB in float32) computed together (``_runs``)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
