@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= launch/constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup quickstart demo test lint
+.PHONY: setup quickstart demo test test-gpu lint
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=20 tests
+
+test-gpu: setup
+	$(PY) -m pytest -q -rs tests/gpu
 
 lint: setup
 	$(VENV)/bin/ruff check .

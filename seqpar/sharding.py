@@ -107,9 +107,9 @@ def position_ids(seq_len: int, *, group: Group = None, layout: Layout = "zigzag"
     return global_index(seq_len, group_size(group), group_rank(group), layout, device=device)
 
 
-def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor | None = None,
-                 device=None) -> torch.Tensor:
-    """Document id of each global position (default: every position ``0..seq_len-1``), ``[len(positions)]``.
+def document_bounds(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[int, ...]:
+    """Validated global document boundaries as host ints (one device read per call: the fused kernels' plans
+    are cut on the host from them).
 
     The one rule for packed documents everywhere (``shard_batch``, the primitives, the patched model):
     ``cu_seqlens`` is a 1-D integer tensor ``[0, l1, l1 + l2, ..., seq_len]`` of global boundaries, the same
@@ -123,6 +123,14 @@ def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor
         raise ValueError(f"cu_seqlens={cu} must start at 0 and end at the global sequence length {seq_len}, "
                          f"non-decreasing from 0 to {seq_len} (an empty document repeats a boundary): pass the "
                          "cumulative document lengths of the whole packed sequence")
+    return tuple(int(c) for c in cu)
+
+
+def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor | None = None,
+                 device=None) -> torch.Tensor:
+    """Document id of each global position (default: every position ``0..seq_len-1``), ``[len(positions)]``,
+    under ``document_bounds``' rule."""
+    cu = document_bounds(cu_seqlens, seq_len)
     device = cu_seqlens.device if device is None else device
     positions = torch.arange(seq_len, device=device) if positions is None else positions.to(device)
     return torch.searchsorted(torch.tensor(cu, device=device), positions, right=True) - 1

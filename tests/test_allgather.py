@@ -84,10 +84,12 @@ def _bad_input_checks(rank, world, group) -> dict:
 
 def _all_checks(rank, world, group) -> dict:
     from seqpar.attention import allgather_attention
+    from seqpar.kernels import fallback_counts, reset_fallbacks
 
+    reset_fallbacks()
     cases = {name: {**compare_case(allgather_attention, rank, world, group, shard_layout=c["layout"], **c),
                      "tol": TOL[c["dtype"]]} for name, c in _cases(world).items()}
-    return {"cases": cases, "bytes": _bytes_checks(rank, world, group),
+    return {"cases": cases, "fallbacks": fallback_counts(), "bytes": _bytes_checks(rank, world, group),
             "bad": _bad_input_checks(rank, world, group)}
 
 
@@ -116,3 +118,9 @@ def test_bytes_match_formula(worlds):
 def test_bad_inputs_raise_on_every_rank(worlds):
     for world, results in worlds.items():
         assert_errors(results, world)
+
+
+def test_no_tiled_kernel_fallback(worlds):
+    """Every block (zigzag/contiguous all-gathered keys, documents) ran a fused kernel."""
+    for world, results in worlds.items():
+        assert all(r is None or r["fallbacks"] == {} for r in results), world

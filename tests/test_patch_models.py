@@ -215,6 +215,9 @@ def _rank_checks(rank: int, world: int, group, model_dir: str, models: tuple, ca
     torch.manual_seed(0)
     state = ParallelState.from_initialized(world, device="cpu")  # also accepted where a group is
     out = {"exact": {}, "packed": {}, "shifted": {}, "eval": {}, "labels": None, "errors": None}
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    reset_fallbacks()
     batch = _batch()
     packed_ids = _batch(padded=False)["input_ids"][:1]
     for name in models:
@@ -238,6 +241,7 @@ def _rank_checks(rank: int, world: int, group, model_dir: str, models: tuple, ca
             model.train()
             got = _eval_logits(model, attention, group, batch)
             out["eval"][name, attention] = ((got - plain).abs().max() / plain.abs().max()).item()
+    out["fallbacks"] = fallback_counts()  # every attention block above ran a fused kernel
     out["labels"] = _label_checks(group, world)
     with ByteCounter() as c:  # the loss costs one all-reduce of (sum, count) in float64
         sp_cross_entropy(torch.zeros(1, 4, VOCAB), torch.zeros(1, 4, dtype=torch.long), state)
@@ -286,6 +290,11 @@ def test_every_primitive_matches_unpatched_model(sp_results):
         assert all(r["exact"][key]["value"] == err["value"] for r in results), "loss differs across ranks"
     want = {(a, lay) for a, lay in EXACT_CASES if world != 3 or a != "ulysses"}
     assert {(a, lay) for _, a, lay in results[0]["exact"]} == want  # every case ran
+
+
+def test_no_tiled_kernel_fallback(sp_results):
+    world, results = sp_results
+    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
 
 
 def test_packed_documents_match_separate_documents(sp_results):

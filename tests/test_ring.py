@@ -7,6 +7,8 @@ pytest side asserts per case, so a failure names the case and the world size.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -41,6 +43,8 @@ CASES = {
     "varlen-contig-causal-f32": _case(layout="contiguous", docs=True, dtype=torch.float32),
     "varlen-zigzag-noncausal-f64": _case(causal=False, docs=True),
     "varlen-contig-noncausal-gqa-f64": _case(layout="contiguous", causal=False, docs=True),
+    # documents inside zigzag chunks: no K/V leaves its rank (the ring is skipped)
+    "varlen-in-chunks-zigzag-f32": _case(docs="in-chunks", dtype=torch.float32),
 }
 
 
@@ -81,7 +85,7 @@ def _exact_checks(rank: int, world: int, group) -> dict:
     L = N_LOCAL * world
     for seed, (name, c) in enumerate(CASES.items()):
         q, k, v, dout = make_inputs(L, c, seed)
-        lengths = doc_lengths(L, seed) if c["docs"] else None
+        lengths = ([8] * (L // 8) if c["docs"] == "in-chunks" else doc_lengths(L, seed)) if c["docs"] else None
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if lengths else None
         local = [shard(t, group=group, layout=c["layout"]).requires_grad_() for t in (q, k, v)]
         out = ring_attention(*local, group=group, causal=c["causal"], softmax_scale=c["scale"],
@@ -152,8 +156,27 @@ def _error_checks(rank: int, world: int, group) -> dict:
     return msgs
 
 
+def _packed_bytes(world: int, group) -> dict:
+    """Bytes sent (forward + backward) with documents inside zigzag chunks (none needs another rank's K/V)
+    and with documents crossing shards (the full ring)."""
+    L = N_LOCAL * world
+    sent = {}
+    for name, lengths in (("in-chunks", [8] * (L // 8)), ("crossing", doc_lengths(L, 0))):
+        q, k, v, dout = make_inputs(L, _case(dtype=torch.float32), 0)
+        local = [shard(t, group=group, layout="zigzag").requires_grad_() for t in (q, k, v)]
+        cu = torch.tensor([0, *itertools.accumulate(lengths)])
+        with ByteCounter() as c:
+            ring_attention(*local, group=group, cu_seqlens=cu).backward(shard(dout, group=group, layout="zigzag"))
+        sent[name] = c.sent
+    return sent
+
+
 def _all_checks(rank: int, world: int, group) -> dict:
-    return {"exact": _exact_checks(rank, world, group), "bytes": _byte_checks(rank, world, group),
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    reset_fallbacks()
+    return {"exact": _exact_checks(rank, world, group), "fallbacks": fallback_counts(),
+            "bytes": _byte_checks(rank, world, group), "packed_bytes": _packed_bytes(world, group),
             "errors": _error_checks(rank, world, group)}
 
 
@@ -171,6 +194,12 @@ def test_matches_dense_float64(world_results, case):
         assert err <= tol, f"{case} on {world} ranks: {key} relative error {err:.2e} > {tol:.0e}"
 
 
+def test_no_tiled_kernel_fallback(world_results):
+    """Every block of these calls (documents, zigzag, halos, sinks) ran a fused kernel."""
+    world, results = world_results
+    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
+
+
 def test_bytes_match_formula(world_results):
     world, results = world_results
     for r in results:
@@ -180,6 +209,13 @@ def test_bytes_match_formula(world_results):
             bwd = fwd + (world * b * 4 if world > 1 else 0)  # dK/dV travel in float32, N hops
             assert got["fwd"] == (fwd, fwd, fwd), (name, got["fwd"], fwd)
             assert got["bwd"] == (bwd, bwd, bwd), (name, got["bwd"], bwd)
+
+
+def test_documents_inside_shards_send_nothing(world_results):
+    world, results = world_results
+    for r in results:
+        assert r["packed_bytes"]["in-chunks"] == 0, r["packed_bytes"]
+        assert (r["packed_bytes"]["crossing"] > 0) == (world > 1), r["packed_bytes"]
 
 
 EXPECTED_ERRORS = {

@@ -127,7 +127,10 @@ def _errors(world: int, group, rank: int) -> dict:
 
 
 def _checks(rank: int, world: int, group) -> dict:
-    return {"accuracy": _accuracy(world, group), "positions": _positions(world, group),
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    reset_fallbacks()
+    return {"accuracy": _accuracy(world, group), "fallbacks": fallback_counts(), "positions": _positions(world, group),
             "bytes": _bytes(world, group, rank), "errors": _errors(world, group, rank)}
 
 
@@ -207,3 +210,9 @@ def test_bad_inputs_raise_on_every_rank(world_results):
         if world > 1:
             assert "disagree" in m["shape_mismatch"] and "q.L per rank" in m["shape_mismatch"], rank
             assert "group_size per rank" in m["group_size_mismatch"], rank
+
+
+def test_no_tiled_kernel_fallback(world_results):
+    """Every block of these calls (documents, zigzag, halos, sinks) ran a fused kernel."""
+    world, results = world_results
+    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])

@@ -77,7 +77,10 @@ def _errors(world: int, group, rank: int) -> dict:
 
 
 def _checks(rank: int, world: int, group) -> dict:
-    return {"accuracy": _accuracy(world, group), "positions": _positions(world, group),
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    reset_fallbacks()
+    return {"accuracy": _accuracy(world, group), "fallbacks": fallback_counts(), "positions": _positions(world, group),
             "bytes": _bytes(world, group), "errors": _errors(world, group, rank)}
 
 
@@ -151,3 +154,9 @@ def test_bad_inputs_raise_on_every_rank(world_results):
         assert "group_size=6" in m["bad_group"], rank
         if world > 1:
             assert "num_sink_tokens per rank" in m["sink_mismatch"], rank
+
+
+def test_no_tiled_kernel_fallback(world_results):
+    """Every block of these calls (documents, zigzag, halos, sinks) ran a fused kernel."""
+    world, results = world_results
+    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])

@@ -27,19 +27,19 @@ import torch
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import Layout, document_ids, global_index
+from seqpar.sharding import Layout, document_bounds, local_chunks
 
 
-def _mask_args(seq_len: int, n: int, rank: int, layout: str, causal: bool, cu_seqlens, device) -> dict:
-    """Kernel mask arguments for this rank's queries against the rank-major gathered keys."""
+def _mask_args(seq_len: int, n: int, rank: int, layout: str, cu_seqlens) -> dict:
+    """Kernel mask arguments for this rank's queries against the rank-major gathered keys: the global runs
+    of both as host ints (the kernel cuts the block into a full rectangle of the keys before each local
+    chunk plus that chunk's causal diagonal, per document), and the documents' boundaries."""
     if n == 1 and cu_seqlens is None:
-        return {}  # plain (square) causal or no mask: lets the fused kernels run
-    q_pos = global_index(seq_len, n, rank, layout, device=device)
-    k_pos = torch.cat([global_index(seq_len, n, r, layout, device=device) for r in range(n)])
-    args = {"q_pos": q_pos, "k_pos": k_pos} if causal else {}
-    if cu_seqlens is not None:  # document id of every global position
-        args["q_seg"] = document_ids(cu_seqlens, seq_len, q_pos, device=device)
-        args["k_seg"] = document_ids(cu_seqlens, seq_len, k_pos, device=device)
+        return {}  # plain (square) causal or no mask: one fused kernel call
+    args = {"q_spans": local_chunks(seq_len, n, rank, layout),
+            "k_spans": [c for r in range(n) for c in local_chunks(seq_len, n, r, layout)]}
+    if cu_seqlens is not None:
+        args["cu_seqlens"] = cu_seqlens
     return args
 
 
@@ -49,7 +49,7 @@ class _AllGatherAttention(torch.autograd.Function):
         n, rank = group_size(group), group_rank(group)
         # Step 1: one all-gather of K and V together -> [2, B, L, Hkv, D] in rank-major order.
         kv = all_gather_tensor(torch.stack([k, v]), group, dim=2)
-        mask = _mask_args(q.shape[1] * n, n, rank, layout, causal, cu_seqlens, q.device)
+        mask = _mask_args(q.shape[1] * n, n, rank, layout, cu_seqlens)
         # Step 2: local queries over the whole sequence, masked by global positions / documents.
         out, lse = block_attention(q, kv[0], kv[1], causal=causal, softmax_scale=scale, **mask)
         ctx.save_for_backward(q, kv, out, lse)
@@ -77,6 +77,7 @@ def allgather_attention(
     softmax_scale: float | None = None,
     layout: Layout = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-gather K, V; attend with global positions.
 
@@ -89,6 +90,8 @@ def allgather_attention(
         layout: ``"zigzag"`` or ``"contiguous"`` (seqpar.sharding); the output uses the same layout.
         cu_seqlens: optional int ``[num_docs + 1]`` global document boundaries of the packed sequence
             (same on every rank, 0 first, L last); no token attends across documents.
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -99,9 +102,10 @@ def allgather_attention(
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens)
+    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens, validate=validate)
+    seq_len = q.shape[1] * n
     if cu_seqlens is not None:
-        document_ids(cu_seqlens, q.shape[1] * n)  # validates (the same error on every rank)
+        cu_seqlens = document_bounds(cu_seqlens, seq_len)  # host ints from here on (same error on every rank)
     return _AllGatherAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens
     )

@@ -95,13 +95,16 @@ def check_same_inputs(group: Group, cu_seqlens=None, **tensors: torch.Tensor) ->
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Group, layout: str,
-              cu_seqlens=None) -> None:
+              cu_seqlens=None, validate: bool = True) -> None:
     """``q [B, L/N, H, D]``, ``k, v [B, L/N, Hkv, D]`` (and ``cu_seqlens``) alike on every rank, Hkv dividing H,
-    and a sequence length (local length x N) that ``layout`` can split."""
+    and a sequence length (local length x N) that ``layout`` can split. ``validate=False`` skips the
+    cross-rank collective (a caller that already checked these shapes in this forward, e.g. every layer after
+    the first)."""
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, L/N, heads, D], got {type(t).__name__}")
-    check_same_inputs(group, cu_seqlens, q=q, k=k, v=v)
+    if validate:
+        check_same_inputs(group, cu_seqlens, q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all be 4-D "
                          "[B, L/N, heads, D]: reshape [B, L, H*D] activations to [B, L, H, D]")

@@ -10,29 +10,30 @@ from __future__ import annotations
 import torch
 
 from seqpar.kernels import block_attention, block_attention_backward
-from seqpar.sharding import document_ids
+from seqpar.sharding import document_bounds
 
 
 class _LocalAttention(torch.autograd.Function):
     """Forward (out, lse) through ``block_attention``; backward through ``block_attention_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, seg):
-        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, q_seg=seg, k_seg=seg)
+    def forward(ctx, q, k, v, causal, scale, docs):
+        # docs: host-int document boundaries (packed sequences): fused pieces per document, none across
+        out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.seg = causal, scale, seg
+        ctx.causal, ctx.scale, ctx.docs = causal, scale, docs
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = block_attention_backward(dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
-                                              softmax_scale=ctx.scale, q_seg=ctx.seg, k_seg=ctx.seg)
+                                              softmax_scale=ctx.scale, cu_seqlens=ctx.docs)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, *,
                     causal: bool | str = True, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Exact (causal, or ``"bottom_right"`` for a KV cache) attention; ``cu_seqlens`` keeps it inside documents."""
-    seg = None if cu_seqlens is None else document_ids(cu_seqlens, q.shape[1], device=q.device)
-    return _LocalAttention.apply(q, k, v, causal, softmax_scale, seg)
+    docs = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1])
+    return _LocalAttention.apply(q, k, v, causal, softmax_scale, docs)

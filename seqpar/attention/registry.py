@@ -36,7 +36,9 @@ class AttentionSpec:
     eval_fallback: str | None = None  # the attention used when the model is in eval() mode
     subgroups: tuple[str, ...] = ()  # SP sub-groups patch_model creates (usp: Ulysses x ring)
     models: str = "softmax"  # "softmax": transformers models; "linear": seqpar's Linear-Llama (and hybrid)
-    call: Callable[..., torch.Tensor] | None = None  # (patch, q, k, v, scale, cu_seqlens) -> out [B, L/N, H, D]
+    # (patch, q, k, v, scale, cu_seqlens, validate) -> out [B, L/N, H, D]; validate: the primitive's cross-rank
+    # shape check (patch_model runs it at the first layer of a forward only)
+    call: Callable[..., torch.Tensor] | None = None
     why_layout: str = ""  # why the layouts are restricted (said in the error)
 
     @property
@@ -52,32 +54,33 @@ class AttentionSpec:
 def _softmax_call(spec_name: str) -> Callable:
     """Causal call of a softmax primitive with the patch's group and layout (varlen ones get cu_seqlens)."""
 
-    def call(patch: Any, q, k, v, scale, cu_seqlens) -> torch.Tensor:
+    def call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True) -> torch.Tensor:
         spec = ATTENTIONS[spec_name]
         extra = {"cu_seqlens": cu_seqlens} if spec.varlen else {}
         if "ulysses" in spec.subgroups:
             extra.update(ulysses_group=patch.ulysses_group, ring_group=patch.ring_group)
         return spec.load()(q, k, v, group=patch.group, causal=True, softmax_scale=scale, layout=patch.layout,
-                           **extra)
+                           validate=validate, **extra)
 
     return call
 
 
-def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens) -> torch.Tensor:
+def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True) -> torch.Tensor:
     """S2/SF: shift groups of size ``patch.shift_size(L)`` (L global)."""
     spec = ATTENTIONS[patch.attention]
     size = patch.shift_size(q.shape[1] * _world(patch.group))
     extra = {"num_sink_tokens": patch.num_sink_tokens} if patch.attention == "sf" else {}
-    return spec.load()(q, k, v, group_size=size, group=patch.group, softmax_scale=scale, **extra)
+    return spec.load()(q, k, v, group_size=size, group=patch.group, softmax_scale=scale, validate=validate,
+                       **extra)
 
 
-def _full_call(patch: Any, q, k, v, scale, cu_seqlens) -> torch.Tensor:
+def _full_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True) -> torch.Tensor:
     """Exact causal attention: the local kernel on one device, ring attention over an SP group."""
     if _world(patch.group) == 1:
         from seqpar.attention.local import local_attention
 
         return local_attention(q, k, v, scale, cu_seqlens=cu_seqlens)
-    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens)
+    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens, validate)
 
 
 def _world(group) -> int:

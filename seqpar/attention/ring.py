@@ -26,7 +26,10 @@ Communication per call, with b = 2·B·(L/N)·Hkv·D (K and V of the kv heads on
     with acc = 4 (float32 accumulators; 8 for float64 inputs).
 
 Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same on every rank) gives every
-token a document id; tokens attend only within their document (causally when ``causal``).
+token a document id; tokens attend only within their document (causally when ``causal``). Each block is cut
+on the host into per-document fused pieces (kernels/plan.py); pieces of documents a block does not share are
+never computed. When no document crosses a layout chunk (e.g. 8 documents of L/8 at N = 2), no rank needs
+another's K/V: the call computes its diagonal block and sends nothing (0 bytes, forward and backward).
 
 Errors (raised on every rank, before any K/V is exchanged): bad ``layout``/``causal``/``softmax_scale``,
 shapes or ``cu_seqlens`` differing across ranks (``checks.check_qkv``), q/k/v batch, length, head_dim or dtype mismatch,
@@ -35,14 +38,15 @@ kv heads not dividing heads, a length that the layout cannot split, malformed ``
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from seqpar.attention.checks import check_options, check_qkv
 from seqpar.comm import Group, group_rank, group_size, ring_visit
-from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
-from seqpar.sharding import Layout, document_ids, global_index
+from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, cut_spans, merge_partials
+from seqpar.sharding import Layout, document_bounds, local_chunks
 
 __all__ = ["ring_attention"]
 
@@ -59,7 +63,8 @@ class _RingPlan:
     causal: bool
     scale: float
     layout: str
-    segs: list[torch.Tensor] | None  # document id of every token of rank j's shard, for each j (varlen)
+    cu: tuple[int, ...] | None  # global document boundaries (varlen), host ints
+    local_only: bool = False  # no document spans two shards: no K/V needs to leave its rank
 
     def block(self, src: int, n: int) -> tuple[slice, slice, bool] | None:
         """``(query slice, key slice, causal diagonal?)`` of the product with rank ``src``'s K/V, or None."""
@@ -74,22 +79,31 @@ class _RingPlan:
             return _ALL, slice(0, half), False
         return slice(half, None), _ALL, False  # only chunk 2N-1-r sees rank src's two chunks
 
-    def masks(self, qs: slice, src: int, ks: slice) -> dict:
-        if self.segs is None:
-            return {}
-        return {"q_seg": self.segs[self.rank][qs], "k_seg": self.segs[src][ks]}
+    def masks(self, qs: slice, src: int, ks: slice, diag: bool, n: int) -> dict:
+        """Kernel mask arguments of one step: plain (causal diagonal or full), or with documents the global
+        runs of the block's rows and keys (host ints: the kernel cuts them into fused pieces per document)."""
+        if self.cu is None:
+            return {"causal": diag}
+        L = n * self.world
+        runs = lambda r, s: cut_spans(local_chunks(L, self.world, r, self.layout), s.start or 0, s.stop)  # noqa: E731
+        return {"causal": self.causal, "q_spans": runs(self.rank, qs), "k_spans": runs(src, ks),
+                "cu_seqlens": self.cu}
 
 
 def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    n, acc = q.shape[1], {}
+    n = q.shape[1]
+    if plan.local_only:  # packed documents that all stay inside one shard: the diagonal block is everything
+        o, l = block_attention(q, k, v, softmax_scale=plan.scale, **plan.masks(_ALL, plan.rank, _ALL, True, n))
+        return merge_partials(None, None, o, l)
+    acc = {}
 
     def attend(src: int, kv: torch.Tensor) -> None:
         blk = plan.block(src, n)
         if blk is None:
             return
         qs, ks, diag = blk
-        o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=diag, softmax_scale=plan.scale,
-                               **plan.masks(qs, src, ks))
+        o, l = block_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], softmax_scale=plan.scale,
+                               **plan.masks(qs, src, ks, diag, n))
         if not acc:  # step 0 always covers every local query
             acc["out"], acc["lse"] = merge_partials(None, None, o, l)
         else:
@@ -102,6 +116,10 @@ def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
+    if plan.local_only:
+        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, softmax_scale=plan.scale,
+                                              **plan.masks(_ALL, plan.rank, _ALL, True, q.shape[1]))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     acc, n = acc_dtype(q.dtype), q.shape[1]
     dq = torch.zeros_like(q, dtype=acc)
 
@@ -112,8 +130,8 @@ def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
             qs, ks, diag = blk
             # The merged out/lse make each block's gradients exact partial sums (FlashAttention-2).
             dq_b, dk_b, dv_b = block_attention_backward(
-                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], causal=diag,
-                softmax_scale=plan.scale, **plan.masks(qs, src, ks))
+                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
+                softmax_scale=plan.scale, **plan.masks(qs, src, ks, diag, n))
             dq[:, qs] += dq_b
             part[0][:, ks] += dk_b
             part[1][:, ks] += dv_b
@@ -141,6 +159,17 @@ class RingAttentionFunc(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _docs_stay_in_shards(cu: tuple[int, ...] | None, seq_len: int, world: int, layout: str) -> bool:
+    """Every document lies inside one layout chunk (host ints only), so no rank needs another's K/V."""
+    if cu is None or world == 1:
+        return False
+    chunk = seq_len // (world * (2 if layout == "zigzag" else 1))
+    return all(a // chunk == (b - 1) // chunk for a, b in itertools.pairwise(cu) if b > a)
+
+
 # ---------------------------------------------------------------------------------------------- public API
 
 
@@ -154,6 +183,7 @@ def ring_attention(
     softmax_scale: float | None = None,
     layout: Layout = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole sharded sequence, K/V travelling on a ring.
 
@@ -166,6 +196,8 @@ def ring_attention(
         layout: ``"zigzag"`` (balanced causal work; L divisible by 2N) or ``"contiguous"`` (L divisible by N).
         cu_seqlens: optional int ``[num_docs + 1]`` global document boundaries (0, ..., L) of a packed
             sequence; attention stays inside documents.
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` in q's dtype, sharded like q (partials accumulated in float32).
@@ -174,12 +206,10 @@ def ring_attention(
     ``N·2·B·(L/N)·Hkv·D·4`` (float32 dK/dV; 8 bytes for float64) when N > 1.
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens)
+    check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens, validate=validate)
     world = group_size(group)
-    segs = None
-    if cu_seqlens is not None:  # document id of every token of every shard
-        docs = document_ids(cu_seqlens, q.shape[1] * world, device=q.device)
-        segs = [docs[global_index(q.shape[1] * world, world, j, layout, device=q.device)] for j in range(world)]
+    cu = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1] * world)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, segs)
+    local = _docs_stay_in_shards(cu, q.shape[1] * world, world, layout)
+    plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, cu, local)
     return RingAttentionFunc.apply(q, k, v, plan)

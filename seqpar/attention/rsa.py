@@ -141,6 +141,7 @@ def ring_self_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     layout: str = "contiguous",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Ring Self-Attention (Li et al. 2021): full score rows from a K ring, softmax, output from a V ring.
 
@@ -151,6 +152,8 @@ def ring_self_attention(
         causal: causal mask over global positions.
         softmax_scale: defaults to ``D ** -0.5``.
         layout: must be ``"contiguous"`` (the paper's layout).
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` in q's dtype. Memory O(B·H·L²/N) for the score rows (the paper's baseline).
@@ -162,7 +165,7 @@ def ring_self_attention(
     if layout != "contiguous":
         raise ValueError(f"layout={layout!r}: ring_self_attention (Li et al. 2021) supports only "
                          "layout='contiguous': shard with it, or use ring_attention for the zigzag layout")
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = _RSAPlan(group, group_rank(group), group_size(group), causal, scale)
     return RingSelfAttentionFunc.apply(q, k, v, plan)

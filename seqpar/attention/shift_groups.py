@@ -42,10 +42,12 @@ class ShiftPlan:
 
 
 def make_plan(q, k, v, *, group: Group, group_size: int, wrap: bool, num_sink_tokens: int,
-              softmax_scale: float | None, caller: str) -> ShiftPlan:
-    """Validate collectively (one small all-gather), then locally: every rank raises the same error."""
-    check_same_values(group, caller, **tensor_fields(q=q, k=k, v=v), group_size=group_size,
-                      num_sink_tokens=num_sink_tokens, wrap=int(bool(wrap)))
+              softmax_scale: float | None, caller: str, validate: bool = True) -> ShiftPlan:
+    """Validate collectively (one small all-gather; skipped with ``validate=False``, when the caller already
+    compared these arguments in this forward), then locally: every rank raises the same error."""
+    if validate:
+        check_same_values(group, caller, **tensor_fields(q=q, k=k, v=v), group_size=group_size,
+                          num_sink_tokens=num_sink_tokens, wrap=int(bool(wrap)))
     check_softmax_scale(softmax_scale)
     world = sp_size(group)
     check_shift_args(q, k, v, shift_size=int(group_size), num_sink_tokens=int(num_sink_tokens), world=world,

@@ -199,6 +199,7 @@ def shift_short_attention(
     group: Group = None,
     wrap: bool = False,
     softmax_scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """LongLoRA S2-Attn (causal) of this rank's contiguous shard.
 
@@ -210,10 +211,12 @@ def shift_short_attention(
         wrap: roll the shifted half with wrap-around (the paper's pseudocode) instead of half groups at the
             ends (LongLoRA's flash path, the default).
         softmax_scale: defaults to ``D ** -0.5``.
+        validate: compare the arguments across ranks (one small all-gather); False skips it when the caller
+            already did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, n, H, D]`` in q's dtype; differentiable in q, k, v (hand-written backward).
     """
     plan = make_plan(q, k, v, group=group, group_size=group_size, wrap=wrap, num_sink_tokens=0,
-                     softmax_scale=softmax_scale, caller="shift_short_attention")
+                     softmax_scale=softmax_scale, caller="shift_short_attention", validate=validate)
     return ShiftShortAttention.apply(q, k, v, plan)

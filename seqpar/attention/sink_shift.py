@@ -7,7 +7,8 @@ without wrap-around (``shift_short.py``: heads ``[0, H/2)`` in groups ``[jG, (j+
 groups shifted by G/2 with a half group at each end, every output at its own position), and in every head
 each query t also sees the sink keys ``s < S`` with ``s <= t``. A key that is both in t's group and a sink is
 counted once: the sink block of query t only holds the sinks before t's group (``s < start(t)``), computed as
-one causal block with ``q_pos = start(t) - 1``, and merged with the group result by log-sum-exp.
+one fused block per run of rows that see the same sinks (``kernels.plan.prefix_plan``), and merged with the
+group result by log-sum-exp.
 
 Sequence parallel (contiguous layout, ``n % G == 0``, ``S <= n`` so that the sinks live on rank 0): the group
 part exchanges the S2-Attn halo; the sinks' K/V (all kv heads) are broadcast from rank 0; in the backward their
@@ -28,11 +29,17 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.shift_groups import ShiftPlan, group_start, make_plan
+from seqpar.attention.shift_groups import ShiftPlan, make_plan
 from seqpar.attention.shift_short import shift_short_backward, shift_short_forward
 from seqpar.comm import Group, broadcast_tensor, reduce_tensor
-from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials
-from seqpar.sharding import global_index
+from seqpar.kernels import (
+    BlockPlan,
+    acc_dtype,
+    block_attention,
+    block_attention_backward,
+    merge_partials,
+    prefix_plan,
+)
 
 
 def _sink_kv(k: torch.Tensor, v: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
@@ -42,12 +49,23 @@ def _sink_kv(k: torch.Tensor, v: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
     return broadcast_tensor(sinks, plan.group, src=0)
 
 
-def _sink_masks(plan: ShiftPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per head half, ``(q_pos, k_pos)`` making causal mean ``s < start(t)``: the sinks outside t's group."""
-    n, G = plan.local_len, plan.shift_size
-    pos = global_index(n * plan.world, plan.world, plan.rank, "contiguous", device=device)
-    k_pos = torch.arange(plan.num_sink_tokens, device=device)
-    return [(group_start(pos, G, shifted=shifted) - 1, k_pos) for shifted in (False, True)]
+def _sink_plans(plan: ShiftPlan) -> list[BlockPlan]:
+    """Per head half, the kernel plan of ``s < start(t)`` (the sinks outside t's group), from host ints: rows
+    of a group that starts at g see the first min(S, g) sinks; from the first group with g >= S on, all S."""
+    n, G, S, base = plan.local_len, plan.shift_size, plan.num_sink_tokens, plan.rank * plan.local_len
+    plans = []
+    for off in (0, G // 2):  # unshifted, shifted groups
+        rows, t = [], base
+        while t < base + n:
+            first = (t + off) // G * G - off  # global start of t's group (before clamping at 0)
+            start, end = max(0, first), min(first + G, base + n)
+            if start >= S:
+                rows.append((t - base, n, S))
+                break
+            rows.append((t - base, end - base, start))
+            t = end
+        plans.append(prefix_plan(n, S, rows))
+    return plans
 
 
 def _head_halves(x: torch.Tensor, dim: int) -> list[torch.Tensor]:
@@ -62,10 +80,9 @@ def sink_shift_forward(q, k, v, plan: ShiftPlan):
     if sinks is None:
         return out, lse, halo, None
     parts = []
-    for qh, sk, sv, (q_pos, k_pos) in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
-                                          _sink_masks(plan, q.device)):
-        parts.append(block_attention(qh, sk, sv, causal=True, q_pos=q_pos, k_pos=k_pos,
-                                     softmax_scale=plan.softmax_scale))
+    for qh, sk, sv, p in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
+                             _sink_plans(plan)):
+        parts.append(block_attention(qh, sk, sv, plan=p, softmax_scale=plan.softmax_scale))
     sink_out = torch.cat([o for o, _ in parts], dim=2)
     sink_lse = torch.cat([s for _, s in parts], dim=1)
     out, lse = merge_partials(out, lse, sink_out, sink_lse)
@@ -79,10 +96,9 @@ def sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, plan: ShiftPlan):
         return dq, dk, dv
     d_sinks = torch.zeros(sinks.shape, dtype=acc_dtype(q.dtype), device=q.device)
     halves = zip(_head_halves(dout, 2), _head_halves(q, 2), _head_halves(out, 2), _head_halves(lse, 1),
-                 _head_halves(sinks, 3), _head_halves(dq, 2), _head_halves(d_sinks, 3), _sink_masks(plan, q.device))
-    for do, qh, o, s, kv, dqh, dkv, (q_pos, k_pos) in halves:
-        gq, gk, gv = block_attention_backward(do, qh, kv[0], kv[1], o, s, causal=True, q_pos=q_pos, k_pos=k_pos,
-                                              softmax_scale=plan.softmax_scale)
+                 _head_halves(sinks, 3), _head_halves(dq, 2), _head_halves(d_sinks, 3), _sink_plans(plan))
+    for do, qh, o, s, kv, dqh, dkv, p in halves:
+        gq, gk, gv = block_attention_backward(do, qh, kv[0], kv[1], o, s, plan=p, softmax_scale=plan.softmax_scale)
         dqh += gq  # views into dq / d_sinks
         dkv[0] += gk
         dkv[1] += gv
@@ -123,6 +139,7 @@ def sink_shift_attention(
     num_sink_tokens: int = 4,
     group: Group = None,
     softmax_scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """SinkLoRA SF-Attn (causal) of this rank's contiguous shard.
 
@@ -133,10 +150,12 @@ def sink_shift_attention(
         num_sink_tokens: S in ``[0, n]``: the first S tokens of the sequence, seen by every query (0: S2-Attn).
         group: the SP process group; None = one device.
         softmax_scale: defaults to ``D ** -0.5``.
+        validate: compare the arguments across ranks (one small all-gather); False skips it when the caller
+            already did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, n, H, D]`` in q's dtype; differentiable in q, k, v (hand-written backward).
     """
     plan = make_plan(q, k, v, group=group, group_size=group_size, wrap=False, num_sink_tokens=num_sink_tokens,
-                     softmax_scale=softmax_scale, caller="sink_shift_attention")
+                     softmax_scale=softmax_scale, caller="sink_shift_attention", validate=validate)
     return SinkShiftAttention.apply(q, k, v, plan)

@@ -83,6 +83,7 @@ def ulysses_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     layout: Layout = "contiguous",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``, by two all-to-alls (DeepSpeed-Ulysses).
 
@@ -93,6 +94,8 @@ def ulysses_attention(
         causal: causal mask over GLOBAL positions.
         softmax_scale: defaults to ``D ** -0.5``.
         layout: ``"contiguous"`` or ``"zigzag"`` (seqpar.sharding); the output uses the same layout.
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -103,7 +106,7 @@ def ulysses_attention(
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     seq_len = q.shape[1] * n
     qh, kh, vh = seq_to_heads(q, k, v, group=group)
     if layout == "zigzag" and n > 1 and causal:

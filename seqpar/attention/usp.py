@@ -118,6 +118,7 @@ def usp_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     layout: Layout = "zigzag",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-to-all over ``ulysses_group``, ring
     attention over ``ring_group``, all-to-all back.
@@ -130,6 +131,8 @@ def usp_attention(
         causal: causal mask over global positions.
         softmax_scale: defaults to ``D ** -0.5``.
         layout: ``"zigzag"`` or ``"contiguous"``; the output uses the same layout over ``group``.
+        validate: compare shapes across ranks (one small collective); False skips it when the caller already
+            did in this forward (``patch_model`` validates at the first layer only).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -140,7 +143,7 @@ def usp_attention(
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     u, r = _check_groups(group, ulysses_group, ring_group)
-    check_qkv(q, k, v, group=group, layout=layout)
+    check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     seq_len = q.shape[1] * u * r
     # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
     qh, kh, vh = seq_to_heads(q, k, v, group=ulysses_group, what="the Ulysses degree u")

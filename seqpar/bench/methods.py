@@ -9,6 +9,7 @@ primitives. Model-level methods (a Llama training step) live in ``seqpar.bench.t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -68,16 +69,30 @@ def _single_sdpa(cfg: dict, group):
     return _fwd_bwd(attn, [q, k, v], None)
 
 
-def _seqpar(name: str, layout: str, **extra):
-    """A softmax primitive of the registry (``seqpar.attention.registry``) in one of its layouts."""
+def packed_cu_seqlens(L: int, docs: str) -> torch.Tensor:
+    """Document boundaries of a packed row: ``"eighths"`` = 8 documents of L/8; ``"mixed"`` = lengths 1/2,
+    1/8, 1/4, 1/16, 1/16 of L (long and short documents, boundaries inside shards)."""
+    lens = [L // 8] * 8 if docs == "eighths" else [L // 2, L // 8, L // 4, L // 16, L // 16]
+    return torch.tensor([0, *itertools.accumulate(lens)])
+
+
+def _seqpar(name: str, layout: str, *, docs: str | None = None, dtype: str | None = None, **extra):
+    """A softmax primitive of the registry (``seqpar.attention.registry``) in one of its layouts; ``docs``:
+    packed documents (``packed_cu_seqlens``); ``dtype`` overrides the suite's."""
     spec = ATTENTIONS[name]
     if layout not in spec.layouts:
         raise ValueError(f"bench method {name}/{layout}: the registry allows {spec.layouts}")
+    if docs is not None and not spec.varlen:
+        raise ValueError(f"bench method {name}: the registry says it takes no packed documents")
 
     def build(cfg: dict, group):
         fn = spec.load()
+        if dtype is not None:
+            cfg = {**cfg, "dtype": dtype}
         q, k, v = _qkv(cfg, group, layout=layout)
         kwargs = {"group": group, "causal": cfg["causal"], "layout": layout, **extra}
+        if docs is not None:
+            kwargs["cu_seqlens"] = packed_cu_seqlens(cfg["seq_len"], docs)
         if spec.subgroups:
             from seqpar.attention.usp import make_usp_groups
 
@@ -95,6 +110,11 @@ METHODS["rsa"] = _seqpar("rsa", "contiguous")
 METHODS["ulysses"] = _seqpar("ulysses", "contiguous")
 METHODS["usp"] = _seqpar("usp", "zigzag")
 METHODS["allgather"] = _seqpar("allgather", "zigzag")
+METHODS["ring_packed"] = _seqpar("ring", "zigzag", docs="eighths")
+METHODS["ring_packed_mixed"] = _seqpar("ring", "zigzag", docs="mixed")
+METHODS["allgather_packed"] = _seqpar("allgather", "zigzag", docs="eighths")
+METHODS["ring_zigzag_bf16"] = _seqpar("ring", "zigzag", dtype="bfloat16")
+METHODS["allgather_bf16"] = _seqpar("allgather", "zigzag", dtype="bfloat16")
 
 
 @method("deepspeed_ulysses")

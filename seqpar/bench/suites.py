@@ -28,7 +28,9 @@ def softmax(quick: bool) -> list[dict]:
     lengths = [2048, 4096, 8192, 16384]
     peers = ["deepspeed_ulysses", "torch_ring"]
     ours = ["ring_zigzag", "ring_contiguous", "rsa", "ulysses", "allgather"]
-    configs = _grid({2: ours + peers, 4: [*ours, "usp", *peers]}, lengths, SHAPE, "single_sdpa")
+    # packed documents (8 of L/8, and mixed lengths) and bf16 inputs, at N = 2
+    extra = ["ring_packed", "ring_packed_mixed", "allgather_packed", "ring_zigzag_bf16", "allgather_bf16"]
+    configs = _grid({2: ours + extra + peers, 4: [*ours, "usp", *peers]}, lengths, SHAPE, "single_sdpa")
     # Ring Self-Attention holds (L/N) x L scores per head: past 8k it is the paper's memory wall, not a benchmark.
     return [c for c in configs if not (c["method"] == "rsa" and c["seq_len"] > 8192)]
 
@@ -38,7 +40,7 @@ def linear(quick: bool) -> list[dict]:
     if quick:
         return _grid({2: ["lasp2", "lasp1"]}, [128], base, "single_sdpa")
     methods = ["lasp2", "lasp1", "ring_contiguous"]
-    return _grid({2: methods, 4: methods}, [4096, 16384, 65536], base, "single_sdpa")
+    return _grid({2: methods, 4: methods}, [4096, 16384, 32768, 65536], base, "single_sdpa")
 
 
 def longlora(quick: bool) -> list[dict]:

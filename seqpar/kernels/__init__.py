@@ -1,18 +1,28 @@
 """Single-device math shared by the sequence-parallel primitives."""
 
 from seqpar.kernels.merge import merge_all, merge_partials
+from seqpar.kernels.plan import BlockPlan, aligned_plan, cut_spans, prefix_plan, spans_plan
 from seqpar.kernels.softmax import (
     acc_dtype,
     available_backends,
     block_attention,
     block_attention_backward,
+    fallback_counts,
+    reset_fallbacks,
 )
 
 __all__ = [
+    "BlockPlan",
     "acc_dtype",
+    "aligned_plan",
     "available_backends",
     "block_attention",
     "block_attention_backward",
+    "cut_spans",
+    "fallback_counts",
     "merge_all",
     "merge_partials",
+    "prefix_plan",
+    "reset_fallbacks",
+    "spans_plan",
 ]

@@ -18,20 +18,38 @@ Masks: ``causal`` False (none), True or ``"top_left"`` (query i sees keys j <= i
 ids) forbid attention across documents (packed varlen sequences). Rows that see no key return out = 0 and
 lse = -inf.
 
+Host-side masks (what the primitives pass; see ``kernels/plan.py``): ``q_spans``/``k_spans`` (contiguous runs
+``(start, stop)`` of global positions in local order, Python ints) and ``cu_seqlens`` (Python-int document
+boundaries), or a ready ``plan``. The block is then cut into full rectangles and square causal diagonals,
+each computed by a fused kernel and merged by log-sum-exp; pieces sharing no document are skipped. Rectangular
+causal blocks (``Lq != Lk``, either alignment) take the same route. The tensor masks above have no fused
+kernel: they run the tiled kernel.
+
 Backends (``backend="auto"`` picks the first that supports the call):
   * ``"sdpa"``: PyTorch's fused flash kernel (CPU and CUDA) for unmasked or square-causal blocks; K/V heads
     are repeated for GQA inside this backend only.
   * ``"flash_attn"``: the flash-attn package's public ``flash_attn_func`` (CUDA, fp16/bf16, forward only;
     its backward goes through ``"sdpa"``), used only when installed.
-  * ``"torch"``: tiled PyTorch (any device, any mask), memory O(block_size^2) per head, never O(Lq x Lk).
+  * ``"torch"``: tiled PyTorch (any device, any mask), memory O(block_size^2) per head, never O(Lq x Lk);
+    the reference, and the fallback for what no fused kernel computes (tensor masks, an unsupported dtype or
+    head_dim). Every fallback under ``backend="auto"`` is counted (``fallback_counts()``) and warned about
+    once per process and reason.
+
+On CPU, bfloat16/float16 blocks are computed in float32 (upcast once per block: half-precision matmuls are
+emulated on CPU and several times slower); outputs and gradients are float32 accumulators either way.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import collections
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from seqpar.kernels.merge import merge_partials
+from seqpar.kernels.plan import BlockPlan, aligned_plan, spans_plan
 
 BACKENDS = ("auto", "torch", "sdpa", "flash_attn")
 DEFAULT_BLOCK = 512
@@ -192,8 +210,47 @@ def _sdpa_ops(device: torch.device):
     return None
 
 
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+_FALLBACKS: collections.Counter = collections.Counter()
+_WARNED: set[str] = set()
+
+
+def fallback_counts() -> dict[str, int]:
+    """How many blocks ran the tiled kernel under ``backend="auto"`` since the last reset, by reason."""
+    return dict(_FALLBACKS)
+
+
+def reset_fallbacks() -> None:
+    _FALLBACKS.clear()
+
+
+def _fallback(reason: str) -> None:
+    _FALLBACKS[reason] += 1
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"seqpar attention runs the tiled PyTorch kernel (slow): {reason}", stacklevel=4)
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_module():
+    """flash-attn's module if it imports (a broken install warns once and is never used), else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    except Exception as e:  # a binary built for another torch/CUDA: fall back to PyTorch's flash op
+        warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); using PyTorch's "
+                      "flash kernel instead", stacklevel=2)
+        return None
+    return flash_attn
+
+
+def flash_attn_available(device: torch.device | None = None) -> bool:
+    """flash-attn imports and the GPU is Ampere or newer (FlashAttention-2's requirement)."""
+    if _flash_attn_module() is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _fused_ok(q, k, causal, explicit_mask: bool, backend: str) -> bool:
@@ -201,7 +258,8 @@ def _fused_ok(q, k, causal, explicit_mask: bool, backend: str) -> bool:
     if explicit_mask or (causal and q.shape[1] != k.shape[1]):
         return False
     if backend == "flash_attn":
-        return flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+                and flash_attn_available(q.device))
     ops = _sdpa_ops(q.device)
     if ops is None:
         return False
@@ -214,19 +272,29 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+def _cpu_compute(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """CPU half precision -> float32 (emulated half matmuls are slow); anything else unchanged."""
+    if xs[0].device.type == "cpu" and xs[0].dtype in (torch.float16, torch.bfloat16):
+        return tuple(x.float() for x in xs)
+    return xs
+
+
 def _sdpa_forward(q, k, v, scale, causal: bool):
     fwd, _ = _sdpa_ops(q.device)
+    acc = acc_dtype(q.dtype)
+    q, k, v = _cpu_compute(q, k, v)
     g = q.shape[2] // k.shape[2]
     args = (q.transpose(1, 2), _expand_kv(k, g).transpose(1, 2), _expand_kv(v, g).transpose(1, 2))
     # The CUDA op takes an extra return_debug_mask flag.
     flags = (0.0, bool(causal), False) if q.is_cuda else (0.0, bool(causal))
     out, lse = fwd(*args, *flags, scale=scale)[:2]
-    acc = acc_dtype(q.dtype)
     return out.transpose(1, 2).to(acc), lse.to(acc)
 
 
 def _sdpa_backward(dout, q, k, v, out, lse, scale, causal: bool):
     _, bwd = _sdpa_ops(q.device)
+    acc = acc_dtype(q.dtype)
+    q, k, v = _cpu_compute(q, k, v)
     g = q.shape[2] // k.shape[2]
     qt = q.transpose(1, 2)
     kt, vt = _expand_kv(k, g).transpose(1, 2), _expand_kv(v, g).transpose(1, 2)
@@ -241,7 +309,6 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal: bool):
                          scale=scale)
     else:
         dq, dk, dv = bwd(dot, qt, kt, vt, ot, lse.contiguous(), 0.0, bool(causal), scale=scale)
-    acc = acc_dtype(q.dtype)
     dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)
     if g > 1:  # gradients of the repeated heads go back to their kv head
         B, Lk, H, D = dk.shape
@@ -251,11 +318,95 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal: bool):
 
 
 def _flash_attn_forward(q, k, v, scale, causal: bool):
-    from flash_attn import flash_attn_func
-
-    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, causal=bool(causal), return_attn_probs=True)
+    out, lse, _ = _flash_attn_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=bool(causal),
+                                                       return_attn_probs=True)
     acc = acc_dtype(q.dtype)
-    return out.to(acc), lse.to(acc)
+    # flash-attn gives rows that see no key lse = +inf; ours are -inf (out is 0 either way).
+    lse = lse[..., : q.shape[1]].to(acc)
+    return out.to(acc), lse.masked_fill(lse == float("inf"), float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+def _plan_inputs(q, k, v, name: str):
+    """Once per block: CPU half -> float32, and for the SDPA op K/V repeated to the query heads (pieces then
+    slice them instead of repeating per piece)."""
+    if name == "torch":
+        return q, k, v, 1
+    q, k, v = _cpu_compute(q, k, v)
+    g = q.shape[2] // k.shape[2] if name == "sdpa" else 1
+    return q, _expand_kv(k, g), _expand_kv(v, g), g
+
+
+def _piece_forward(name: str, q, k, v, scale, causal: bool, block: int):
+    if name == "flash_attn":
+        return _flash_attn_forward(q, k, v, scale, causal)
+    if name == "sdpa":
+        return _sdpa_forward(q, k, v, scale, causal)
+    return _torch_forward(q, k, v, scale, _make_mask(q.shape[1], k.shape[1], causal, None, None, None, None,
+                                                      q.device), block)
+
+
+def _plan_forward(q, k, v, scale, plan: BlockPlan, name: str, block: int):
+    acc = acc_dtype(q.dtype)
+    B, Lq, H, D = q.shape
+    out = q.new_zeros((B, Lq, H, D), dtype=acc)
+    lse = q.new_full((B, H, Lq), float("-inf"), dtype=acc)
+    qc, kc, vc, _ = _plan_inputs(q, k, v, name)
+    for (q0, q1, k0, k1, causal), first in zip(plan.pieces, plan.first):
+        o, l = _piece_forward(name, qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], scale, causal, block)
+        if first:  # rows no earlier piece touched: store
+            out[:, q0:q1], lse[:, :, q0:q1] = o, l
+        else:
+            out[:, q0:q1], lse[:, :, q0:q1] = merge_partials(out[:, q0:q1], lse[:, :, q0:q1], o, l)
+    return out, lse
+
+
+def _plan_backward(dout, q, k, v, out, lse, scale, plan: BlockPlan, name: str, block: int):
+    acc = acc_dtype(q.dtype)
+    qc, kc, vc, g = _plan_inputs(q, k, v, name)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(kc.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(kc.shape, dtype=acc, device=q.device)
+    for q0, q1, k0, k1, causal in plan.pieces:
+        args = (dout[:, q0:q1], qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1], scale)
+        if name == "torch":
+            mask = _make_mask(q1 - q0, k1 - k0, causal, None, None, None, None, q.device)
+            gq, gk, gv = _torch_backward(*args, mask, block)
+        else:  # flash-attn's forward saves what PyTorch's flash backward reads (lse [B, H, L])
+            gq, gk, gv = _sdpa_backward(*args, causal)
+        dq[:, q0:q1] += gq
+        dk[:, k0:k1] += gk
+        dv[:, k0:k1] += gv
+    if g > 1:  # gradients of the repeated heads go back to their kv head
+        B, Lk, H, D = dk.shape
+        dk = dk.view(B, Lk, H // g, g, D).sum(3)
+        dv = dv.view(B, Lk, H // g, g, D).sum(3)
+    return dq, dk, dv
+
+
+def _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan) -> BlockPlan | None:
+    """The host-side plan of this call, or None for the plain fused path / tensor masks."""
+    if causal not in (False, True, "top_left", "bottom_right"):
+        raise ValueError(f"causal={causal!r}: use False, True/'top_left' or 'bottom_right'")
+    hosted = q_spans is not None or k_spans is not None or cu_seqlens is not None
+    if (q_spans is None) != (k_spans is None):
+        raise ValueError("q_spans and k_spans must be given together")
+    if (plan is not None or hosted) and (q_pos is not None or q_seg is not None):
+        raise ValueError("pass either host-side spans/cu_seqlens/plan or the tensors q_pos/k_pos/q_seg/k_seg, "
+                         "not both")
+    Lq, Lk = q.shape[1], k.shape[1]
+    if plan is None and hosted:
+        if q_spans is None:  # documents over the aligned positions
+            shift = Lk - Lq if causal == "bottom_right" else 0
+            q_spans, k_spans = [(shift, shift + Lq)], [(0, Lk)]
+        plan = spans_plan(q_spans, k_spans, causal=bool(causal), cu_seqlens=cu_seqlens)
+    if plan is None and q_pos is None and q_seg is None and causal and Lq != Lk:
+        plan = aligned_plan(Lq, Lk, causal)  # rectangular causal: a full rectangle + a square diagonal
+    if plan is not None and (plan.lq, plan.lk) != (Lq, Lk):
+        raise ValueError(f"the plan/spans cover {plan.lq} queries x {plan.lk} keys but the block is {Lq} x {Lk}")
+    return plan
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -274,6 +425,20 @@ def _choose(q, k, causal, explicit_mask: bool, backend: str) -> str:
     return "torch"
 
 
+def _pick(q, k, causal, explicit: bool, plan: BlockPlan | None, backend: str) -> str:
+    """Kernel of this call; counts and warns about every fallback to the tiled kernel under "auto"."""
+    if plan is not None:  # pieces are full rectangles and square diagonals: what fused kernels compute
+        name = _choose(q, k, False, False, backend)
+        if name == "torch" and backend == "auto":
+            _fallback(f"no fused kernel for {q.dtype} head_dim={q.shape[-1]} on {q.device.type}")
+        return name
+    name = _choose(q, k, causal, explicit, backend)
+    if name == "torch" and backend == "auto":
+        _fallback("tensor masks (q_pos/k_pos/q_seg/k_seg): pass host-side q_spans/k_spans/cu_seqlens instead"
+                  if explicit else f"no fused kernel for {q.dtype} head_dim={q.shape[-1]} on {q.device.type}")
+    return name
+
+
 def block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -287,21 +452,35 @@ def block_attention(
     k_seg: torch.Tensor | None = None,
     backend: str = "auto",
     block_size: int = DEFAULT_BLOCK,
+    q_spans: list[tuple[int, int]] | None = None,
+    k_spans: list[tuple[int, int]] | None = None,
+    cu_seqlens: list[int] | None = None,
+    plan: BlockPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, Hkv, D]``: ``(out [B, Lq, H, D], lse [B, H, Lq])``.
 
     Not differentiable by itself: primitives call it inside their autograd Functions and use
     ``block_attention_backward`` with the merged ``(out, lse)``.
+
+    Host-side masks (fused kernels, see the module docstring):
+        q_spans, k_spans: global positions of the rows/keys as contiguous runs ``[(start, stop), ...]`` in
+            local order (Python ints); causal then means ``k_pos <= q_pos``.
+        cu_seqlens: document boundaries ``[0, l1, ..., L]`` (Python ints) over those positions (over the
+            aligned positions when no spans are given).
+        plan: a ready ``kernels.plan.BlockPlan`` (e.g. ``prefix_plan`` for sinks) instead of spans.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    mask = _make_mask(q.shape[1], k.shape[1], causal, q_pos, k_pos, q_seg, k_seg, q.device)
     _split_heads(q, k, v)  # validates shapes for every backend
-    # Explicit positions or segments are a mask the fused kernels cannot express, even on square blocks.
-    name = _choose(q, k, causal, q_pos is not None or q_seg is not None, backend)
+    plan = _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan)
+    # Explicit position/segment tensors are a mask the fused kernels cannot express, even on square blocks.
+    name = _pick(q, k, causal, q_pos is not None or q_seg is not None, plan, backend)
+    if plan is not None:
+        return _plan_forward(q, k, v, scale, plan, name, block_size)
     if name == "flash_attn":
         return _flash_attn_forward(q, k, v, scale, causal)
     if name == "sdpa":
         return _sdpa_forward(q, k, v, scale, bool(causal))
+    mask = _make_mask(q.shape[1], k.shape[1], causal, q_pos, k_pos, q_seg, k_seg, q.device)
     return _torch_forward(q, k, v, scale, mask, block_size)
 
 
@@ -321,18 +500,27 @@ def block_attention_backward(
     k_seg: torch.Tensor | None = None,
     backend: str = "auto",
     block_size: int = DEFAULT_BLOCK,
+    q_spans: list[tuple[int, int]] | None = None,
+    k_spans: list[tuple[int, int]] | None = None,
+    cu_seqlens: list[int] | None = None,
+    plan: BlockPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of this block's contribution, given the *final* ``out``/``lse`` of the rows.
 
     When the rows' attention was merged from several blocks, passing the merged ``out`` and ``lse`` makes
-    each block's gradients exact partial sums (FlashAttention-2 / ring attention backward).
+    each block's gradients exact partial sums (FlashAttention-2 / ring attention backward). Takes the same
+    mask arguments as ``block_attention``.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    mask = _make_mask(q.shape[1], k.shape[1], causal, q_pos, k_pos, q_seg, k_seg, q.device)
+    plan = _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan)
     explicit = q_pos is not None or q_seg is not None
-    name = _choose(q, k, causal, explicit, backend)
-    if name in ("sdpa", "flash_attn") and _fused_ok(q, k, causal, explicit, "sdpa"):
+    name = _pick(q, k, causal, explicit, plan, backend)
+    fused_bwd = name in ("sdpa", "flash_attn") and _fused_ok(q, k, False if plan else causal, explicit, "sdpa")
+    if plan is not None:
+        return _plan_backward(dout, q, k, v, out, lse, scale, plan, "sdpa" if fused_bwd else "torch", block_size)
+    if fused_bwd:
         return _sdpa_backward(dout, q, k, v, out, lse, scale, bool(causal))
+    mask = _make_mask(q.shape[1], k.shape[1], causal, q_pos, k_pos, q_seg, k_seg, q.device)
     return _torch_backward(dout, q, k, v, out, lse, scale, mask, block_size)
 
 
@@ -342,5 +530,5 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, bool]:
     return {
         "torch": True,
         "sdpa": _sdpa_ops(device) is not None,
-        "flash_attn": importlib.util.find_spec("flash_attn") is not None and device.type == "cuda",
+        "flash_attn": device.type == "cuda" and flash_attn_available(device),
     }

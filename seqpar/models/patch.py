@@ -243,7 +243,8 @@ def seqpar_attention_forward(
             f"use one of {varlen} or pass unpacked sequences"
         )
     patch.calls[spec.name] += 1
-    return spec.call(patch, q, k, v, scaling, cu_seqlens).contiguous(), None
+    first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
+    return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer).contiguous(), None
 
 
 def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len, kwargs) -> None:
