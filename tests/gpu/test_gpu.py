@@ -18,8 +18,8 @@ from seqpar.kernels import (
     prefix_plan,
     reset_fallbacks,
 )
-from seqpar.kernels.softmax import flash_attn_available
 from seqpar.kernels.reference import dense_attention, rel_err
+from seqpar.kernels.softmax import flash_attn_available
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU kit needs one")]
