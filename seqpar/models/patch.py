@@ -73,6 +73,7 @@ class _Patch:
     name: str
     previous: str
     calls: Counter = field(default_factory=Counter)  # attention actually run, per layer call (attention_calls)
+    s2_wrap: bool = False  # s2: LongLoRA's pseudocode roll instead of half groups at the ends
 
 
 def resolve_layout(attention: str, layout: str | None = None) -> str:
@@ -100,6 +101,7 @@ def patch_model(
     group_size: int | None = None,
     num_sink_tokens: int = 4,
     ulysses_degree: int | None = None,
+    s2_wrap: bool = False,
 ) -> torch.nn.Module:
     """Make every attention layer of ``model`` run ``attention`` over the SP group of ``parallel``.
 
@@ -112,6 +114,7 @@ def patch_model(
         layout: sequence layout of the shards (default per primitive: ``resolve_layout``).
         group_size_ratio, group_size: s2/sf group size, ``group_size`` if given else ratio x global length.
         num_sink_tokens: sf only. ulysses_degree: usp only (default: gcd(SP size, kv heads)).
+        s2_wrap: s2 only: the shifted half rolls around the sequence (``shift_short_attention(wrap=True)``).
 
     Returns the same model, patched in place. ``unpatch_model`` restores it.
     """
@@ -130,7 +133,7 @@ def patch_model(
             ulysses_degree = math.gcd(comm.group_size(group), pretrained.config.num_key_value_heads)
         ulysses_group, ring_group = make_usp_groups(group, ulysses_degree)
     patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
-                   ring_group, name="", previous=pretrained.config._attn_implementation)
+                   ring_group, name="", previous=pretrained.config._attn_implementation, s2_wrap=s2_wrap)
     patch.name = f"seqpar_{attention}_{id(patch):x}"
     AttentionInterface.register(patch.name, functools.partial(seqpar_attention_forward, patch))
     pretrained.set_attn_implementation(patch.name)
@@ -301,7 +304,7 @@ def _dispatch(patch: _Patch, attention: str, q, k, v, scale, cu_seqlens, seq_len
                                causal=True, softmax_scale=scale, layout=layout)
     size = _shift_group_size(patch, seq_len)
     if attention == "s2":
-        return A.shift_short_attention(q, k, v, group_size=size, group=g, softmax_scale=scale)
+        return A.shift_short_attention(q, k, v, group_size=size, group=g, softmax_scale=scale, wrap=patch.s2_wrap)
     return A.sink_shift_attention(q, k, v, group_size=size, num_sink_tokens=patch.num_sink_tokens, group=g,
                                   softmax_scale=scale)
 
