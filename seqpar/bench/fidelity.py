@@ -278,6 +278,18 @@ def position_nll(model: Any, ids: torch.Tensor, *, context: int) -> tuple[torch.
     return nll, count
 
 
+def reference_ppl(folder: Path, tokenizer: Any, text: str, l0: int) -> float:
+    """The pre-trained model at its own context (no interpolation): what a 4x model must beat to be using
+    the context beyond ``l0``."""
+    from transformers import AutoModelForCausalLM
+
+    from seqpar.eval.perplexity import tokenize_stream
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    nll, count = position_nll(model, tokenize_stream(tokenizer, text), context=l0)
+    return math.exp(nll.sum() / count.sum())
+
+
 def evaluate_model(model: Any, tokenizer: Any, text: str, size: Size, seed: int) -> dict:
     from seqpar.eval.passkey import passkey_accuracy
     from seqpar.eval.perplexity import tokenize_stream
@@ -313,6 +325,7 @@ def run_experiment(out: Path, *, quick: bool, seeds: int, size: Size | None = No
     base, pre_info = pretrain(out, size, corpus)
     log(f"pre-trained in {pre_info['wall_s']:.0f} s, final loss {pre_info['final_loss']:.3f}")
     tok, text = byte_tokenizer(), (out / "corpus" / "heldout.txt").read_text()
+    pre_info["ppl_at_l0"] = reference_ppl(base, tok, text, size.l0)
     runs = [{"method": "base", "seed": s, **evaluate_model(load_extended(base, size.length), tok, text, size, s)}
             for s in range(seeds)]
     for seed in range(seeds):
@@ -418,6 +431,8 @@ def markdown(result: dict, png: str) -> str:
         f"{result['minutes']:.0f} min): model {size['model']}, pre-training {size['pretrain_steps']} steps x "
         f"{2 * size['pretrain_batch']} x {size['l0']} tokens (final loss {pre['final_loss']:.3f}), extension "
         f"{size['extend_steps']} steps x {size['extend_batch']} x {size['l0'] * size['factor']} tokens per method, "
+        + (f"pre-trained model at its own {size['l0']}-token context (no interpolation): ppl "
+           f"{pre['ppl_at_l0']:.3f}, " if "ppl_at_l0" in pre else "") +
         f"{result['runs'][0]['tokens']} held-out tokens, {size['passkey_trials']} passkey trials per length. "
         "Mean ± SD over seeds; train s: the optimizer steps' time (no start-up).",
         "", table(result), "", f"![perplexity by position]({png})", ""])
