@@ -426,8 +426,9 @@ def plot(result: dict, path: Path) -> Path:
 
 def markdown(result: dict, png: str) -> str:
     size, pre = result["size"], result["pretrain"]
+    kind = "--quick" if result["quick"] else "full" if size == asdict(FULL) else "reduced"
     return "\n".join([
-        f"Run of {result['started_utc']} ({'--quick' if result['quick'] else 'full'}, {result['seeds']} seed(s), "
+        f"Run of {result['started_utc']} ({kind}, {result['seeds']} seed(s), "
         f"{result['minutes']:.0f} min): model {size['model']}, pre-training {size['pretrain_steps']} steps x "
         f"{2 * size['pretrain_batch']} x {size['l0']} tokens (final loss {pre['final_loss']:.3f}), extension "
         f"{size['extend_steps']} steps x {size['extend_batch']} x {size['l0'] * size['factor']} tokens per method, "
