@@ -69,7 +69,7 @@ def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True)
     """S2/SF: shift groups of size ``patch.shift_size(L)`` (L global)."""
     spec = ATTENTIONS[patch.attention]
     size = patch.shift_size(q.shape[1] * _world(patch.group))
-    extra = {"num_sink_tokens": patch.num_sink_tokens} if patch.attention == "sf" else {}
+    extra = {"num_sink_tokens": patch.num_sink_tokens} if patch.attention == "sf" else {"wrap": patch.s2_wrap}
     return spec.load()(q, k, v, group_size=size, group=patch.group, softmax_scale=scale, validate=validate,
                        **extra)
 

@@ -1,5 +1,6 @@
 """``seqpar bench [suite ...] [--quick] [--out DIR]``: side-by-side benchmarks -> results.json + PNG plots.
 
+``seqpar bench fidelity [--quick] [--seeds N]``: the context-extension fidelity experiment (docs/fidelity.md).
 ``seqpar bench --markdown docs/benchmarks.md --out DIR`` runs nothing: it rewrites the page's results
 section from ``DIR/results.json``.
 """
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worlds", default=None, help="comma-separated SP sizes to run (baselines follow them)")
     parser.add_argument("--append", action="store_true",
                         help="add the rows to OUT/results.json instead of replacing it (incremental runs)")
+    parser.add_argument("--seeds", type=int, default=3, help="fidelity: fine-tuning seeds per method (default 3)")
     parser.add_argument("--markdown", metavar="PAGE", default=None,
                         help="run nothing; rewrite PAGE's results section from OUT/results.json")
 
@@ -55,6 +57,10 @@ def _configs(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suites == ["fidelity"]:  # an experiment, not timings: seqpar/bench/fidelity.py
+        from seqpar.bench.fidelity import run as run_fidelity
+
+        return run_fidelity(args)
     out = Path(args.out)
     if args.markdown:
         from seqpar.bench.markdown import update_page

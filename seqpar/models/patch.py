@@ -69,6 +69,7 @@ class _Patch:
     name: str
     previous: str | None
     calls: Counter = field(default_factory=Counter)  # attention actually run, per layer call (attention_calls)
+    s2_wrap: bool = False  # s2: LongLoRA's pseudocode roll instead of half groups at the ends
 
     def shift_size(self, seq_len: int) -> int:
         """S2/SF shift-group size G: explicit, or ratio x global length; G tiles the sequence and shifts by G/2."""
@@ -92,6 +93,7 @@ def patch_model(
     group_size: int | None = None,
     num_sink_tokens: int = 4,
     ulysses_degree: int | None = None,
+    s2_wrap: bool = False,
 ) -> torch.nn.Module:
     """Make every attention layer of ``model`` run ``attention`` over the SP group of ``parallel``.
 
@@ -105,6 +107,7 @@ def patch_model(
         layout: sequence layout of the shards (default per primitive: ``resolve_layout``).
         group_size_ratio, group_size: s2/sf group size, ``group_size`` if given else ratio x global length.
         num_sink_tokens: sf only. ulysses_degree: usp only (default: gcd(SP size, kv heads)).
+        s2_wrap: s2 only: the shifted half rolls around the sequence (``shift_short_attention(wrap=True)``).
 
     Returns the same model, patched in place. ``unpatch_model`` restores it.
     """
@@ -122,7 +125,8 @@ def patch_model(
         ulysses_group, ring_group = _usp_groups(parallel, group, ulysses_degree)
     linear = spec.models == "linear"
     patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
-                   ring_group, name="", previous=None if linear else pretrained.config._attn_implementation)
+                   ring_group, name="", previous=None if linear else pretrained.config._attn_implementation,
+                   s2_wrap=s2_wrap)
     if linear != hasattr(pretrained, "set_sequence_parallel"):
         kind = "linear-attention (Linear-Llama)" if linear else "softmax-attention (Llama, Mistral, Qwen2)"
         fits = tuple(n for n, s in ATTENTIONS.items() if (s.models == "linear") != linear)

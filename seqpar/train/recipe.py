@@ -49,6 +49,7 @@ class AttentionSection:
     layout: Literal["zigzag", "contiguous"] | None = None  # None: the primitive's default (zigzag for ring)
     group_size_ratio: float = 0.25  # s2/sf: group G = ratio x global sequence length (LongLoRA uses 1/4)
     num_sink_tokens: int = 4  # sf
+    s2_wrap: bool = False  # s2: roll the shifted half around the sequence (LongLoRA's pseudocode), not half groups
     ulysses_degree: int | None = None  # usp: size of the all-to-all sub-group (the ring gets the rest)
 
 

@@ -62,7 +62,7 @@ def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
     model.config.use_cache = False
     a = recipe.attention
     patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
-                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree)
+                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree, s2_wrap=a.s2_wrap)
     if recipe.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:

@@ -72,6 +72,9 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
     elif degree and heads and heads % degree:
         errors.append(f"attention.name={a.name!r} splits the {heads} heads (num_attention_heads) over {degree} ranks: "
                       f"use a sp_size/ulysses_degree that divides {heads}, or attention.name=ring")
+    if a.s2_wrap and a.name != "s2":
+        errors.append(f"attention.s2_wrap=true with attention.name={a.name!r}: only s2 wraps (SF-Attn shifts back "
+                      "by definition); set attention.s2_wrap=false")
     if a.name in ("s2", "sf"):
         g = s2_group_size(r)
         if not 0 < a.group_size_ratio <= 1 or g != int(g) or int(g) % 2 or seq_len % int(g):
