@@ -41,4 +41,4 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "seqpar: torchrun with $nproc process(es) per node (GPUs visible: $gpus)" >&2
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-  -m seqpar train "$RECIPE" "$@" "${extra[@]}"
+  -m seqpar train "$RECIPE" ${extra[@]+"${extra[@]}"} "$@"  # the user's overrides win, in any order with flags

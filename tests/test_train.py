@@ -27,7 +27,7 @@ CKPT = STEPS // 2
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.num_samples=16"]
 # Ring attention with ZeRO-3 on packed documents from a jsonl file (cu_seqlens reach the primitive).
 RING = ["attention.name=ring", "deepspeed.zero_stage=3", "data.source=files", "data.seq_len=256",
-        "rope_scaling.type=null", "rope_scaling.factor=null",
+        "rope_scaling.type=null", "rope_scaling.factor=null", "data.eval_fraction=0.1",
         "trainer.max_steps=4", "logging.wandb=false", "checkpoint.every=0", "eval.every=2"]
 
 

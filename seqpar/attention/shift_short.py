@@ -114,6 +114,12 @@ def _check_ranks_agree(sig: list[int], group: Group, caller: str, device: torch.
         )
 
 
+def max_sink_tokens(local_len: int) -> int:
+    """Most sink tokens SF-Attn takes: they all live on rank 0, so at most its ``local_len`` tokens (the recipe
+    validator uses this too)."""
+    return local_len
+
+
 def _check_local(q, k, v, G: int, S: int, world: int, caller: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -135,7 +141,7 @@ def _check_local(q, k, v, G: int, S: int, world: int, caller: str) -> None:
             f"over N = {world} ranks), so that unshifted groups stay on one rank; valid group_size values: "
             f"{valid} (or change L or N)"
         )
-    if not 0 <= S <= n:
+    if not 0 <= S <= max_sink_tokens(n):
         raise ValueError(f"{caller}: num_sink_tokens={S} must be in [0, {n}] (the local length: sink tokens "
                          "live on rank 0); use fewer sink tokens or longer shards")
 

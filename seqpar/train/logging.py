@@ -54,7 +54,7 @@ class MetricsLogger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "metrics.jsonl"
-        if resumed and path.is_file():  # steps after the checkpoint are trained again: keep each step once
+        if path.is_file():  # steps after the checkpoint (all, without one) are trained again: keep each step once
             path.write_text("".join(x + "\n" for x in path.read_text().splitlines() if _step(x) <= start_step))
         self.file = path.open("a")
         lg = recipe.logging
