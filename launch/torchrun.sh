@@ -50,7 +50,7 @@ rm -f "$SEQPAR_PREEMPTED_FILE"
 echo "seqpar: torchrun with $nproc process(es) per node (GPUs visible: $gpus)" >&2
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${TORCHRUN_SHUTDOWN_TIMEOUT:-300}" \
-  -m seqpar train "$RECIPE" "$@" "${extra[@]}" &
+  -m seqpar train "$RECIPE" ${extra[@]+"${extra[@]}"} "$@" &  # the user's overrides win, in any order with flags
 child=$!
 for sig in TERM USR1 INT HUP; do
   trap "kill -s $sig $child 2>/dev/null || true" "$sig"   # pass it on; `wait` returns early, so wait again

@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `train RECIPE --resume key=value`: argparse stops the overrides at the first flag
+        if getattr(args, "overrides", None) is None or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.parse_args(argv)  # the usual one-line "unrecognized arguments" error, exit code 2
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0

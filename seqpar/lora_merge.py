@@ -9,7 +9,6 @@ Works from checkpoints saved under any ZeRO stage: the adapter was gathered befo
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from seqpar.train.checkpoint import MARKER, latest_checkpoint
-from seqpar.train.recipe import RecipeError, load_recipe
+from seqpar.train.recipe import RecipeError
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -34,26 +33,17 @@ def find_checkpoint(path: Path) -> Path:
 
 def merge_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
     """Write the merged model (and tokenizer) to ``out_dir``; returns it."""
-    from peft import PeftModel
-
-    from seqpar.train.model import load_model
+    from seqpar.train.trained import load_trained
 
     ckpt, out = find_checkpoint(Path(checkpoint)), Path(out_dir)
-    recipe = load_recipe(ckpt / "recipe.yaml")
-    recipe.trainer.dtype = "fp32"  # merge in float32; cast at the end
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    model = load_model(recipe, state["base_model"])
-    if (ckpt / "adapter").is_dir():
-        model = PeftModel.from_pretrained(model, ckpt / "adapter").merge_and_unload()
-    elif (ckpt / "model").is_dir():
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32)
-    else:
-        raise RecipeError(f"{ckpt} has neither adapter/ nor model/: it was not written by seqpar train")
-    model = model.to(dtype)
-    model.config.use_cache = True
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"OUT_DIR={str(out)!r} is an existing file: pass a folder path (new or a model folder "
+                          "to overwrite)")
+    model = load_trained(ckpt, dtype=dtype)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a parent folder should be
+        raise RecipeError(f"OUT_DIR={str(out)!r} cannot be created ({err.strerror}): pass a folder path") from err
     model.save_pretrained(out, safe_serialization=True)
     tok = ckpt / "tokenizer"
     if tok.is_dir():

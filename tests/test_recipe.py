@@ -62,7 +62,8 @@ def test_every_error_is_listed_at_once():
 
 
 def test_overrides_are_yaml_scalars():
-    assert parse_override("trainer.lr=1e-4") == (["trainer", "lr"], 1e-4)
+    assert parse_override("trainer.lr=1e-4") == (["trainer", "lr"], "1e-4")  # YAML 1.1; the float field coerces it
+    assert load_recipe(QUICK, ["trainer.lr=1e-4"]).trainer.lr == 1e-4
     assert parse_override("trainer.gradient_checkpointing=true")[1] is True
     r = load_recipe(QUICK, ["lora.targets=q_proj,v_proj", "trainer.max_steps=3", "rope_scaling.factor=4"])
     assert r.lora.targets == ["q_proj", "v_proj"] and r.trainer.max_steps == 3 and r.rope_scaling.factor == 4.0

@@ -27,7 +27,7 @@ CKPT = STEPS // 2
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.num_samples=16"]
 # Ring attention with ZeRO-3 on packed documents from a jsonl file (cu_seqlens reach the primitive).
 RING = ["attention.name=ring", "deepspeed.zero_stage=3", "data.source=files", "data.seq_len=256",
-        "rope_scaling.type=null", "rope_scaling.factor=null",
+        "rope_scaling.type=null", "rope_scaling.factor=null", "data.eval_fraction=0.1",
         "trainer.max_steps=4", "logging.wandb=false", "checkpoint.every=0", "eval.every=2"]
 
 
@@ -172,7 +172,10 @@ def test_merge_lora_from_zero_checkpoint(runs, run, stage):
 def test_bad_recipe_fails_on_every_rank_before_the_rendezvous(tmp_path):
     proc = launch(2, tmp_path / "bad", ["attention.sp_size=2", "data.seq_len=510", "attention.name=ring"], ok=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("data.seq_len=510 cannot be split over 2 ranks") == 2  # both ranks say why
+    printed = [x for x in proc.stderr.splitlines() if x.startswith("seqpar: error:")]
+    assert len(printed) == 1 and "data.seq_len=510 cannot be split over 2 ranks" in printed[0]  # once, not per rank
+    root = proc.stderr.split("Root Cause")[-1]  # torchrun's summary below its traceback repeats the line
+    assert "exitcode  : 2" in root and "traceback : seqpar: error: invalid recipe" in root
 
 
 def test_incomplete_checkpoints_are_never_picked(tmp_path):

@@ -135,6 +135,12 @@ def tensor_fields(**tensors: torch.Tensor) -> dict[str, int]:
     return out
 
 
+def max_sink_tokens(local_len: int) -> int:
+    """Most sink tokens SF-Attn takes: they all live on rank 0, so at most its ``local_len`` tokens (the recipe
+    validator uses this too)."""
+    return local_len
+
+
 def check_shift_args(q, k, v, *, shift_size: int, num_sink_tokens: int, world: int, caller: str) -> None:
     """S2/SF (LongLoRA, SinkLoRA): ``[B, n, H, D]`` shards, even head counts (half the heads are shifted), a
     shift-group size G that is even and divides the local length n, and sink tokens that live on rank 0."""
@@ -159,7 +165,7 @@ def check_shift_args(q, k, v, *, shift_size: int, num_sink_tokens: int, world: i
             f"over N = {world} ranks), so that unshifted groups stay on one rank; valid group_size values: "
             f"{valid} (or change L or N)"
         )
-    if not 0 <= S <= n:
+    if not 0 <= S <= max_sink_tokens(n):
         raise ValueError(f"{caller}: num_sink_tokens={S} must be in [0, {n}] (the local length: sink tokens "
                          "live on rank 0); use fewer sink tokens or longer shards")
 

@@ -216,7 +216,7 @@ def pretrain(out: Path, size: Size, corpus: dict) -> tuple[Path, dict]:
                  f"trainer.warmup_steps={max(1, size.pretrain_steps // 20)}"]
     wall = torchrun(RECIPES / "pretrain.yaml", overrides, run)
     info = {**read_metrics(run, "full", size.l0 * size.pretrain_batch * 2), "wall_s": wall}  # 2 DP ranks
-    from seqpar.merge import merge_lora
+    from seqpar.lora_merge import merge_lora
 
     merge_lora(run, merged)
     return merged, info
@@ -233,7 +233,7 @@ def extend(out: Path, size: Size, corpus: dict, base: Path, method: Method, seed
                  *method.overrides]
     wall = torchrun(RECIPES / method.recipe, overrides, run)
     info = {**read_metrics(run, method.attention, size.length * size.extend_batch), "wall_s": wall}
-    from seqpar.merge import merge_lora
+    from seqpar.lora_merge import merge_lora
 
     merge_lora(run, run / "merged")
     return run / "merged", info

@@ -1,7 +1,9 @@
 """``seqpar eval MODEL --ppl FILE --context 512,1024 [--stride S] --passkey --lengths 256,512 [--json OUT]``.
 
-MODEL is a local folder: a plain or merged Hugging Face checkpoint, or a LoRA adapter (peft), whose base
-(``base_model_name_or_path`` in adapter_config.json) must be local too; the adapter is merged for speed.
+MODEL is a local folder: a plain or merged Hugging Face checkpoint, a seqpar run folder or checkpoint (or its
+``adapter/``: the trained model with the run's RoPE scaling, as ``seqpar merge-lora`` builds it), or another
+LoRA adapter (peft), whose base (``base_model_name_or_path`` in adapter_config.json) must be local too; the
+adapter is merged for speed.
 Prints a table and optionally writes the same numbers as JSON.
 """
 
@@ -30,12 +32,15 @@ def _int_list(arg: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="local folder: HF model, merged checkpoint or LoRA adapter")
+    parser.add_argument("model", help="local folder: HF model, merged checkpoint, LoRA adapter, or a seqpar run / "
+                        "checkpoint folder (the trained model with its RoPE scaling)")
     parser.add_argument("--ppl", metavar="FILE", help="UTF-8 text file for sliding-window perplexity")
-    parser.add_argument("--context", type=_int_list("--context"), default=[512], help="window lengths (512,1024)")
+    parser.add_argument("--context", type=_int_list("--context"), default=[512],
+                        help="window lengths, comma-separated (default: 512; e.g. 512,1024)")
     parser.add_argument("--stride", type=int, default=None, help="tokens between windows (default: --context)")
     parser.add_argument("--passkey", action="store_true", help="passkey retrieval accuracy")
-    parser.add_argument("--lengths", type=_int_list("--lengths"), default=[256], help="passkey lengths (256,512)")
+    parser.add_argument("--lengths", type=_int_list("--lengths"), default=[256],
+                        help="passkey lengths, comma-separated (default: 256; e.g. 256,512)")
     parser.add_argument("--trials", type=int, default=10, help="passkey trials per length")
     parser.add_argument("--seed", type=int, default=0, help="passkey key/depth seed")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -45,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any, str]:
-    """(model in eval mode, tokenizer, kind) from a local folder; kind is "model" or "lora"."""
+    """(model in eval mode, tokenizer, kind) from a local folder; kind is "model", "lora" or "checkpoint" (a seqpar
+    run folder, checkpoint or checkpoint adapter: the trained model, rebuilt as ``seqpar merge-lora`` does)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +62,26 @@ def load_model(path: str, *, dtype: str = "auto", device: str | None = None) -> 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    from seqpar.train.trained import checkpoint_of
+
+    ckpt = checkpoint_of(folder)
+    if ckpt is not None:  # a run, a checkpoint or its adapter/: exactly the trained model (RoPE scaling included)
+        from seqpar.train.recipe import RecipeError
+        from seqpar.train.trained import load_trained
+
+        try:
+            model = load_trained(ckpt, dtype=torch_dtype)
+        except RecipeError as err:
+            raise EvalError(str(err)) from None
+        tok = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else None
+        if tok is None:
+            raise EvalError(f"checkpoint {ckpt} has no tokenizer/ folder: merge it (seqpar merge-lora) and pass "
+                            "the merged folder with its tokenizer")
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(tok), "checkpoint"
     adapter = folder / "adapter_config.json"
+    if not (folder / "config.json").is_file() and not adapter.is_file():
+        raise EvalError(f"MODEL {path!r} holds no config.json, adapter_config.json or seqpar checkpoint: pass a "
+                        "Hugging Face model folder, a merged checkpoint, a LoRA adapter, or a seqpar run folder")
     if not adapter.is_file():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
         return model.to(device).eval(), AutoTokenizer.from_pretrained(folder), "model"

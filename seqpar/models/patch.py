@@ -225,7 +225,8 @@ def seqpar_attention_forward(
     """transformers' attention-function contract: ``query [B, H, L/N, D]`` -> ``([B, L/N, H, D], None)``."""
     n = comm.group_size(patch.group)
     q_len, k_len = query.shape[2], key.shape[2]
-    _check_call(patch, module, attention_mask, dropout, sliding_window, q_len * n, kwargs)
+    # the window covers the keys: with a KV cache k_len (cached + new) exceeds q_len (n is 1 then)
+    _check_call(patch, module, attention_mask, dropout, sliding_window, max(q_len, k_len) * n, kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> [B, L, H, D]
     if k_len != q_len:  # decoding with a KV cache: new queries attend to the cached keys (one device only)
         if n > 1 or cu_seqlens is not None:

@@ -246,3 +246,36 @@ def verify_checkpoint(folder: Path, recipe: Recipe, world_size: int) -> int:
                               f"{world_size}: launch {saved_world} processes to resume it (ZeRO shards are per "
                               "rank), or start fresh in a new trainer.output_dir")
     return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reruns into an existing output folder: resume the earlier run, or refuse (never overwrite or mix)
+
+
+def earlier_run(recipe: Recipe) -> list[Path]:
+    """What an earlier run left in this run's folders: complete checkpoints, metrics.jsonl, the built base model."""
+    out = Path(recipe.trainer.output_dir)
+    found = complete_checkpoints(checkpoint_root(recipe))
+    found += [p for p in (out / "metrics.jsonl",) if p.is_file()]
+    if recipe.model.from_config is not None:
+        from seqpar.train.model import BASE_DIR
+
+        found += [p for p in (out / BASE_DIR,) if (p / "config.json").is_file()]
+    return found
+
+
+def refuse_earlier_run(recipe: Recipe, resume: bool, parallel: Any = None) -> None:
+    """Raise RecipeError (on every rank alike) when this run would write over an earlier run without resuming it:
+    its metrics would get repeated steps and its newer checkpoints would outlive ours. Collective when
+    ``parallel`` is given (one all-reduce: ranks on different filesystems still agree); call it before any
+    rank writes anything."""
+    resume = resume or recipe.checkpoint.resume == "auto"
+    found = earlier_run(recipe)
+    flag = torch.tensor([0 if resume or not found else 1], device=getattr(parallel, "device", "cpu"))
+    if parallel is not None and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = found[0] if found else recipe.trainer.output_dir
+        raise RecipeError(f"trainer.output_dir={recipe.trainer.output_dir!r} holds an earlier run ({where}): resume "
+                          "it with --resume (or checkpoint.resume=auto), or give this run a new trainer.output_dir "
+                          "(nothing of the earlier run is overwritten)")

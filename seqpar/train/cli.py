@@ -13,8 +13,10 @@ rendezvous that times out. The recipe is validated here, once, before the rendez
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -55,8 +57,7 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         f"model_type {getattr(config, 'model_type', '?')}, heads {getattr(config, 'num_attention_heads', '?')}, "
         f"kv heads {getattr(config, 'num_key_value_heads', '?')}, "
         f"max positions {getattr(config, 'max_position_embeddings', '?')}",
-        f"world {world} = {recipe.launch.nnodes} node(s) x {recipe.launch.nproc_per_node}: "
-        f"sp_size {a.sp_size} x dp_size {dp}",
+        f"world {world} = {_nodes(recipe, world)}: sp_size {a.sp_size} x dp_size {dp}",
         f"SP groups (consecutive ranks): {sp_groups}",
         f"DP groups (strided ranks): {dp_groups}",
         f"attention {a.name}, layout {resolve_layout(a.name, a.layout)}: {d.seq_len} tokens per sequence, "
@@ -66,12 +67,25 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         f"deepspeed ZeRO-{recipe.deepspeed.zero_stage}, offload {recipe.deepspeed.offload}, dtype {t.dtype}, "
         f"{t.max_steps} steps, lr {t.lr:g} ({t.schedule}, warm-up {t.warmup_steps})",
     ]
+    if a.name == "usp":
+        kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", a.sp_size)
+        deg = a.ulysses_degree or math.gcd(a.sp_size, kv)  # patch_model's default
+        lines.append(f"USP: Ulysses degree {deg} (all-to-all over consecutive ranks) x ring degree {a.sp_size // deg}")
+    missing = [f for f in (d.files if d.source == "files" else []) if not os.path.exists(f)]
+    if missing:
+        lines.append(f"note: data.files {missing} not on this machine (training there needs them)")
     if recipe.rope_scaling.type:
         lines.append(f"rope_scaling {recipe.rope_scaling.type}, factor {rope_factor(recipe, config):g}")
     if recipe.lora.enabled:
         lo = recipe.lora
         lines.append(f"LoRA r={lo.r} alpha={lo.alpha:g} on {lo.targets}; also trainable: {lo.trainable}")
     return "\n".join(lines)
+
+
+def _nodes(recipe: Recipe, world: int) -> str:
+    """``N node(s) x P`` for the planned world (P = launch.nproc_per_node), whatever launch.nnodes says."""
+    per = recipe.launch.nproc_per_node
+    return f"{world // per} node(s) x {per}" if world % per == 0 else f"{world} processes"
 
 
 def launched_world() -> int:
@@ -96,17 +110,37 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (RecipeError, ParallelConfigError) as err:
-        print(error_line(err), file=sys.stderr, flush=True)
-        return 2
+        return report(err, 2)
     except (RendezvousError, TrainingError) as err:
-        print(error_line(err), file=sys.stderr, flush=True)
-        return 1
+        return report(err, 1)
+
+
+def report(err: BaseException, code: int) -> int:
+    """Print the error line and return ``code``. Under torchrun only local rank 0 prints (every rank would print
+    the same line), and every rank writes it to torchrun's error file, so the launcher's failure summary
+    shows this line instead of "To enable traceback see ..." under its traceback."""
+    line = error_line(err)
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        try:
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}  # torchrun's format (errors/)
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+        except OSError:
+            pass  # the line was printed; the summary then falls back to torchrun's own text
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
     from seqpar.train import checkpoint as ckpt
+    from seqpar.train import faults
     from seqpar.train.validate import recipe_warnings, validate
 
+    faults.hooks()  # test-only fault variables: parsed once, a bad one is a one-line error here
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         world = planned_world(recipe, args.world_size)
@@ -121,6 +155,9 @@ def _run(args: argparse.Namespace) -> int:
     # Fail fast, before the rendezvous and on every rank alike: the recipe, its files, the checkpoint to resume.
     world = launched_world()
     validate(recipe, world, check_paths=True)
+    from seqpar.train.quiet import quiet_libraries
+
+    quiet_libraries(recipe.launch.device)
     resume = args.resume or recipe.checkpoint.resume == "auto"
     latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(recipe)) if resume else None
     if latest is not None:

@@ -75,17 +75,19 @@ def passkey_dataset(tokenizer: Any, data: DataSection, seed: int) -> list[dict]:
             for _ in range(p.num_samples)]
 
 
-def file_dataset(tokenizer: Any, data: DataSection) -> list[dict]:
+def file_dataset(tokenizer: Any, data: DataSection, files: list[str] | None = None,
+                 key: str = "data.files") -> list[dict]:
     """Local files -> samples of ``seq_len`` tokens: packed (documents end with </s>) or one per document."""
     from datasets import load_dataset
 
-    fmt = data.format or Path(data.files[0]).suffix.lstrip(".")
+    files = list(data.files if files is None else files)
+    fmt = data.format or Path(files[0]).suffix.lstrip(".")
     builder = {"jsonl": "json", "json": "json", "txt": "text", "text": "text", "parquet": "parquet"}.get(fmt)
     if builder is None:
         raise RecipeError(f"data.format={fmt!r}: use jsonl, json, text or parquet")
-    ds = load_dataset(builder, data_files=list(data.files), split="train")
+    ds = load_dataset(builder, data_files=files, split="train")
     if data.text_field not in ds.column_names:
-        raise RecipeError(f"data.text_field={data.text_field!r} is not a column of {data.files}: "
+        raise RecipeError(f"data.text_field={data.text_field!r} is not a column of {key}={files}: "
                           f"columns are {ds.column_names}")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     docs = [[*ids, eos] for ids in tokenizer(list(ds[data.text_field]), add_special_tokens=False)["input_ids"]]
@@ -93,10 +95,16 @@ def file_dataset(tokenizer: Any, data: DataSection) -> list[dict]:
     if not data.pack:  # one document per sample: shorter ones are skipped, longer ones are never cut silently
         for i, d in enumerate(docs):
             if len(d) > L:
-                raise RecipeError(f"data.pack=false but document {i} of data.files={data.files} has {len(d)} tokens "
+                raise RecipeError(f"data.pack=false but document {i} of {key}={files} has {len(d)} tokens "
                                   f"(with </s>), more than data.seq_len={L}: set data.pack=true to split documents "
                                   "across samples, raise data.seq_len, or shorten the document")
-        return [{"input_ids": torch.tensor(d), "doc_lens": [L]} for d in docs if len(d) == L]
+        samples = [{"input_ids": torch.tensor(d), "doc_lens": [L]} for d in docs if len(d) == L]
+        if not samples:
+            longest = max(len(d) for d in docs)
+            raise RecipeError(f"data.pack=false keeps only documents of exactly data.seq_len={L} tokens (with </s>) "
+                              f"and none of {key}={files} has that many (the longest has {longest}): set "
+                              f"data.pack=true, or data.seq_len to a length your documents have")
+        return samples
     buf: list[int] = []
     lens: list[int] = []
     for d in docs:
@@ -108,7 +116,7 @@ def file_dataset(tokenizer: Any, data: DataSection) -> list[dict]:
                 samples.append({"input_ids": torch.tensor(buf), "doc_lens": lens})
                 buf, lens = [], []
     if not samples:
-        raise RecipeError(f"data.files={data.files} hold fewer than data.seq_len={L} tokens")
+        raise RecipeError(f"{key}={files} hold fewer than data.seq_len={L} tokens")
     return samples
 
 
@@ -116,6 +124,38 @@ def build_dataset(recipe: Recipe, tokenizer: Any) -> list[dict]:
     if recipe.data.source == "passkey":
         return passkey_dataset(tokenizer, recipe.data, recipe.trainer.seed)
     return file_dataset(tokenizer, recipe.data)
+
+
+def split_eval(samples: list[dict], recipe: Recipe, tokenizer: Any, dp_size: int) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: ``data.eval_files`` as the held-out set, else ``data.eval_fraction`` of the samples
+    (a seeded choice) taken out of training. Empty held-out set when neither is set."""
+    d, e, t = recipe.data, recipe.eval, recipe.trainer
+    if d.eval_files:
+        held = file_dataset(tokenizer, d, d.eval_files, key="data.eval_files")
+    elif d.eval_fraction > 0:
+        k = max(1, round(d.eval_fraction * len(samples)))
+        if k >= len(samples):
+            raise RecipeError(f"data.eval_fraction={d.eval_fraction} holds out all {len(samples)} samples: lower it")
+        out = set(torch.randperm(len(samples), generator=torch.Generator().manual_seed(t.seed + 1))[:k].tolist())
+        held = [s for i, s in enumerate(samples) if i in out]
+        samples = [s for i, s in enumerate(samples) if i not in out]
+    else:
+        return samples, []
+    need = e.batches * dp_size * t.micro_batch if e.every else 0
+    if len(held) < need:
+        raise RecipeError(f"the held-out set has {len(held)} samples; eval needs eval.batches x dp_size x "
+                          f"trainer.micro_batch = {e.batches} x {dp_size} x {t.micro_batch} = {need} distinct ones "
+                          "(no DP rank sees another's): raise data.eval_fraction, add data.eval_files or lower "
+                          "eval.batches")
+    return samples, held
+
+
+def eval_batch(held: list[dict], recipe: Recipe, i: int, dp_rank: int, dp_size: int) -> dict:
+    """Eval batch ``i`` of DP rank ``dp_rank``: held-out samples no other DP rank (and no training step) reads."""
+    mb = recipe.trainer.micro_batch
+    first = (i * dp_size + dp_rank) * mb
+    picked = [held[j % len(held)] for j in range(first, first + mb)]
+    return {"input_ids": torch.stack([s["input_ids"] for s in picked]), "doc_lens": [s["doc_lens"] for s in picked]}
 
 
 def batch_at(samples: list[dict], recipe: Recipe, step: int, micro: int, dp_rank: int, dp_size: int,

@@ -48,7 +48,7 @@ def deepspeed_config(recipe: Recipe, device: torch.device) -> dict:
         # torch's AdamW runs on CPU and GPU without compiling anything (DeepSpeed's FusedAdam JIT-builds a CUDA
         # op, which needs nvcc on every node); with offload, DeepSpeed's CPU Adam is needed and is built once.
         adam["torch_adam"] = True
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "optimizer": {"type": "AdamW", "params": adam},
@@ -59,6 +59,24 @@ def deepspeed_config(recipe: Recipe, device: torch.device) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    config.update(gradient_precision(recipe))
+    return config
+
+
+def gradient_precision(recipe: Recipe) -> dict:
+    """float32 gradient communication and accumulation in bf16 runs with sequence parallelism.
+
+    The SP ranks' gradients are SUMMED partial gradients of one sequence (see above): DeepSpeed's bf16 default
+    reduces and accumulates them in bf16 (8 mantissa bits), so the sum is not the one-device gradient. fp32
+    communication makes the all-reduce / reduce-scatter exact to float32; fp32 accumulation (ZeRO 1-3; ZeRO-0
+    with bf16 parameters has no fp32 accumulation in DeepSpeed) sums the micro-batches in float32.
+    """
+    if recipe.trainer.dtype != "bf16" or recipe.attention.sp_size == 1:
+        return {}
+    out: dict[str, Any] = {"communication_data_type": "fp32"}
+    if recipe.deepspeed.zero_stage > 0:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
 
 
 def build_engine(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> Any:

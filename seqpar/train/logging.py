@@ -66,8 +66,8 @@ class MetricsLogger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "metrics.jsonl"
-        lines = path.read_text().splitlines() if resumed and path.is_file() else []
-        if lines:  # steps after the checkpoint are trained again: keep each step once
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if lines:  # steps after the checkpoint (all, without one) are trained again: keep each step once
             path.write_text("".join(x + "\n" for x in lines if _step(x) <= start_step))
         self.file = path.open("a")
         self.sent = start_step  # wandb holds the steps up to here

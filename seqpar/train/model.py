@@ -78,6 +78,9 @@ def apply_rope_scaling(recipe: Recipe, config: Any) -> dict | None:
     orig = rs.original_max_position_embeddings or getattr(config, "max_position_embeddings", None)
     if rs.type in ("yarn", "longrope", "llama3", "dynamic"):
         spec["original_max_position_embeddings"] = orig
+    if rs.type != "dynamic" and orig:  # dynamic NTK reads max_position_embeddings as the original context
+        # the context the run trains for: eval, generation and the merged config.json then accept it
+        config.max_position_embeddings = max(int(orig), math.ceil(orig * factor))
     if hasattr(config, "rope_parameters"):  # transformers >= 5
         old = dict(getattr(config, "rope_parameters", None) or {})
         spec["rope_theta"] = old.get("rope_theta", getattr(config, "rope_theta", 10000.0))

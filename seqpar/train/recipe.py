@@ -9,8 +9,10 @@ key's dotted path, the value it had and what would be valid, instead of after mi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +89,8 @@ class DataSection:
     seq_len: int = 256
     pack: bool = True  # concatenate documents to seq_len, keeping their boundaries (cu_seqlens)
     passkey: PasskeySection = field(default_factory=PasskeySection)
+    eval_fraction: float = 0.0  # held out of the training samples for eval_loss (eval.every), never trained on
+    eval_files: list[str] = field(default_factory=list)  # or a separate held-out set (same format and packing)
 
 
 @dataclass
@@ -203,6 +207,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return [_coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    elif tp is float and isinstance(value, str) and _looks_float(value):
+        return float(value)  # YAML 1.1 reads "1e-4" as a string: only float-typed fields take it as a number
     elif (tp is int and isinstance(value, int) and not isinstance(value, bool)) or (
         tp in (bool, str, dict, type(None)) and type(value) is tp
     ):
@@ -229,30 +235,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"override {text!r} is not dotted.key=value (e.g. trainer.max_steps=10)")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str) and _looks_float(value):
-        value = float(value)  # YAML 1.1 reads "1e-4" as a string
     return key.strip().split("."), value
 
 
 def _looks_float(s: str) -> bool:
+    """A number YAML 1.1 left as a string ("1e-4"); "nan"/"inf" stay strings (and are then rejected)."""
     try:
-        float(s)
-        return True
+        return math.isfinite(float(s))
     except ValueError:
         return False
 
 
-def _fix_floats(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_floats(v) for v in node]
-    return float(node) if isinstance(node, str) and _looks_float(node) and node.strip().lower() not in (
-        "nan", "inf", "-inf", "infinity") else node
-
-
 def recipe_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    data = _fix_floats(dict(data or {}))
+    data = copy.deepcopy(dict(data or {}))  # overrides must not edit the caller's mapping
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from seqpar.parallel import ParallelState
 from seqpar.train import checkpoint as ckpt
 from seqpar.train import faults
-from seqpar.train.data import batch_at, build_dataset, load_tokenizer
+from seqpar.train.data import batch_at, build_dataset, eval_batch, load_tokenizer, split_eval
 from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
 from seqpar.train.model import BASE_DIR, build_base_model, load_model
@@ -45,9 +45,10 @@ def join(recipe: Recipe) -> ParallelState:
 
 def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
     """The folder every rank loads: model.path, or the tiny from_config model rank 0 saves once."""
+    # absolute: the adapter's base_model_name_or_path (peft) must not depend on the working directory
     if recipe.model.from_config is None:
-        return Path(recipe.model.path)
-    folder = Path(recipe.trainer.output_dir) / BASE_DIR
+        return Path(recipe.model.path).absolute()
+    folder = (Path(recipe.trainer.output_dir) / BASE_DIR).absolute()
     if rank == 0 and not (folder / "config.json").is_file():
         build_base_model(recipe, folder, tokenizer)
     if dist.is_initialized():
@@ -117,14 +118,15 @@ def _dp_mean(value: float, parallel: ParallelState) -> float:
 
 @torch.no_grad()
 def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState) -> float:
-    """Mean loss over ``eval.batches`` fixed batches, model in eval mode (s2/sf use full attention)."""
+    """Mean loss over ``eval.batches`` fixed held-out batches (``samples``: data.eval_fraction / eval_files; each
+    DP rank its own), model in eval mode (s2/sf use full attention)."""
     from seqpar.models import sp_cross_entropy
 
     was_training = engine.module.training
     engine.module.eval()
     losses = []
     for i in range(recipe.eval.batches):
-        batch = batch_at(samples, recipe, 0, 0, parallel.dp_rank, parallel.dp_size, offset=10**6 + i)
+        batch = eval_batch(samples, recipe, i, parallel.dp_rank, parallel.dp_size)
         sp = local_batch(batch, recipe, parallel, parallel.device)
         labels = sp.pop("labels")
         losses.append(sp_cross_entropy(engine(**sp, use_cache=False).logits, labels, parallel).item())
@@ -140,6 +142,7 @@ class Run:
     parallel: ParallelState
     engine: Any
     samples: list
+    held_out: list  # evaluation samples (data.eval_fraction / data.eval_files), disjoint from samples
     tokenizer: Any
     base: Path
     root: Path
@@ -167,15 +170,13 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
         validate(recipe, parallel.world_size, check_paths=True)
         if latest is not None:  # before any model is built, on every rank alike (no collective involved)
             ckpt.verify_checkpoint(latest, recipe, parallel.world_size)
-    # DeepSpeed reads these; srun and single-process runs do not set them (torchrun does).
-    for var, value in (("RANK", parallel.rank), ("WORLD_SIZE", parallel.world_size),
-                       ("LOCAL_RANK", parallel.local_rank)):
-        os.environ.setdefault(var, str(value))
+    ckpt.refuse_earlier_run(recipe, resume, parallel)  # before anything is written: resume it or refuse
+    export_rank_env(parallel)
     deepspeed.init_distributed(dist_backend=parallel.backend)
     _warn_accelerate_mismatch(recipe, parallel)
     torch.manual_seed(recipe.trainer.seed)
     tokenizer = load_tokenizer(recipe)
-    samples = build_dataset(recipe, tokenizer)
+    samples, held_out = split_eval(build_dataset(recipe, tokenizer), recipe, tokenizer, parallel.dp_size)
     base = base_model_path(recipe, parallel.rank, tokenizer)
     # Building the from_config base model (first run, rank 0 only) draws random numbers: reseed so LoRA's
     # initialisation, and with it the whole run, is the same on every rank and on every rerun.
@@ -190,7 +191,7 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
     # from_pretrained returns an eval()-mode model and DeepSpeed keeps it: without this S2/SF would run their
     # eval-time full attention and gradient checkpointing (active only in training mode) would be off.
     engine.module.train()
-    return Run(recipe, parallel, engine, samples, tokenizer, base, root, start, latest is not None, preempt)
+    return Run(recipe, parallel, engine, samples, held_out, tokenizer, base, root, start, latest is not None, preempt)
 
 
 def loop(run: Run) -> list[dict]:
@@ -212,7 +213,7 @@ def loop(run: Run) -> list[dict]:
                    # which attention the layers really ran (s2/sf fall back to full in eval mode)
                    "attention_calls": attention_calls(engine.module, reset=True)}
         if recipe.eval.every and step % recipe.eval.every == 0:
-            metrics["eval_loss"] = evaluate(engine, samples, recipe, parallel)
+            metrics["eval_loss"] = evaluate(engine, run.held_out, recipe, parallel)
             metrics["eval_attention_calls"] = attention_calls(engine.module, reset=True)
         logger.log(step, metrics, parallel.device)
         history.append({"step": step, "loss": loss})
@@ -235,6 +236,18 @@ def train(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> l
     history = loop(run)
     run.parallel.destroy()  # a clean exit: torch warns about process groups left alive
     return history
+
+
+def export_rank_env(parallel: ParallelState) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK for DeepSpeed; srun and single-process runs do not set them (torchrun does).
+    DeepSpeed uses LOCAL_RANK as the CUDA device ordinal: under srun with one GPU bound per task
+    (CUDA_VISIBLE_DEVICES of one device) SLURM_LOCALID may be 3 while the only ordinal is 0, so LOCAL_RANK is
+    the index of this rank's device among the visible ones."""
+    local = parallel.local_rank
+    if parallel.device.type == "cuda":
+        local = parallel.device.index if parallel.device.index is not None else torch.cuda.current_device()
+    for var, value in (("RANK", parallel.rank), ("WORLD_SIZE", parallel.world_size), ("LOCAL_RANK", local)):
+        os.environ.setdefault(var, str(value))
 
 
 def nan_message(loss: float, step: int, lr: float, last_good: Path | None) -> str:

@@ -18,10 +18,6 @@ TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head
 BYTE_VOCAB = 259  # 256 bytes + <pad>, <s>, </s> (seqpar.train.data.byte_tokenizer)
 
 
-def s2_group_size(recipe: Recipe) -> float:
-    return recipe.attention.group_size_ratio * recipe.data.seq_len
-
-
 def _positive(errors: list[str], key: str, value: float, minimum: float = 1) -> None:
     if value < minimum:
         errors.append(f"{key}={value!r}: must be >= {minimum}")
@@ -64,7 +60,9 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
             try:
                 check_divisible(seq_len, a.sp_size, layout, name="data.seq_len")
             except ShardingError as err:
-                errors.append(f"{err} [attention.name={a.name}, attention.sp_size={a.sp_size}]")
+                # the sharding error's own suggestions know only the layout: suggest what the attention accepts
+                errors.append(f"{str(err).split('; nearest valid lengths')[0]}; {_suggest_lengths(r, layout)} "
+                              f"[attention.name={a.name}, attention.sp_size={a.sp_size}]")
     heads = getattr(config, "num_attention_heads", None)
     degree = a.sp_size if a.name == "ulysses" else a.ulysses_degree if a.name == "usp" else None
     if a.name == "usp" and degree is not None and (degree < 1 or a.sp_size % degree):
@@ -75,17 +73,8 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
     if a.s2_wrap and a.name != "s2":
         errors.append(f"attention.s2_wrap=true with attention.name={a.name!r}: only s2 wraps (SF-Attn shifts back "
                       "by definition); set attention.s2_wrap=false")
-    if a.name in ("s2", "sf"):
-        g = s2_group_size(r)
-        if not 0 < a.group_size_ratio <= 1 or g != int(g) or int(g) % 2 or seq_len % int(g):
-            errors.append(f"attention.group_size_ratio={a.group_size_ratio}: the S2 group size ratio x data.seq_len"
-                          f" = {g:g} must be an even whole number dividing data.seq_len={seq_len} "
-                          "(LongLoRA uses 0.25)")
-        elif a.sp_size >= 1 and int(g) // 2 > seq_len // a.sp_size:
-            errors.append(f"attention.group_size_ratio={a.group_size_ratio}: the half-group halo {int(g) // 2} is "
-                          f"longer than a rank's {seq_len // a.sp_size} tokens: lower the ratio or sp_size")
-        if a.name == "sf" and not 0 <= a.num_sink_tokens < g:
-            errors.append(f"attention.num_sink_tokens={a.num_sink_tokens}: must be in [0, group size {g:g})")
+    if a.name in ("s2", "sf") and not (a.sp_size >= 1 and seq_len % a.sp_size):  # else: the split error above
+        errors.extend(_group_problems(r, seq_len))
     model_type = getattr(config, "model_type", None)
     linear = ATTENTIONS[a.name].models == "linear"
     fits = [n for n, s in ATTENTIONS.items() if s.models != "linear"]
@@ -96,6 +85,47 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
         fits = [n for n, s in ATTENTIONS.items() if s.models == "linear"]
         errors.append(f"attention.name={a.name!r}: model_type={model_type!r} is a linear-attention model; "
                       f"use attention.name in {fits} (the softmax layers of a hybrid use all-gather attention)")
+
+
+def _group_problems(r: Recipe, seq_len: int) -> list[str]:
+    """S2/SF group rules at ``seq_len`` (the primitive's: seqpar.attention.checks.check_shift_args)."""
+    from seqpar.attention.checks import max_sink_tokens
+
+    a, out = r.attention, []
+    g, n = a.group_size_ratio * seq_len, seq_len // max(1, a.sp_size)
+    if not 0 < a.group_size_ratio <= 1 or g != int(g) or int(g) % 2 or seq_len % int(g):
+        out.append(f"attention.group_size_ratio={a.group_size_ratio}: the S2 group size ratio x data.seq_len"
+                   f" = {g:g} must be an even whole number dividing data.seq_len={seq_len} (LongLoRA uses 0.25)")
+    elif a.sp_size >= 1 and n % int(g):
+        out.append(f"attention.group_size_ratio={a.group_size_ratio}: the S2 group of {int(g)} tokens must divide "
+                   f"each rank's {n} tokens (data.seq_len / attention.sp_size) so that unshifted groups stay on one "
+                   f"rank: use attention.sp_size in {_group_sp_sizes(a.group_size_ratio)}, or a smaller ratio")
+    if a.name == "sf" and not 0 <= a.num_sink_tokens <= max_sink_tokens(n):
+        out.append(f"attention.num_sink_tokens={a.num_sink_tokens}: must be in [0, {max_sink_tokens(n)}] (the "
+                   "sink tokens live on the first rank's data.seq_len / attention.sp_size tokens)")
+    return out
+
+
+def _group_sp_sizes(ratio: float) -> list[int]:
+    """SP sizes whose per-rank share holds whole S2 groups: 1/sp a multiple of the ratio."""
+    return [n for n in range(1, 65) if ratio * n <= 1 and abs(round(1 / (ratio * n)) * ratio * n - 1) < 1e-9]
+
+
+def _suggest_lengths(r: Recipe, layout: str, span: int = 1 << 16) -> str:
+    """The nearest data.seq_len below and above that pass every length rule of the chosen attention."""
+    a, seq_len = r.attention, r.data.seq_len
+    unit = a.sp_size * (2 if layout == "zigzag" else 1)
+
+    def ok(n: int) -> bool:
+        return n > 0 and n % unit == 0 and not (a.name in ("s2", "sf") and _group_problems(r, n))
+
+    below = next((n for n in range(seq_len - seq_len % unit, max(0, seq_len - span), -unit) if ok(n)), None)
+    above = next((n for n in range(seq_len - seq_len % unit + unit, seq_len + span, unit) if ok(n)), None)
+    found = [n for n in (below, above) if n is not None]
+    if found:
+        return f"nearest lengths valid for attention.name={a.name} with sp_size {a.sp_size}: {found}"
+    return (f"no data.seq_len works for attention.name={a.name} with sp_size {a.sp_size} and group_size_ratio "
+            f"{a.group_size_ratio}: use attention.sp_size in {_group_sp_sizes(a.group_size_ratio)}")
 
 
 def _check_lora(r: Recipe, leaf_names: set[str] | None, errors: list[str]) -> None:
@@ -132,6 +162,11 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
                       f"{BYTE_VOCAB}; raise it or set data.tokenizer")
     if d.source == "files" and not d.files:
         errors.append("data.files=[]: data.source=files needs local jsonl/json/text/parquet files")
+    if not 0 <= d.eval_fraction < 1:
+        errors.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1), e.g. 0.05")
+    if r.eval.every and not d.eval_files and not d.eval_fraction > 0:
+        errors.append(f"eval.every={r.eval.every} needs a held-out split (eval_loss is never measured on training "
+                      "samples): set data.eval_fraction=0.05 or data.eval_files=[...], or eval.every=0")
     if rs.type is None and rs.factor is not None:
         errors.append(f"rope_scaling.factor={rs.factor!r} without rope_scaling.type: set type (e.g. linear)")
     if isinstance(rs.factor, str) and rs.factor != "auto":
@@ -221,16 +256,17 @@ def _check_model_folder(r: Recipe, config: Any, errors: list[str]) -> None:
 
 def _check_data_files(r: Recipe, errors: list[str]) -> None:
     d = r.data
-    for i, f in enumerate(d.files if d.source == "files" else []):
+    named = [(f"data.files[{i}]", f) for i, f in enumerate(d.files if d.source == "files" else [])]
+    for key, f in named + [(f"data.eval_files[{i}]", f) for i, f in enumerate(d.eval_files)]:
         p = Path(f)
         if not p.exists():
-            errors.append(f"data.files[{i}]={f!r} does not exist: give a local file (no hub downloads)")
+            errors.append(f"{key}={f!r} does not exist: give a local file (no hub downloads)")
         elif p.is_file() and p.stat().st_size == 0:
-            errors.append(f"data.files[{i}]={f!r} is empty: give a file with documents")
+            errors.append(f"{key}={f!r} is empty: give a file with documents")
         elif p.is_file() and (d.format or p.suffix.lstrip(".")) != "parquet":
             bad = _first_non_utf8(p)
             if bad is not None:
-                errors.append(f"data.files[{i}]={f!r} is not UTF-8 text (byte {bad}): re-encode it, e.g. "
+                errors.append(f"{key}={f!r} is not UTF-8 text (byte {bad}): re-encode it, e.g. "
                               f"iconv -f latin1 -t utf-8")
 
 
