@@ -75,10 +75,11 @@ def runs(tmp_path_factory):
                                            "attention.sp_size=1", "deepspeed.zero_stage=2",
                                            "trainer.gradient_checkpointing=true"])
     # S2 (the quick start above), SF and full attention on the same data and seed, sp_size 2; SF with gradient
-    # checkpointing and one evaluation, so its metrics show the recomputation and the eval-mode fallback.
+    # checkpointing and one evaluation (on held-out files: its training samples stay the others'), so its metrics
+    # show the recomputation and the eval-mode fallback.
     short = [*COMMON, "trainer.max_steps=3", "logging.wandb=false", "checkpoint.every=0"]
     out["sf"] = launch(2, tmp / "sf", [*short, "attention.name=sf", "trainer.gradient_checkpointing=true",
-                                       "eval.every=3", "eval.batches=1"])
+                                       "eval.every=3", "eval.batches=1", f"data.eval_files=[{docs}]"])
     out["full_sp2"] = launch(2, tmp / "full_sp2", [*short, "attention.name=full"])
     # 6. 2-D: sp_size 2 x dp_size 2 on 4 processes; 7. its one-process twin accumulating the same 2 sequences
     two_d = ["trainer.max_steps=4", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "logging.wandb=false"]
