@@ -158,3 +158,16 @@ def test_fused_loss_refuses_lora_on_the_head_and_bad_chunks():
         causal_lm_loss(model, {"input_ids": ids}, ids, None, chunk_size=4)
     with pytest.raises(ValueError, match="positive"):
         sp_fused_linear_cross_entropy(torch.randn(1, 4, 8), torch.randn(10, 8), ids[:, :4], None, chunk_size=0)
+
+
+def test_fused_loss_under_no_grad_is_the_value_only():
+    h, w = torch.randn(1, 10, 8, requires_grad=True), torch.randn(2000, 8, requires_grad=True)
+    y = torch.randint(0, 2000, (1, 10))
+    from seqpar.bench.measure import TrackedPeak
+
+    with torch.no_grad(), TrackedPeak() as tracked:
+        value = sp_fused_linear_cross_entropy(h, w, y, None, chunk_size=3)
+    with TrackedPeak() as training:
+        sp_fused_linear_cross_entropy(h, w, y, None, chunk_size=3)
+    assert not value.requires_grad and tracked.peak < w.numel() * 4 <= training.peak  # no d W buffer in eval
+    assert torch.allclose(value, sp_cross_entropy(h @ w.T, y, None))

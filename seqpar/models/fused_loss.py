@@ -136,6 +136,9 @@ def sp_fused_linear_cross_entropy(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: must be a positive number of rows (e.g. {DEFAULT_CHUNK})")
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if not torch.is_grad_enabled():  # eval: the value only (no gradient work or buffers in the forward)
+        flat_h, weight = flat_h.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     local = _FusedLinearCrossEntropy.apply(flat_h, weight, bias, flat_y, chunk_size)
     return sp_global_mean(local, (flat_y != IGNORE_INDEX).sum(), group)
 
