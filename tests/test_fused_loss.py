@@ -166,8 +166,8 @@ def test_fused_loss_under_no_grad_is_the_value_only():
     from seqpar.bench.measure import TrackedPeak
 
     with torch.no_grad(), TrackedPeak() as tracked:
-        value = sp_fused_linear_cross_entropy(h, w, y, None, chunk_size=3)
+        value = sp_fused_linear_cross_entropy(h, w, y, None, chunk_size=1)
     with TrackedPeak() as training:
-        sp_fused_linear_cross_entropy(h, w, y, None, chunk_size=3)
+        sp_fused_linear_cross_entropy(h, w, y, None, chunk_size=1)
     assert not value.requires_grad and tracked.peak < w.numel() * 4 <= training.peak  # no d W buffer in eval
     assert torch.allclose(value, sp_cross_entropy(h @ w.T, y, None))

@@ -119,6 +119,7 @@ class TrackedPeak:
         import weakref
 
         from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
 
         tracker = self
         self.live = self.peak = 0
@@ -131,11 +132,14 @@ class TrackedPeak:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                # Views and in-place results share an input's storage: not an allocation.
+                inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                          if isinstance(a, torch.Tensor) and not a.is_meta}
                 for t in out if isinstance(out, (tuple, list)) else [out]:
                     if isinstance(t, torch.Tensor) and not t.is_meta:
                         st = t.untyped_storage()
                         key = id(st)
-                        if key not in tracker._seen and st.nbytes():
+                        if key not in tracker._seen and st.nbytes() and st.data_ptr() not in inputs:
                             tracker._seen.add(key)
                             tracker.live += st.nbytes()
                             tracker.peak = max(tracker.peak, tracker.live)
