@@ -130,6 +130,9 @@ def _alst(cfg: dict, group):
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
     deepspeed.init_distributed(dist_backend="gloo")
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
+
+    sp_state._release_sequence_parallel_groups()  # a search builds the model again in the same processes
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model, core_attn_implementation="sdpa", sequence_parallel_size=torch.distributed.get_world_size(group),
         micro_batch_size=cfg["batch"], seq_length=cfg["seq_len"], seq_length_is_variable=False)

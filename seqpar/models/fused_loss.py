@@ -98,7 +98,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         d_h, d_w, d_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         return (None if d_h is None else d_h * grad.to(d_h.dtype),
-                None if d_w is None else (d_w * grad).to(w_dtype),
+                None if d_w is None else d_w.mul_(grad).to(w_dtype),  # in place: no second [V, d] copy
                 None if d_b is None else (d_b * grad).to(b_dtype), None, None)
 
 
