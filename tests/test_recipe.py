@@ -43,7 +43,22 @@ BAD = [
     (["trainer.betas=[0.9]"], 2, ["trainer.betas=[0.9]", "two numbers"]),
     (["attention.name=s2", "attention.sp_size=2", "attention.layout=zigzag"], 2,
      ["attention.layout='zigzag'", "contiguous"]),
+    (["memory.loss_chunk_size=0"], 2, ["memory.loss_chunk_size=0", "positive"]),
+    (["memory.mlp_chunk_size=-4"], 2, ["memory.mlp_chunk_size=-4", "positive"]),
+    (["memory.fused_loss=true", "lora.targets=[q_proj,lm_head]"], 2, ["memory.fused_loss", "drop lm_head"]),
+    (["memory.offload_checkpoints=true"], 2, ["memory.offload_checkpoints=True", "gradient_checkpointing=true"]),
+    (["memory.offload_checkpoints=maybe"], 2, ["memory.offload_checkpoints='maybe'", "'required'"]),
 ]
+
+
+def test_offload_required_without_cuda_is_rejected():
+    import torch
+
+    recipe = load_recipe(QUICK, ["memory.offload_checkpoints=required", "trainer.gradient_checkpointing=true"])
+    validate(recipe, 2)  # a dry run may plan for a GPU machine
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="no CUDA GPU is visible"):
+            validate(recipe, 2, check_paths=True)
 
 
 @pytest.mark.parametrize(("overrides", "world", "needles"), BAD, ids=[" ".join(b[0]) for b in BAD])

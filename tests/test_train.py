@@ -3,7 +3,8 @@ checkpoints are complete and atomic, --resume reproduces the uninterrupted losse
 (sp_size 2) gives the sp_size 1 losses, ZeRO-2 and ZeRO-3 checkpoints merge into plain models whose logits
 equal the LoRA model's.
 
-Five launches in all (three with 2 processes), shared by the tests through one module-scoped fixture.
+Ten launches in all (four with 2 processes, one with 4), shared by the tests through one module-scoped fixture;
+the memory options (fused loss, tiled MLP) run in one of them and in the ZeRO-3 ring run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ COMMON = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.
 RING = ["attention.name=ring", "deepspeed.zero_stage=3", "data.source=files", "data.seq_len=256",
         "rope_scaling.type=null", "rope_scaling.factor=null", "data.eval_fraction=0.1",
         "trainer.max_steps=4", "logging.wandb=false", "checkpoint.every=0", "eval.every=2"]
+# The memory options (tiles shorter than a rank's 128 or 512 tokens); without CUDA offload is a no-op.
+MEMORY = ["memory.fused_loss=true", "memory.loss_chunk_size=100", "memory.tiled_mlp=true", "memory.mlp_chunk_size=96",
+          "memory.offload_checkpoints=true", "trainer.gradient_checkpointing=true"]
 
 
 def launch(nproc: int, out: Path, overrides: list[str], *extra: str, ok: bool = True):
@@ -69,8 +73,9 @@ def runs(tmp_path_factory):
     out["resumed"] = launch(2, tmp / "sp2", [*COMMON, f"checkpoint.every={CKPT}"], "--resume")[CKPT:]
     # 3. the same training in one process, sp_size 1
     out["sp1"] = launch(1, tmp / "sp1", [*COMMON, "attention.sp_size=1", "logging.wandb=false"])
+    out["sp1_memory"] = launch(1, tmp / "sp1_memory", [*COMMON, "attention.sp_size=1", "logging.wandb=false", *MEMORY])
     # 4. ring attention, ZeRO-3, packed documents, sp_size 2; 5. its one-process sp_size 1 twin ("full")
-    out["ring"] = launch(2, tmp / "ring", [*RING, f"data.files=[{docs}]"])
+    out["ring"] = launch(2, tmp / "ring", [*RING, f"data.files=[{docs}]", *MEMORY])  # with ZeRO-3: head gathered
     out["full"] = launch(1, tmp / "full", [*RING, f"data.files=[{docs}]", "attention.name=full",
                                            "attention.sp_size=1", "deepspeed.zero_stage=2",
                                            "trainer.gradient_checkpointing=true"])
@@ -138,6 +143,15 @@ def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
     worst = max(abs(x - y) for x, y in zip(a, b))
     print(f"{sp} vs {one}: max |loss difference| over {len(a)} steps = {worst:.2e}")
     assert worst <= 1e-4, (a, b)
+
+
+def test_memory_options_train_to_the_same_losses(runs):
+    """Fused loss + tiled MLP (+ offload, a no-op on CPU) vs plain: the same 20 losses within 1e-5."""
+    a, b = losses(runs["sp1_memory"]), losses(runs["sp1"])
+    assert len(a) == len(b) == STEPS
+    worst = max(abs(x - y) for x, y in zip(a, b))
+    print(f"memory options on vs off: max |loss difference| over {STEPS} steps = {worst:.2e}")
+    assert worst <= 1e-5, (a, b)
 
 
 @pytest.mark.parametrize(("run", "stage"), [("sp2", 2), ("ring", 3)])

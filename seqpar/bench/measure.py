@@ -108,3 +108,49 @@ def machine_info() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": {p: version(p) for p in ("seqpar", "transformers", "deepspeed", "peft", "flash-attn")},
     }
+
+
+class TrackedPeak:
+    """Peak bytes of tensor storages allocated inside the ``with`` block and still alive, on any device
+    (a dispatch mode: every op's outputs are counted once per storage and released when it is freed).
+    Exact where RSS is not (allocator caching), so the planner's estimates can be checked on CPU."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+        def release(key: int, nbytes: int) -> None:
+            tracker._seen.discard(key)
+            tracker.live -= nbytes
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                # Views and in-place results share an input's storage: not an allocation.
+                inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                          if isinstance(a, torch.Tensor) and not a.is_meta}
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and not t.is_meta:
+                        st = t.untyped_storage()
+                        key = id(st)
+                        if key not in tracker._seen and st.nbytes() and st.data_ptr() not in inputs:
+                            tracker._seen.add(key)
+                            tracker.live += st.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(st, release, key, st.nbytes())
+                return out
+
+        self._mode = Mode()
+
+    def __enter__(self) -> TrackedPeak:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

@@ -65,6 +65,8 @@ TARGETS = (
     Target("lasp2 speed-up over lasp1 at N=4", "linear", ("lasp1", 4), ("lasp2", 4), "median_s", ">=", 1.15, None),
     Target("shift_short_attention speed-up over full attention", "longlora", ("single_sdpa", 1), ("s2", 1),
            "median_s", ">=", 3.0, 16384),
+    Target("Llama-3-shaped toy, one step at L=8192: peak with fused loss + tiled MLP vs full logits", "scaling",
+           ("llama3_seqpar_memory", 1), ("llama3_seqpar", 1), "peak_mem_bytes", "<=", 0.25, 8192),
 )
 
 
@@ -89,7 +91,28 @@ def evaluate_target(results: list[dict], t: Target) -> dict:
 
 
 def targets(results: list[dict]) -> list[dict]:
-    return [evaluate_target(results, t) for t in TARGETS]
+    return [evaluate_target(results, t) for t in TARGETS] + longest_context_targets(results)
+
+
+def longest_context_targets(results: list[dict]) -> list[dict]:
+    """Issue 14: seqpar's longest L with the memory options >= ALST's, and >= 0.9 N x its own N = 1."""
+    best = {(r["method"], r["sp"]): r["max_seq_len"] for r in results
+            if r.get("suite") == "scaling" and "search" in r and r.get("max_seq_len")}
+    out = []
+    for n in (1, 2, 4):
+        ours, alst, one = best.get(("llama3_seqpar_memory", n)), best.get(("llama3_alst", n)), \
+            best.get(("llama3_seqpar_memory", 1))
+        for name, den, bound in ((f"longest L with memory options vs DeepSpeed ALST, N={n}", alst, 1.0),
+                                 (f"longest L with memory options at N={n} vs N x own N=1", one and n * one, 0.9)):
+            if n == 1 and "own" in name:
+                continue
+            e = {"name": name, "op": ">=", "bound": bound, "target_seq_len": None}
+            if not ours or not den:
+                out.append({**e, "missing": "no llama3 search rows for both"})
+                continue
+            out.append({**e, "seq_len": ours, "value": ours / den, "pass": ours / den >= bound,
+                        "at_target_length": True})
+    return out
 
 
 def target_lines(evaluated: list[dict]) -> list[str]:

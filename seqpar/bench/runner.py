@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
-from seqpar.bench.measure import Measurement, MemoryProbe, time_repeats
+from seqpar.bench.measure import Measurement, MemoryProbe, TrackedPeak, time_repeats
 from seqpar.bench.methods import METHODS
 from seqpar.comm import ByteCounter
 from seqpar.launcher import RankFailed, spawn_ranks
@@ -19,8 +19,13 @@ def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
     # buffers and temporaries), i.e. above the RSS before the inputs exist: this is what SP divides.
     total = MemoryProbe(device)
     step = METHODS[cfg["method"]](cfg, sp_group)
+    tracked = TrackedPeak() if cfg.get("tracked") else None  # live tensor storages of the first call
     with ByteCounter() as counter:  # the first (warm-up) call also counts the bytes of one call
-        result = step()
+        if tracked is None:
+            result = step()
+        else:
+            with tracked:
+                result = step()
     # Working memory: above the level after the warm-up (inputs and their gradients allocated, lazily loaded
     # kernels loaded); ru_maxrss still holds the warm-up's peak, the same computation as every repeat.
     work = MemoryProbe(device)
@@ -29,7 +34,7 @@ def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
     # Peers communicate through torch.distributed directly: their bytes are unknown, not zero.
     sent, received = (None, None) if getattr(step, "peer", False) else (counter.sent, counter.received)
     extra["peak_work_bytes"] = work.peak()
-    return Measurement(times, total.peak(), sent, received, extra).to_dict()
+    return Measurement(times, total.peak() if tracked is None else tracked.peak, sent, received, extra).to_dict()
 
 
 def run_config(cfg: dict, *, timeout: float) -> dict:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
-from seqpar.bench.measure import MemoryProbe
+from seqpar.bench.measure import MemoryProbe, TrackedPeak
 from seqpar.bench.methods import METHODS
 from seqpar.launcher import RankFailed, spawn_ranks
 
@@ -35,8 +35,14 @@ def _probe_rank(rank: int, world: int, group, cfg: dict, lengths: list[int]) -> 
     for L in lengths:
         step = METHODS[cfg["method"]]({**cfg, "seq_len": L}, sp_group)
         start = time.perf_counter()
-        step()
-        stats = torch.tensor([probe.peak(), time.perf_counter() - start], dtype=torch.float64)
+        if cfg.get("tracked"):  # live tensor storages of the step (exact; RSS keeps allocator caches)
+            with TrackedPeak() as tracked:
+                step()
+            peak = tracked.peak
+        else:
+            step()
+            peak = probe.peak()
+        stats = torch.tensor([peak, time.perf_counter() - start], dtype=torch.float64)
         if sp_group is not None:
             dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=sp_group)
         probes.append({"seq_len": L, "peak_mem_bytes": int(stats[0]), "seconds": float(stats[1])})

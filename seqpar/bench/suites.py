@@ -76,11 +76,28 @@ def scaling(quick: bool) -> list[dict]:
             for m, n in series]
     if quick:  # the throughput rows below run the same code as the e2e rows: the smoke run skips them
         return rows
+    rows += longest_context()
     # Tokens/s of recipes/quickstart-cpu.yaml's model at its fixed length, one rank vs two (and, for
     # reference, the same two cores in one process).
     base = {"batch": 4, "model": "quickstart", "seq_len": 512, "threads": 1}
     rows += [{**base, "method": "llama_ring", "world": n, "sp": n} for n in (1, 2)]
     return [*rows, {**base, "method": "llama_single", "world": 1, "threads": 2, "sp": 2}]
+
+
+# Issue 14: the Llama-3-shaped toy (seqpar.bench.memory) within a per-rank budget, with and without the memory
+# options, against DeepSpeed's ALST path; and one step at L = 8192 on one process (peak vs the full-logits path).
+MEMORY_METHODS = ("llama3_seqpar", "llama3_seqpar_memory", "llama3_alst")
+
+
+def longest_context(budget_bytes: int = 64 << 20, max_len: int = 1 << 15) -> list[dict]:
+    # Peaks are the step's live tensor storages (TrackedPeak): on CPU, RSS keeps allocator caches and
+    # page-granular arenas that swamp a 64 MiB budget (measured: the same probe 74-140 MiB run to run).
+    search = {"start": 1024, "max_len": max_len, "budget_bytes": budget_bytes, "refine": 1}
+    base = {"batch": 1, "model": "llama3", "threads": 1, "search": search, "tracked": True}
+    rows = [{**base, "method": "llama3_hf", "world": 1, "sp": 1}]  # plain HF has no SP: N = 1 only
+    rows += [{**base, "method": m, "world": n, "sp": n} for m in MEMORY_METHODS for n in (1, 2, 4)]
+    one = {"batch": 1, "model": "llama3", "threads": 1, "world": 1, "sp": 1, "seq_len": 8192, "tracked": True}
+    return rows + [{**one, "method": m} for m in ("llama3_hf", *MEMORY_METHODS)]
 
 
 def gpu(quick: bool) -> list[dict]:

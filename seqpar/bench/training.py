@@ -136,3 +136,4 @@ def _llama_deepspeed_ulysses(cfg: dict, group):
     step = _train_step(model, cfg, mpu.get_sequence_parallel_group(), "contiguous", mpu)
     step.peer = True  # its all-to-alls bypass seqpar.comm: the byte counter sees only the loss all-reduce
     return step
+import seqpar.bench.memory  # noqa: E402, F401  (registers the llama3_* methods of the memory comparison)

@@ -148,7 +148,14 @@ def sp_cross_entropy(
         )
     local = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
-    count = (labels != IGNORE_INDEX).sum()
+    return sp_global_mean(local, (labels != IGNORE_INDEX).sum(), group)
+
+
+def sp_global_mean(local: torch.Tensor, count: torch.Tensor, group: ParallelState | dist.ProcessGroup | None
+                   ) -> torch.Tensor:
+    """``sum_r S_r / C`` in value, ``S_r / C`` in gradient, from this rank's summed loss ``local`` (a float32
+    scalar with a graph) and its target count: the reduction ``sp_cross_entropy`` and
+    ``sp_fused_linear_cross_entropy`` share (one all-reduce of 2 float64)."""
     stats = torch.stack([local.detach().double(), count.double()])
     stats = all_reduce_tensor(stats, sp_group_of(group))  # [sum of S_r, C]
     total = stats[1].clamp(min=1)

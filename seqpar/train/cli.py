@@ -2,8 +2,9 @@
 
 Started by ``torchrun --nproc_per_node N -m seqpar train ...``, by ``srun`` (one task per rank, SLURM
 variables), by ``accelerate launch -m seqpar train ...``, or as one plain process. ``--dry-run`` resolves
-and validates the recipe and prints the process layout without starting any process group or reading
-model weights.
+and validates the recipe and prints the process layout and the estimated peak memory per rank
+(seqpar.train.planner; ``--device-memory 80GiB`` adds the longest ``data.seq_len`` that fits) without
+starting any process group or reading model weights.
 
 Errors are one line on stderr of every rank, ``seqpar: error: <what is wrong and the fix>``, no traceback:
 exit code 2 for user errors (recipe, files, process layout, checkpoint to resume), 1 for a NaN/inf loss or a
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=None,
                         help="world size to plan for in --dry-run (default: WORLD_SIZE, else launch.nnodes x "
                              "launch.nproc_per_node)")
+    parser.add_argument("--device-memory", default=None, metavar="SIZE",
+                        help="with --dry-run: also print the longest data.seq_len whose estimated peak fits SIZE "
+                             "per rank, e.g. 80GiB")
 
 
 def planned_world(recipe: Recipe, override: int | None) -> int:
@@ -149,6 +153,9 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
         print("# planned process layout (dry run: no process group started, no weights read)")
         print(describe_plan(recipe, world, config))
+        from seqpar.train.planner import describe_memory
+
+        print(describe_memory(recipe, config, world, args.device_memory))
         for warning in recipe_warnings(recipe):
             print(f"# warning: {warning}")
         return 0

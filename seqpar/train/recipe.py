@@ -117,6 +117,17 @@ class DeepSpeedSection:
 
 
 @dataclass
+class MemorySection:
+    """Longest context per device (seqpar.models.fused_loss / tiled_mlp / offload; ALST's three pieces)."""
+
+    fused_loss: bool = False  # tiled LM head + loss: never the [B, L/N, V] logits
+    loss_chunk_size: int = 1024  # rows (tokens) per tile of the fused loss
+    tiled_mlp: bool = False  # each MLP over sequence tiles, recomputed in the backward
+    mlp_chunk_size: int = 4096  # tokens per MLP tile
+    offload_checkpoints: bool | Literal["required"] = False  # checkpointed layer inputs to pinned CPU (CUDA only)
+
+
+@dataclass
 class LaunchSection:
     nnodes: int = 1
     nproc_per_node: int = 1  # the intended world is nnodes x nproc_per_node (used by --dry-run)
@@ -158,6 +169,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    memory: MemorySection = field(default_factory=MemorySection)
     launch: LaunchSection = field(default_factory=LaunchSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

@@ -70,6 +70,11 @@ def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
         from seqpar.train.lora import apply_lora
 
         model = apply_lora(model, recipe.lora)
+    from seqpar.train.memory import apply_memory
+
+    note = apply_memory(model, recipe)
+    if parallel.is_main:
+        print(note, flush=True)
     return model
 
 
@@ -90,15 +95,15 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
 
 def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: ParallelState) -> float:
     """One optimizer step over grad_accum micro-batches; returns the loss averaged over micro-batches and DP."""
-    from seqpar.models import sp_cross_entropy
+    from seqpar.models import causal_lm_loss
+    from seqpar.train.memory import loss_chunk
 
     total = 0.0
     for micro in range(recipe.trainer.grad_accum):
         batch = batch_at(samples, recipe, step, micro, parallel.dp_rank, parallel.dp_size)
         sp = local_batch(batch, recipe, parallel, parallel.device)
         labels = sp.pop("labels")
-        logits = engine(**sp, use_cache=False).logits
-        loss = sp_cross_entropy(logits, labels, parallel)
+        loss = causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe))
         if faults.nan_loss(step + 1):
             loss = loss * float("nan")
         engine.backward(loss * parallel.sp_size)  # DeepSpeed divides by W; SP needs a sum (see engine.py)
@@ -120,7 +125,8 @@ def _dp_mean(value: float, parallel: ParallelState) -> float:
 def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState) -> float:
     """Mean loss over ``eval.batches`` fixed held-out batches (``samples``: data.eval_fraction / eval_files; each
     DP rank its own), model in eval mode (s2/sf use full attention)."""
-    from seqpar.models import sp_cross_entropy
+    from seqpar.models import causal_lm_loss
+    from seqpar.train.memory import loss_chunk
 
     was_training = engine.module.training
     engine.module.eval()
@@ -129,7 +135,7 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
         batch = eval_batch(samples, recipe, i, parallel.dp_rank, parallel.dp_size)
         sp = local_batch(batch, recipe, parallel, parallel.device)
         labels = sp.pop("labels")
-        losses.append(sp_cross_entropy(engine(**sp, use_cache=False).logits, labels, parallel).item())
+        losses.append(causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe)).item())
     engine.module.train(was_training)
     return _dp_mean(sum(losses) / len(losses), parallel)
 

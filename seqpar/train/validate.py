@@ -11,6 +11,7 @@ from typing import Any
 
 from seqpar.attention.registry import ATTENTIONS, resolve_layout
 from seqpar.sharding import ShardingError, check_divisible
+from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
 from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
 
@@ -193,6 +194,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
         _check_data_files(recipe, errors)
         _check_device(recipe, errors)
     _check_attention(recipe, config, world_size, errors)
+    check_memory(recipe, errors, cuda=_cuda() if check_paths else None)
     leaves = module_leaf_names(config) if config is not None and not errors else None
     _check_lora(recipe, leaves, errors)
     if errors:
@@ -295,3 +297,9 @@ def _check_device(r: Recipe, errors: list[str]) -> None:
     if r.launch.device == "cuda" and not torch.cuda.is_available():
         errors.append("launch.device='cuda' but no CUDA GPU is visible on this machine: set launch.device=cpu "
                       "(gloo) or run on a GPU node")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
