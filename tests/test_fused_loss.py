@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from seqpar.kernels.reference import rel_err
 from seqpar.models import causal_lm_loss, sp_cross_entropy, sp_fused_linear_cross_entropy
 from seqpar.models.fused_loss import FusedHeadError
 from seqpar.sharding import shard
-from tests.reference import rel_err
 from tests.sp_harness import spawn_worlds
 
 B, LQ, D, V, CHUNK = 2, 10, 8, 50, 7  # chunk 7 does not divide the 20 rows of a rank: a ragged last tile

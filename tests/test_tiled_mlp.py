@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seqpar.kernels.reference import rel_err
 from seqpar.models.tiled_mlp import tile_mlp, untile_mlp
-from tests.reference import rel_err
 from tests.test_fused_loss import LargestTensor
 
 COMMON = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
