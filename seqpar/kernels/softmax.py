@@ -220,7 +220,9 @@ def fallback_counts() -> dict[str, int]:
 
 
 def reset_fallbacks() -> None:
+    """Zero the counter, and warn again on the next fallback of each reason."""
     _FALLBACKS.clear()
+    _WARNED.clear()
 
 
 def _fallback(reason: str) -> None:
