@@ -51,7 +51,7 @@ PLAN: dict[str, tuple[str, str]] = {
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
     "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run --device-memory 80GiB": ("run", ""),
     "seqpar bench fidelity --quick": ("suite", "tests/test_fidelity.py runs the same --quick pipeline"),
-    "seqpar bench fidelity --seeds 3 --out runs/fidelity": ("long", "the full fidelity run, ~40 min on 2 cores"),
+    "seqpar bench fidelity --seeds 3 --out runs/fidelity": ("long", "the full fidelity run, ~12 min on 2 idle cores"),
     "seqpar bench fidelity --markdown docs/fidelity.md --out runs/fidelity": ("long", "needs the full run's results"),
     "sbatch --nodes 2 --time 24:00:00 slurm/train.sbatch recipes/usp-llama3-8b-128k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/longlora-llama2-7b-32k.yaml --dry-run --world-size 16 attention.sp_size=4": ("run", ""),
