@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.resume_harness import torchrun
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (registered once here: one cluster per session)
 
 
 @pytest.fixture(scope="session")

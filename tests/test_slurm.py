@@ -13,14 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
-
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "recipes" / "quickstart-cpu.yaml"
 STEPS = 3
 
 
-def test_sbatch_runs_the_quickstart_on_two_processes(slurm_cluster, tmp_path):  # noqa: F811
+def test_sbatch_runs_the_quickstart_on_two_processes(slurm_cluster, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     env = {**slurm_cluster.env, "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}

@@ -34,7 +34,6 @@ from tests.resume_harness import (
     metrics,
     wandb_history,
 )
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 
 def until(what: str, check, timeout: float = 300):
@@ -60,7 +59,7 @@ def _running_or_release(state: dict, scontrol, job: int) -> bool:
 
 
 def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_step(
-        slurm_cluster, tmp_path, quickstart_reference):  # noqa: F811
+        slurm_cluster, tmp_path, quickstart_reference):
     out, log = tmp_path / "run", tmp_path / "job.out"
     env = {**slurm_cluster.env, **clean_env(PYTHON=sys.executable, NPROC_PER_NODE="2", WANDB_MODE="offline",
                                             SEQPAR_FAULT_HOLD_AT_STEP="2,5")}
@@ -124,7 +123,7 @@ esac
 """
 
 
-def test_jobs_that_finish_fail_or_are_cancelled_are_not_requeued(slurm_cluster, tmp_path):  # noqa: F811
+def test_jobs_that_finish_fail_or_are_cancelled_are_not_requeued(slurm_cluster, tmp_path):
     """The requeue rule of slurm/train.sbatch, with a stand-in for the trainer (seconds, not minutes): only a
     run stopped by a signal is requeued, not one that finished or failed, nor a cancelled one (scancel's
     SIGTERM makes the trainer checkpoint and exit 75 too)."""
