@@ -1,4 +1,4 @@
-"""Spawn W local gloo processes, run a function on each, and return what every rank produced.
+"""Spawn W local gloo (or nccl) processes, run a function on each, and return what every rank produced.
 
     results = spawn_ranks(check_ring, world_size=4, args=(cases,))
 
@@ -48,14 +48,17 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, threads: int) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, threads: int,
+            backend: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         out = fn(rank, world_size, dist.group.WORLD, *args)
         results.put((rank, True, _dumps(out)))
     except BaseException:  # report everything, including assertion errors inside the rank
@@ -67,13 +70,15 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 
 
 def spawn_ranks(
-    fn: Callable, world_size: int, args: tuple = (), *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1
+    fn: Callable, world_size: int, args: tuple = (), *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, group, *args)`` on ``world_size`` gloo ranks; return the per-rank results."""
+    """Run ``fn(rank, world_size, group, *args)`` on ``world_size`` ranks of ``backend`` ("gloo"; "nccl" puts
+    rank r on GPU r); return the per-rank results."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, threads), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, threads, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -107,9 +107,40 @@ def position_ids(seq_len: int, *, group: Group = None, layout: Layout = "zigzag"
     return global_index(seq_len, group_size(group), group_rank(group), layout, device=device)
 
 
+def host_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """``cu_seqlens`` as host ints, read from the device once per tensor (a host sync on CUDA).
+
+    Every layer of a model forward passes the same ``cu_seqlens`` tensor object, so the ints are memoised on
+    it, keyed by its version counter (an in-place change is read again): the plans of every layer after the
+    first are cut with no device read. ``shard_batch`` primes the memo, so a patched forward reads nothing.
+    """
+    memo = getattr(cu_seqlens, "_seqpar_bounds", None)
+    version = _version(cu_seqlens)
+    if memo is not None and version is not None and memo[0] == version:
+        return memo[1]
+    bounds = tuple(int(c) for c in cu_seqlens.reshape(-1).tolist())
+    remember_bounds(cu_seqlens, bounds)
+    return bounds
+
+
+def remember_bounds(cu_seqlens: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+    """Attach known host ints to ``cu_seqlens`` (what ``host_bounds`` would read); returns the tensor."""
+    version = _version(cu_seqlens)
+    if version is not None:
+        cu_seqlens._seqpar_bounds = (version, tuple(bounds))
+    return cu_seqlens
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter: never memoised
+        return None
+
+
 def document_bounds(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[int, ...]:
-    """Validated global document boundaries as host ints (one device read per call: the fused kernels' plans
-    are cut on the host from them).
+    """Validated global document boundaries as host ints (the fused kernels' plans are cut on the host from
+    them; read from the device once per tensor, ``host_bounds``).
 
     The one rule for packed documents everywhere (``shard_batch``, the primitives, the patched model):
     ``cu_seqlens`` is a 1-D integer tensor ``[0, l1, l1 + l2, ..., seq_len]`` of global boundaries, the same
@@ -118,12 +149,12 @@ def document_bounds(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[int, ...]:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
         raise ValueError(f"cu_seqlens={cu_seqlens!r} must be a 1-D integer tensor [num_docs + 1] of global document "
                          "boundaries, e.g. torch.tensor([0, 100, 250, L]) (seq_lens [100, 150, ...] -> cumsum)")
-    cu = cu_seqlens.tolist()
+    cu = host_bounds(cu_seqlens)
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != seq_len or any(b < a for a, b in itertools.pairwise(cu)):
-        raise ValueError(f"cu_seqlens={cu} must start at 0 and end at the global sequence length {seq_len}, "
+        raise ValueError(f"cu_seqlens={list(cu)} must start at 0 and end at the global sequence length {seq_len}, "
                          f"non-decreasing from 0 to {seq_len} (an empty document repeats a boundary): pass the "
                          "cumulative document lengths of the whole packed sequence")
-    return tuple(int(c) for c in cu)
+    return cu
 
 
 def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor | None = None,

@@ -419,3 +419,49 @@ def test_one_packed_document_rule():
             shard_batch({"input_ids": ids, "seq_lens": bad}, None, "contiguous")
     with pytest.raises(ValueError, match="integer tensor"):
         local_attention(q, q, q, cu_seqlens=[0, 8])
+
+
+@pytest.mark.parametrize("attention", ["full", "ring", "allgather"])
+def test_packed_forward_reads_document_bounds_once(model_dir, monkeypatch, attention):
+    """Every layer plans from host ints of ``cu_seqlens`` (a device read is a host sync on CUDA): shard_batch's
+    boundaries are never read back; a tensor it did not make is read once per forward, not once per layer;
+    an in-place change is read again (and changes the result)."""
+    import seqpar.sharding as sharding
+    from seqpar.models import patch_model, shard_batch, unpatch_model
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def counting_host_bounds(cu):
+        memo = getattr(cu, "_seqpar_bounds", None)
+        if memo is None or memo[0] != cu._version:
+            reads.append(real_tolist(cu))
+        return real_host_bounds(cu)
+
+    real_host_bounds = sharding.host_bounds
+    monkeypatch.setattr(sharding, "host_bounds", counting_host_bounds)
+    for module in ("seqpar.attention.checks",):
+        monkeypatch.setattr(module + ".host_bounds", counting_host_bounds)
+    model = _load(model_dir, "llama")
+    assert len(model.model.layers) >= 2
+    patch_model(model, attention, None)
+    try:
+        sp = shard_batch({"input_ids": _batch()["input_ids"][:1], "seq_lens": DOC_LENS}, None, "contiguous")
+        reads.clear()
+        with torch.no_grad():
+            first = model(input_ids=sp["input_ids"], position_ids=sp["position_ids"],
+                          cu_seqlens=sp["cu_seqlens"], use_cache=False).logits
+        assert reads == []  # shard_batch primed the memo
+        fresh = sp["cu_seqlens"].clone()  # same boundaries, a tensor nobody has read
+        with torch.no_grad():
+            again = model(input_ids=sp["input_ids"], position_ids=sp["position_ids"], cu_seqlens=fresh,
+                          use_cache=False).logits
+        assert len(reads) == 1 and torch.equal(again, first)  # one read for all layers
+        fresh[1] += 4  # in place: the first two documents' boundary moves
+        with torch.no_grad():
+            moved = model(input_ids=sp["input_ids"], position_ids=sp["position_ids"], cu_seqlens=fresh,
+                          use_cache=False).logits
+        assert len(reads) == 2 and reads[-1][1] == DOC_LENS[0] + 4
+        assert not torch.allclose(moved, first)  # the new boundary is used, not the memo
+    finally:
+        unpatch_model(model)

@@ -65,6 +65,15 @@ TARGETS = (
     Target("lasp2 speed-up over lasp1 at N=4", "linear", ("lasp1", 4), ("lasp2", 4), "median_s", ">=", 1.15, None),
     Target("shift_short_attention speed-up over full attention", "longlora", ("single_sdpa", 1), ("s2", 1),
            "median_s", ">=", 3.0, 16384),
+    # Issue 13: packing and the masked paths reach the fused kernels (decompose, then fuse).
+    Target("packed ring (8 documents of L/8) vs unpacked ring, N=2", "softmax", ("ring_packed", 2),
+           ("ring_zigzag", 2), "median_s", "<=", 0.35, 8192),
+    Target("packed ring (8 documents of L/8) vs unpacked ring, N=2", "softmax", ("ring_packed", 2),
+           ("ring_zigzag", 2), "median_s", "<=", 0.35, 16384),
+    Target("allgather_attention vs ring_attention, N=2", "softmax", ("allgather", 2), ("ring_zigzag", 2),
+           "median_s", "<=", 1.15, 16384),
+    Target("sink_shift_attention vs shift_short_attention, N=2", "longlora", ("sf", 2), ("s2", 2), "median_s",
+           "<=", 1.15, 16384),
     Target("Llama-3-shaped toy, one step at L=8192: peak with fused loss + tiled MLP vs full logits", "scaling",
            ("llama3_seqpar_memory", 1), ("llama3_seqpar", 1), "peak_mem_bytes", "<=", 0.25, 8192),
 )

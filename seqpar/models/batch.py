@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from seqpar.comm import Group, all_reduce_tensor, group_size
 from seqpar.parallel import ParallelState
-from seqpar.sharding import check_divisible, document_ids, shard
+from seqpar.sharding import check_divisible, document_bounds, document_ids, remember_bounds, shard
 
 IGNORE_INDEX = -100
 
@@ -83,7 +83,8 @@ def shard_batch(
         "labels": shard(labels, group=group, dim=1, layout=layout),
     }
     if cu is not None:
-        out["cu_seqlens"] = cu.to(torch.int32)
+        # the boundaries were read above: every layer of the patched forward plans from these host ints
+        out["cu_seqlens"] = remember_bounds(cu.to(torch.int32), document_bounds(cu, L))
     return out
 
 

@@ -82,6 +82,7 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
     """This rank's shard; packed documents become ``seq_lens`` (rows flattened into one sequence if B > 1)."""
     from seqpar.attention.registry import get_spec, resolve_layout
     from seqpar.models import shard_batch
+    from seqpar.sharding import host_bounds, remember_bounds
 
     ids, docs = batch["input_ids"], batch["doc_lens"]
     full = {"input_ids": ids}
@@ -89,8 +90,11 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
         # Row ends are document ends, so one row of B x L tokens with the documents marked is the same batch.
         full = {"input_ids": ids.reshape(1, -1), "seq_lens": [n for d in docs for n in d]}
     layout = resolve_layout(recipe.attention.name, recipe.attention.layout)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in shard_batch(full, parallel, layout).items()}
+    local = shard_batch(full, parallel, layout)
+    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in local.items()}
+    if "cu_seqlens" in out:  # keep the host ints across the copy: no layer reads the boundaries back
+        remember_bounds(out["cu_seqlens"], host_bounds(local["cu_seqlens"]))
+    return out
 
 
 def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: ParallelState) -> float:

@@ -157,3 +157,67 @@ def test_patched_llama_bf16_step(attention):
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)
              and "seqpar" in "".join(getattr(w, "filename", ""))]
     assert not syncs, syncs  # no host sync raised from seqpar's attention path
+
+
+# ------------------------------------------------------------------------------- 2-rank NCCL parity
+
+
+def _nccl_cases():
+    """name -> (call with group and layout, layout): every primitive, packed where it takes documents."""
+    import seqpar.attention as A
+
+    docs = torch.tensor([0, 50, 90, 256])  # boundaries that cross the shards
+    return {
+        "ring": (lambda q, k, v, g: A.ring_attention(q, k, v, group=g), "zigzag"),
+        "ring_contiguous": (lambda q, k, v, g: A.ring_attention(q, k, v, group=g, layout="contiguous"),
+                            "contiguous"),
+        "ring_packed": (lambda q, k, v, g: A.ring_attention(q, k, v, group=g, cu_seqlens=docs.to(q.device)),
+                        "zigzag"),
+        "rsa": (lambda q, k, v, g: A.ring_self_attention(q, k, v, group=g), "contiguous"),
+        "ulysses": (lambda q, k, v, g: A.ulysses_attention(q, k, v, group=g), "contiguous"),
+        "allgather": (lambda q, k, v, g: A.allgather_attention(q, k, v, group=g), "zigzag"),
+        "allgather_packed": (lambda q, k, v, g: A.allgather_attention(q, k, v, group=g,
+                                                                      cu_seqlens=docs.to(q.device)), "zigzag"),
+        "s2": (lambda q, k, v, g: A.shift_short_attention(q, k, v, group_size=32, group=g), "contiguous"),
+        "sf": (lambda q, k, v, g: A.sink_shift_attention(q, k, v, group_size=32, group=g), "contiguous"),
+        "lasp2": (lambda q, k, v, g: A.lasp2_linear_attention(q, k, v, group=g, decay=0.99), "contiguous"),
+    }
+
+
+def _nccl_rank(rank: int, world: int, group, names: list[str]) -> dict[str, list[float]]:
+    """Each primitive on ``world`` GPUs in bf16 vs the same primitive on the whole sequence in float64 (world 1,
+    exact by the CPU suite): errors of out, dq, dk, dv gathered back to the whole sequence."""
+    import torch.distributed as dist
+
+    from seqpar.sharding import shard, unshard
+
+    dev = torch.device("cuda", rank) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    gen = torch.Generator(device=dev).manual_seed(0)  # the same full tensors on every rank
+    full = [torch.randn(1, 256, h, 64, generator=gen, device=dev, dtype=torch.float64) for h in (4, 2, 2)]
+    dout_full = torch.randn(1, 256, 4, 64, generator=gen, device=dev, dtype=torch.float64)
+    errors = {}
+    for name in names:
+        fn, layout = _nccl_cases()[name]
+        reset_fallbacks()
+        leaves = [shard(t, group=group, dim=1, layout=layout).to(torch.bfloat16).requires_grad_() for t in full]
+        out = fn(*leaves, group)
+        out.backward(shard(dout_full, group=group, dim=1, layout=layout).to(torch.bfloat16))
+        got = [unshard(x.detach().contiguous(), group=group, dim=1, layout=layout)
+               for x in (out, *(t.grad for t in leaves))]
+        ref_leaves = [t.clone().requires_grad_() for t in full]
+        ref = fn(*ref_leaves, None)
+        ref.backward(dout_full)
+        errors[name] = [rel_err(g, w) for g, w in zip(got, (ref, *(t.grad for t in ref_leaves)))]
+        assert fallback_counts() == {}, (name, fallback_counts())
+    return errors
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="2-rank NCCL parity needs two GPUs")
+def test_every_primitive_two_rank_nccl_parity():
+    from seqpar.launcher import spawn_ranks
+
+    names = list(_nccl_cases())
+    results = spawn_ranks(_nccl_rank, 2, args=(names,), backend="nccl", timeout=600)
+    for name in names:
+        worst = max(r[name][i] for r in results for i in range(4))
+        assert worst < 2 * TOL[torch.bfloat16], (name, [r[name] for r in results])
