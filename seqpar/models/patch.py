@@ -19,7 +19,9 @@ Per layer, transformers calls ``fn(module, query, key, value, attention_mask, dr
 ``[B, L/N, H, D]``, calls the primitive and returns ``[B, L/N, H, D]`` as transformers expects. Bytes
 communicated per layer are those of the chosen primitive (its module docstring gives the formula); the
 patch adds one all-reduce of an int64 flag per forward (the first layer's check of the global position
-ids): ``2 * 8 * (N-1)/N`` bytes sent per rank.
+ids): ``2 * 8 * (N-1)/N`` bytes sent per rank. Reading that flag is a host sync on a GPU, so position ids on
+a GPU are checked at the patch's first forward only (a forgotten or restarted ``position_ids`` shows there);
+CPU ones at every forward.
 
 Refused, with an error naming the fix, on every rank before any communication: attention dropout > 0,
 an explicit attention mask, bidirectional layers, softcapping, and a ``sliding_window`` (Mistral, Qwen2)
@@ -70,6 +72,7 @@ class _Patch:
     previous: str | None
     calls: Counter = field(default_factory=Counter)  # attention actually run, per layer call (attention_calls)
     s2_wrap: bool = False  # s2: LongLoRA's pseudocode roll instead of half groups at the ends
+    positions_checked: bool = False  # device (CUDA) position ids were checked once: later forwards skip the sync
 
     def shift_size(self, seq_len: int) -> int:
         """S2/SF shift-group size G: explicit, or ratio x global length; G tiles the sequence and shifts by G/2."""
@@ -287,6 +290,8 @@ def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) ->
     """
     if position_ids is None or getattr(module, "layer_idx", 0) != 0:
         return
+    if position_ids.device.type != "cpu" and patch.positions_checked:
+        return  # reading the flag would sync the host with the GPU in every step
     n = comm.group_size(patch.group)
     if n == 1:
         want = torch.arange(q_len, device=position_ids.device)
@@ -300,3 +305,4 @@ def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) ->
             "group (missing position_ids, packed documents without cu_seqlens, or left padding): build the "
             "inputs with seqpar.models.shard_batch(batch, parallel, patched_layout(model)) and pass all of them"
         )
+    patch.positions_checked = True

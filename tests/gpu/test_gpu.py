@@ -140,6 +140,8 @@ def test_patched_llama_bf16_step(attention):
     ids = torch.randint(0, 128, (1, 256), device=DEV)
     ref = model(input_ids=ids, labels=ids).loss
     patch_model(model, attention, None, group_size=64)
+    model(input_ids=ids, labels=ids).loss.backward()  # the patch's first forward checks GPU position ids once
+    model.zero_grad(set_to_none=True)
     reset_fallbacks()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
