@@ -139,3 +139,36 @@ def test_bad_suite_or_method_names_the_choices():
     assert {c["method"] for c in _configs(args)} == {"ring_zigzag", "single_sdpa"}  # baselines always kept
     args = parser.parse_args(["softmax", "--worlds", "4", "--max-len", "4096"])
     assert {(c["sp"], c["seq_len"]) for c in _configs(args)} == {(4, 2048), (4, 4096)}
+
+
+def test_append_replaces_the_rows_it_remeasures(tmp_path, monkeypatch):
+    """``--append`` keeps rows of other configurations and replaces those it runs again (no duplicate rows),
+    each row stamped with when it was measured; the markdown header gives that span."""
+    import seqpar.bench.runner as runner
+    from seqpar.bench.cli import add_arguments, run
+    from seqpar.bench.markdown import update_page
+
+    calls = []
+
+    def fake_run_config(cfg, timeout):
+        calls.append(cfg["method"])
+        return {**cfg, "median_s": 0.1 * len(calls), "peak_mem_bytes": 1 << 20, "sent_bytes": 0}
+
+    monkeypatch.setattr(runner, "run_config", fake_run_config)
+    monkeypatch.setattr("seqpar.bench.report.plot", lambda results, out: [])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["softmax", "--quick", "--out", str(tmp_path), "--repeats", "1"]
+    run(parser.parse_args([*base, "--methods", "ring_zigzag,torch_ring"]))
+    first = json.loads((tmp_path / "results.json").read_text())["results"]
+    run(parser.parse_args([*base, "--methods", "ring_zigzag", "--append", "--repeats", "3"]))
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    keys = [(r["method"], r["seq_len"], r["sp"]) for r in rows]
+    assert len(keys) == len(set(keys)) == len(first) == 3  # baseline, ring, torch_ring: none twice
+    new = {r["method"]: r["median_s"] for r in rows}
+    old = {r["method"]: r["median_s"] for r in first}
+    assert new["torch_ring"] == old["torch_ring"] and new["ring_zigzag"] != old["ring_zigzag"]
+    assert all("measured_utc" in r for r in rows)
+    page = tmp_path / "page.md"
+    update_page(page, tmp_path)
+    assert "rows measured 20" in page.read_text()

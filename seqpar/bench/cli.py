@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None, help="skip configurations longer than this")
     parser.add_argument("--worlds", default=None, help="comma-separated SP sizes to run (baselines follow them)")
     parser.add_argument("--append", action="store_true",
-                        help="add the rows to OUT/results.json instead of replacing it (incremental runs)")
+                        help="add the rows to OUT/results.json instead of replacing it (incremental runs; a "
+                             "configuration run again replaces its earlier row)")
     parser.add_argument("--seeds", type=int, default=3, help="fidelity: fine-tuning seeds per method (default 3)")
     parser.add_argument("--markdown", metavar="PAGE", default=None,
                         help="run nothing; rewrite PAGE's results section from OUT/results.json")
@@ -79,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     previous = out / "results.json"
     results = json.loads(previous.read_text())["results"] if args.append and previous.exists() else []
+    # --append re-measures: a configuration run now replaces its earlier row (never two rows for one config)
+    results = [r for r in results if not any(_same_config(r, c) for c in configs)]
     for cfg in tqdm(configs, desc="seqpar bench", unit="config"):
         config_started = time.time()
-        results.append({**run_config(cfg, timeout=args.timeout), "config_wall_s": time.time() - config_started})
+        results.append({**run_config(cfg, timeout=args.timeout), "config_wall_s": time.time() - config_started,
+                        "measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(config_started))})
     derive(results)
     report = {"machine": machine_info(), "quick": args.quick, "seconds": time.time() - started,
               "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
@@ -94,3 +98,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}")
     failed = [r for r in results if "error" in r]
     return 1 if failed and args.quick else 0
+
+
+def _same_config(row: dict, cfg: dict) -> bool:
+    """The row measured ``cfg`` (repeat and warm-up counts aside)."""
+    return all(row.get(k) == v for k, v in cfg.items() if k not in ("repeats", "warmup"))

@@ -21,9 +21,14 @@ END = "<!-- bench-results:end -->"
 def results_markdown(report: dict, out_dir: Path, page: Path) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    stamps = sorted({r["measured_utc"] for r in report["results"] if "measured_utc" in r})
+    older = sum("measured_utc" not in r for r in report["results"])
+    span = f"rows measured {stamps[0]} to {stamps[-1]}" if stamps else "rows measured in that run"
+    if stamps and older:
+        span += f" ({older} rows from earlier runs without a timestamp)"
     lines = [
         f"Run of {report.get('started_utc', '?')} ({'--quick' if report['quick'] else 'full'}, "
-        f"{report['seconds'] / 60:.1f} min): {m['processor']}, {m['cpu_count']} CPUs, "
+        f"{report['seconds'] / 60:.1f} min; {span}): {m['processor']}, {m['cpu_count']} CPUs, "
         f"{m['memory_bytes'] / 2**30:.0f} GiB, GPU: {m['cuda'] or 'none'}; torch {m['torch']}, {versions}.",
         "",
         "### Targets",
