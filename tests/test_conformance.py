@@ -4,7 +4,9 @@ For each entry, at W = 4, 2, 3 and 1 (ONE spawn of 4 ranks: W=4 on the world, W=
 W=3 on {0, 1, 2} while rank 3 runs W=1 with group=None), every case the spec's ``options`` allow:
 
 * exactness: out, dq, dk, dv vs the spec's float64 ``reference`` (seqpar/kernels/reference.py) of the
-  rounded global inputs; float64 1e-12, float32 1e-5, bfloat16 2e-2 of the output scale;
+  rounded global inputs; float64 1e-12, float32 1e-5, bfloat16 2e-2 of the output scale (GQA, MHA with
+  head_dim 80, non-contiguous inputs, every layout and option value the spec lists; inputs never modified,
+  no block falls back to the tiled kernel);
 * bytes: ``ByteCounter``'s forward and backward bytes sent by each rank equal the spec's ``comm_bytes``
   formula (written next to the primitive, as its docstring states it), exactly;
 * errors: a bad input on ONE rank (a longer shard, other document boundaries, another shift-group size) and
@@ -115,7 +117,7 @@ def _run_case(name, rank, world, group, sub, layout, dtype, opts, inputs, seed) 
     assert all(torch.equal(t, b) for t, b in zip(local, before)), f"{name}: inputs were modified"
     got = [out, *(t.grad for t in local)]
     assert all(t.dtype == dtype and t.shape == x.shape for t, x in zip(got, [local[0], *local])), name
-    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_in = [t.to(F64, copy=True).requires_grad_() for t in (q, k, v)]
     ref_out = spec.load("reference")(*ref_in, **opts)
     ref_out.backward(dout.double())
     ref = [ref_out.detach(), *(t.grad for t in ref_in)]
@@ -305,6 +307,16 @@ def test_no_tiled_kernel_fallback(worlds):
     """Every block of every case ran a fused kernel."""
     for world, results in worlds.items():
         assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_entry_states_what_conformance_needs(name):
+    """A registry entry names its options, its float64 reference and its bytes formula (all importable)."""
+    spec = ATTENTIONS[name]
+    assert spec.options and spec.comm_bytes and spec.reference, name
+    for field in ("primitive", "reference", "comm_bytes", *(("make_subgroups",) if spec.make_subgroups else ())):
+        assert callable(spec.load(field)), (name, field)
+    assert set(spec.options) <= set(DEFAULTS) | {"layout"}, f"{name}: give the new option a value in DEFAULTS"
 
 
 def test_a_registered_primitive_is_picked_up(monkeypatch):

@@ -73,7 +73,8 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
         try:
             check_head_split(heads, degree, what="attention.sp_size" if a.name == "ulysses" else "ulysses_degree")
         except ValueError as err:
-            errors.append(f"attention.name={a.name!r}: {err} (num_attention_heads), or attention.name=ring")
+            errors.append(f"attention.name={a.name!r} with {heads} heads (num_attention_heads): {err}, or use "
+                          "attention.name=ring")
     if a.s2_wrap and a.name != "s2":
         errors.append(f"attention.s2_wrap=true with attention.name={a.name!r}: only s2 wraps (SF-Attn shifts back "
                       "by definition); set attention.s2_wrap=false")
