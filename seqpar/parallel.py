@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -134,17 +134,13 @@ class ParallelState:
     backend: str
     sp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
-    _usp: dict = field(default_factory=dict, repr=False, compare=False)  # ulysses_degree -> sub-groups
 
     def usp_groups(self, ulysses_degree: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
         """USP's (Ulysses, ring) sub-groups of the SP group, made once per degree (collective over the world
         on first use: every rank asks for the same degrees in the same order)."""
-        if ulysses_degree not in self._usp:
-            from seqpar.attention.usp import make_usp_groups
+        from seqpar.attention.usp import usp_groups
 
-            self._usp[ulysses_degree] = make_usp_groups(self.sp_group if self.sp_size > 1 else None,
-                                                        ulysses_degree)
-        return self._usp[ulysses_degree]
+        return usp_groups(self.sp_group if self.sp_size > 1 else None, ulysses_degree)
 
     @property
     def dp_size(self) -> int:

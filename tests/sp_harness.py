@@ -1,5 +1,6 @@
-"""Shared harness of the softmax-primitive tests (all-gather, Ulysses, USP): inputs, the float64 dense
-reference, one spawn that runs every world size, error collection.
+"""Shared harness of the multi-rank tests (conformance checks live in tests/test_conformance.py; ring, USP,
+S2, SF and LASP keep their own cases here): inputs, the float64 dense reference, one spawn that runs every
+world size, error collection.
 
 One spawn of 4 ranks runs every case for W = 4, 2 (sub-groups {0, 1} and {2, 3}: group ranks then differ
 from global ranks, as under DP x SP), 3 (sub-group {0, 1, 2}) and 1 (group=None, on rank 3).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from seqpar.kernels.reference import causal_mask, dense_attention, rel_err, segment_mask
+from seqpar.kernels.reference import rel_err, softmax_reference
 from seqpar.sharding import shard
 from tests.dist import run_ranks
 
@@ -29,15 +30,8 @@ def full_inputs(B, L, H, Hkv, D, dtype, seed):
 
 def reference(q, k, v, dout, causal, cu_seqlens=None, scale=None):
     """float64 dense attention of the (rounded) inputs, with its gradients."""
-    L = q.shape[1]
-    mask = causal_mask(L, L) if causal else torch.ones(L, L, dtype=torch.bool)
-    if cu_seqlens is not None:
-        seg = torch.zeros(L, dtype=torch.long)
-        for start in cu_seqlens[1:-1].tolist():  # document id: how many boundaries lie at or before
-            seg[start:] += 1
-        mask = mask & segment_mask(seg, seg)
     qr, kr, vr = (t.to(F64, copy=True).requires_grad_() for t in (q, k, v))
-    out, _ = dense_attention(qr, kr, vr, mask, scale=scale)
+    out = softmax_reference(qr, kr, vr, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens)
     out.backward(dout.double())
     return out.detach(), qr.grad, kr.grad, vr.grad
 
@@ -102,12 +96,3 @@ def error_of(call, *words) -> tuple[str, tuple]:
     except ValueError as err:
         return str(err), words
     return "no error raised", words
-
-
-def assert_errors(results: list[dict], world: int) -> None:
-    """Every rank raised every expected error, each naming its words."""
-    for rank, r in enumerate(results):
-        for case, (msg, words) in r["bad"].items():
-            assert all(w in msg for w in words), (world, rank, case, words, msg)
-    assert all(set(r["bad"]) == set(results[0]["bad"]) for r in results)
-    assert any(case.endswith("shape") for case in results[0]["bad"]) == (world > 1)

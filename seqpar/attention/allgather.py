@@ -67,6 +67,13 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None
 
 
+def allgather_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    n, b_kv = group_size(group), k.numel() * k.element_size()
+    a = 2 if k.element_size() == 2 else 1  # 16-bit dK, dV are reduced in float32
+    return (n - 1) * 2 * b_kv, (n - 1) * 2 * a * b_kv
+
+
 def allgather_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -67,6 +67,17 @@ def check_softmax_scale(softmax_scale: float | None) -> None:
         raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive finite float (None: head_dim ** -0.5)")
 
 
+def check_head_split(heads: int, degree: int, *, what: str = "the group size N") -> None:
+    """Ulysses' rule: the query heads split evenly over the ``degree`` ranks of the all-to-all (the registry's
+    ``heads_split`` says which degree that is for each attention; the recipe validator checks it too)."""
+    if heads % degree:
+        valid = [n for n in range(1, heads + 1) if heads % n == 0]
+        raise ValueError(
+            f"Ulysses splits the heads over the ranks: heads={heads} is not divisible by {what}={degree}; "
+            f"use a size that divides {heads} (valid: {valid}) or a model with more heads"
+        )
+
+
 def check_options(*, layout: str, causal: object, softmax_scale: float | None) -> None:
     """Arguments that are the same on every rank."""
     chunks_per_rank(layout)  # raises ShardingError naming the valid layouts

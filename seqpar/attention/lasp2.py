@@ -119,6 +119,13 @@ def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_s
     return k, v, log_decay
 
 
+def lasp2_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    B, _, H, Dk = q.shape
+    state = B * H * Dk * v.shape[3] * acc_dtype(q.dtype).itemsize
+    return (group_size(group) - 1) * state, (group_size(group) - 1) * state
+
+
 def lasp2_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -6,10 +6,18 @@ by default, whether it takes packed documents (``cu_seqlens``), which attention 
 models it runs in (softmax models through transformers' attention registry; linear-attention models through
 their own ``set_sequence_parallel``). ``call`` maps one transformers attention call onto the primitive.
 
+For the conformance tests (tests/test_conformance.py) a spec also names the keyword arguments the primitive
+takes (``options``), the float64 definition it computes (``reference``, in ``seqpar/kernels/reference.py``),
+the formula of the bytes it sends (``comm_bytes``, next to the primitive, as its docstring states it), the
+sub-groups it needs made (``make_subgroups``) and, for Ulysses-style head splits, which group's size must
+divide the heads (``heads_split``).
+
 Adding a primitive: write ``seqpar/attention/<name>.py`` (one function ``q, k, v [B, L/N, H, D] -> out``, exact
-backward, errors raised on every rank), export it from ``seqpar.attention`` and add one ``AttentionSpec`` below;
-``patch_model``, the recipe validator, the trainer and the model-level tests (tests/test_patch_models.py)
-pick it up from here.
+backward, errors raised on every rank, and a ``<name>_bytes`` function giving the forward and backward bytes
+its docstring states), export it from ``seqpar.attention`` and add one ``AttentionSpec`` below. ``patch_model``,
+the recipe validator, the trainer, ``seqpar bench``, the model-level tests (tests/test_patch_models.py) and the
+conformance tests (exactness vs float64 at W = 1..4, bytes vs the formula, errors raised on every rank) pick it
+up from here.
 """
 
 from __future__ import annotations
@@ -40,14 +48,23 @@ class AttentionSpec:
     # shape check (patch_model runs it at the first layer of a forward only)
     call: Callable[..., torch.Tensor] | None = None
     why_layout: str = ""  # why the layouts are restricted (said in the error)
+    # keyword arguments the primitive takes besides q, k, v and group
+    options: tuple[str, ...] = ("causal", "softmax_scale", "layout", "validate")
+    reference: str = "seqpar.kernels.reference:softmax_reference"  # the float64 definition it computes
+    # (q, k, v, *, group, **options) -> (forward, backward) bytes this rank sends: the docstring's formula
+    comm_bytes: str = ""
+    # (group, kv_heads) -> the sub-group keyword arguments (made once per group; usp: Ulysses x ring)
+    make_subgroups: str = ""
+    # the argument whose group size must divide the query heads (Ulysses' all-to-all splits the heads)
+    heads_split: str | None = None
 
     @property
     def default_layout(self) -> str:
         return self.layouts[0]
 
-    def load(self) -> Callable:
-        """The primitive function (its module is imported on first use)."""
-        module, name = self.primitive.split(":")
+    def load(self, what: str = "primitive") -> Callable:
+        """The primitive function, or another ``"module:function"`` field (imported on first use)."""
+        module, name = getattr(self, what).split(":")
         return getattr(importlib.import_module(module), name)
 
 
@@ -90,24 +107,38 @@ def _world(group) -> int:
 
 
 _SHIFT_WHY = "shifted-group attention needs the contiguous layout (its groups are runs of consecutive tokens)"
+_VARLEN = ("causal", "softmax_scale", "layout", "cu_seqlens", "validate")
+_SHIFTED = "seqpar.kernels.reference:shifted_reference"
 ATTENTIONS: dict[str, AttentionSpec] = {s.name: s for s in (
-    AttentionSpec("ring", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_softmax_call("ring")),
+    AttentionSpec("ring", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_softmax_call("ring"),
+                  options=_VARLEN, comm_bytes="seqpar.attention.ring:ring_bytes"),
     AttentionSpec("rsa", "seqpar.attention.rsa:ring_self_attention", ("contiguous",), call=_softmax_call("rsa"),
-                  why_layout="ring self-attention (Li et al. 2021) runs the contiguous layout only"),
+                  why_layout="ring self-attention (Li et al. 2021) runs the contiguous layout only",
+                  comm_bytes="seqpar.attention.rsa:rsa_bytes"),
     AttentionSpec("ulysses", "seqpar.attention.ulysses:ulysses_attention", ("contiguous", "zigzag"),
-                  call=_softmax_call("ulysses")),
+                  call=_softmax_call("ulysses"), comm_bytes="seqpar.attention.ulysses:ulysses_bytes",
+                  heads_split="group"),
     AttentionSpec("usp", "seqpar.attention.usp:usp_attention", LAYOUTS, subgroups=("ulysses", "ring"),
-                  call=_softmax_call("usp")),
+                  call=_softmax_call("usp"), comm_bytes="seqpar.attention.usp:usp_bytes",
+                  make_subgroups="seqpar.attention.usp:usp_subgroups", heads_split="ulysses_group"),
     AttentionSpec("allgather", "seqpar.attention.allgather:allgather_attention", LAYOUTS, varlen=True,
-                  call=_softmax_call("allgather")),
+                  call=_softmax_call("allgather"), options=_VARLEN,
+                  comm_bytes="seqpar.attention.allgather:allgather_bytes"),
     AttentionSpec("s2", "seqpar.attention.shift_short:shift_short_attention", ("contiguous",),
-                  eval_fallback="full", call=_shifted_call, why_layout=_SHIFT_WHY),
+                  eval_fallback="full", call=_shifted_call, why_layout=_SHIFT_WHY,
+                  options=("group_size", "wrap", "softmax_scale", "validate"), reference=_SHIFTED,
+                  comm_bytes="seqpar.attention.shift_short:shift_short_bytes"),
     AttentionSpec("sf", "seqpar.attention.sink_shift:sink_shift_attention", ("contiguous",),
-                  eval_fallback="full", call=_shifted_call, why_layout=_SHIFT_WHY),
-    AttentionSpec("full", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_full_call),
+                  eval_fallback="full", call=_shifted_call, why_layout=_SHIFT_WHY,
+                  options=("group_size", "num_sink_tokens", "softmax_scale", "validate"), reference=_SHIFTED,
+                  comm_bytes="seqpar.attention.sink_shift:sink_shift_bytes"),
+    AttentionSpec("full", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_full_call,
+                  options=_VARLEN, comm_bytes="seqpar.attention.ring:ring_bytes"),
     AttentionSpec("lasp2", "seqpar.attention.lasp2:lasp2_linear_attention", ("contiguous",), models="linear",
                   why_layout="LASP-2 needs the contiguous layout (each rank's prefix state covers all earlier "
-                             "tokens)"),
+                             "tokens)",
+                  options=("causal", "decay", "block_size"), reference="seqpar.kernels.reference:linear_reference",
+                  comm_bytes="seqpar.attention.lasp2:lasp2_bytes"),
 )}
 NAMES = tuple(ATTENTIONS)
 VARLEN = tuple(n for n, s in ATTENTIONS.items() if s.varlen)
@@ -117,6 +148,13 @@ def get_spec(name: str) -> AttentionSpec:
     if name not in ATTENTIONS:
         raise ValueError(f"attention={name!r} is not a seqpar attention: use one of {NAMES}")
     return ATTENTIONS[name]
+
+
+def head_split_degree(name: str, **group_sizes: int | None) -> int | None:
+    """How many ranks the heads of attention ``name`` are split over (Ulysses: ``group=`` the SP size; USP:
+    ``ulysses_group=`` its Ulysses degree), from the sizes given; None if it does not split heads."""
+    split = get_spec(name).heads_split
+    return None if split is None else group_sizes.get(split)
 
 
 def resolve_layout(attention: str, layout: str | None = None) -> str:

@@ -170,6 +170,16 @@ def _docs_stay_in_shards(cu: tuple[int, ...] | None, seq_len: int, world: int, l
     return all(a // chunk == (b - 1) // chunk for a, b in itertools.pairwise(cu) if b > a)
 
 
+def ring_bytes(q, k, v, *, group: Group = None, layout: Layout = "zigzag", cu_seqlens=None, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    world, b = group_size(group), 2 * k.numel()  # K and V of the kv heads
+    cu = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1] * world)
+    if world == 1 or _docs_stay_in_shards(cu, q.shape[1] * world, world, layout):
+        return 0, 0
+    fwd = (world - 1) * b * k.element_size()
+    return fwd, fwd + world * b * acc_dtype(k.dtype).itemsize
+
+
 # ---------------------------------------------------------------------------------------------- public API
 
 

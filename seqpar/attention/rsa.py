@@ -132,6 +132,13 @@ class RingSelfAttentionFunc(torch.autograd.Function):
         return (*_rsa_backward(dout, q, k, v, p, ctx.plan), None)
 
 
+def rsa_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    world, b = group_size(group), k.numel()
+    fwd = 2 * (world - 1) * b * k.element_size()
+    return fwd, fwd + (2 * world * b * acc_dtype(k.dtype).itemsize if world > 1 else 0)
+
+
 def ring_self_attention(
     q: torch.Tensor,
     k: torch.Tensor,

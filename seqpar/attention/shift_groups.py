@@ -16,6 +16,7 @@ import torch
 from seqpar.attention.checks import check_same_values, check_shift_args, check_softmax_scale, tensor_fields
 from seqpar.comm import Group, RingComm, group_rank
 from seqpar.comm import group_size as sp_size  # ``group_size`` is G in LongLoRA's API
+from seqpar.kernels import acc_dtype
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,16 @@ def make_plan(q, k, v, *, group: Group, group_size: int, wrap: bool, num_sink_to
                      caller=caller)
     return ShiftPlan(group, world, group_rank(group), q.shape[1], int(group_size), bool(wrap),
                      int(num_sink_tokens), softmax_scale)
+
+
+def halo_bytes(k, *, group: Group, group_size: int, wrap: bool = False) -> tuple[int, int]:
+    """(forward, backward) bytes of the halo this rank sends: ``h·e`` to r+1, then ``h·a`` back to r-1."""
+    world, rank = sp_size(group), group_rank(group)
+    if world == 1:
+        return 0, 0
+    h = k.shape[0] * (group_size // 2) * (k.shape[2] // 2) * k.shape[3] * 2
+    fwd = h * k.element_size() if wrap or rank < world - 1 else 0
+    return fwd, (h * acc_dtype(k.dtype).itemsize if wrap or rank > 0 else 0)
 
 
 def group_start(pos: torch.Tensor, G: int, *, shifted: bool) -> torch.Tensor:

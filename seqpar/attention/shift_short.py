@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.attention.shift_groups import ShiftPlan, make_plan
+from seqpar.attention.shift_groups import ShiftPlan, halo_bytes, make_plan
 from seqpar.comm import Group
 from seqpar.kernels import acc_dtype, block_attention, block_attention_backward
 
@@ -188,6 +188,11 @@ class ShiftShortAttention(torch.autograd.Function):
         q, k, v, out, lse, *halo = ctx.saved_tensors
         dq, dk, dv = shift_short_backward(dout, q, k, v, out, lse, halo[0] if halo else None, ctx.plan)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def shift_short_bytes(q, k, v, *, group: Group = None, group_size: int, wrap: bool = False, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    return halo_bytes(k, group=group, group_size=group_size, wrap=wrap)
 
 
 def shift_short_attention(

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.shift_groups import ShiftPlan, make_plan
+from seqpar.attention.shift_groups import ShiftPlan, halo_bytes, make_plan
 from seqpar.attention.shift_short import shift_short_backward, shift_short_forward
-from seqpar.comm import Group, broadcast_tensor, reduce_tensor
+from seqpar.comm import Group, broadcast_tensor, group_rank, reduce_tensor
+from seqpar.comm import group_size as sp_size  # ``group_size`` is G in LongLoRA's API
 from seqpar.kernels import (
     BlockPlan,
     acc_dtype,
@@ -128,6 +129,19 @@ class SinkShiftAttention(torch.autograd.Function):
         sinks = extra.pop(0) if ctx.has[1] else None
         dq, dk, dv = sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, ctx.plan)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def sink_shift_bytes(q, k, v, *, group: Group = None, group_size: int, num_sink_tokens: int = 4,
+                     **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    fwd, bwd = halo_bytes(k, group=group, group_size=group_size)
+    world, rank = sp_size(group), group_rank(group)
+    if world == 1 or not num_sink_tokens:
+        return fwd, bwd
+    s = k.shape[0] * num_sink_tokens * k.shape[2] * k.shape[3] * 2
+    if rank == 0:
+        return fwd + (world - 1) * s * k.element_size(), bwd
+    return fwd, bwd + s * acc_dtype(k.dtype).itemsize
 
 
 def sink_shift_attention(

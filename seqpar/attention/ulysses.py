@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from seqpar.attention.checks import check_options, check_qkv
+from seqpar.attention.checks import check_head_split, check_options, check_qkv
 from seqpar.attention.local import local_attention
 from seqpar.comm import Group, all_to_all, group_size
 from seqpar.sharding import Layout, layout_order
@@ -37,12 +37,7 @@ from seqpar.sharding import Layout, layout_order
 
 def kv_replication(heads: int, kv_heads: int, world: int, *, what: str = "the group size N") -> int:
     """How many times each kv head is repeated so that ``world`` ranks can each take whole kv heads."""
-    if heads % world:
-        valid = [n for n in range(1, heads + 1) if heads % n == 0]
-        raise ValueError(
-            f"Ulysses splits the heads over the ranks: heads={heads} is not divisible by {what}={world}; "
-            f"use a size that divides {heads} (valid: {valid}) or a model with more heads"
-        )
+    check_head_split(heads, world, what=what)
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(
             f"kv heads={kv_heads} must divide query heads={heads} (GQA); kv heads cannot be replicated "
@@ -72,6 +67,14 @@ def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
 def heads_to_seq(out: torch.Tensor, *, group: Group) -> torch.Tensor:
     """``[B, L, H/N, D]`` head shard -> ``[B, L/N, H, D]`` sequence shard (the inverse all-to-all)."""
     return all_to_all(out, group=group, scatter_dim=1, gather_dim=2)
+
+
+def ulysses_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    n = group_size(group)
+    rep = n // math.gcd(n, k.shape[2])
+    moved = (n - 1) * (2 * q.numel() + 2 * rep * k.numel()) * q.element_size() // n
+    return moved, moved
 
 
 def ulysses_attention(

@@ -29,6 +29,8 @@ Bytes per call, per rank (``b_q``, ``b_kv`` = bytes of the local q and k; itemsi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -36,6 +38,7 @@ from seqpar.attention.checks import check_options, check_qkv
 from seqpar.attention.ring import ring_attention
 from seqpar.attention.ulysses import heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
+from seqpar.kernels import acc_dtype
 from seqpar.sharding import Layout, global_index
 
 
@@ -55,20 +58,53 @@ def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
         )
     if group is None:
         return None, None
-    mine = [global_rank(group, i) for i in range(n)]
-    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    mine = (tuple(global_rank(group, i) for i in range(n)), ulysses_degree)
+    everyone: list[tuple | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)  # every world rank must create every sub-group, in one order
-    u, r = ulysses_degree, n // ulysses_degree
-    sp_groups = sorted({tuple(g) for g in everyone})
     ulysses, ring = None, None
-    for members in sp_groups:
-        for i in range(r):
+    for members, u in sorted(set(everyone)):  # each SP group with its own degree (sizes may differ)
+        for i in range(len(members) // u):
             sub = dist.new_group(list(members[i * u : (i + 1) * u]))
-            ulysses = sub if tuple(mine) == members and group_rank(group) // u == i else ulysses
+            ulysses = sub if mine[0] == members and group_rank(group) // u == i else ulysses
         for j in range(u):
             sub = dist.new_group(list(members[j::u]))
-            ring = sub if tuple(mine) == members and group_rank(group) % u == j else ring
+            ring = sub if mine[0] == members and group_rank(group) % u == j else ring
     return ulysses, ring
+
+
+_SUBGROUPS: dict[tuple[Group, int], tuple[Group, Group]] = {}  # (SP group, ulysses_degree) -> sub-groups
+
+
+def usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
+    """``make_usp_groups`` made once per (group, degree) in this process and reused (creating groups is a
+    collective over the world and every group stays alive until the process group is destroyed)."""
+    key = (group, ulysses_degree)
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = make_usp_groups(group, ulysses_degree)
+    return _SUBGROUPS[key]
+
+
+def default_ulysses_degree(sp_size: int, kv_heads: int) -> int:
+    """patch_model's default Ulysses degree: the largest that needs no kv-head replication."""
+    return math.gcd(sp_size, kv_heads)
+
+
+def usp_subgroups(group: Group, kv_heads: int) -> dict[str, Group]:
+    """The sub-group arguments of ``usp_attention`` at the default degree (cached: see ``usp_groups``)."""
+    ulysses, ring = usp_groups(group, default_ulysses_degree(group_size(group), kv_heads))
+    return {"ulysses_group": ulysses, "ring_group": ring}
+
+
+def usp_bytes(q, k, v, *, group: Group = None, ulysses_group: Group = None, ring_group: Group = None,
+              **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    u, r, e = group_size(ulysses_group), group_size(ring_group), k.element_size()
+    rep = u // math.gcd(u, k.shape[2])
+    b_q, b_kv = q.numel() * e, k.numel() * e
+    a2a = (u - 1) * (2 * b_q + 2 * rep * b_kv) // u
+    ring = (r - 1) * 2 * rep * b_kv
+    grads = r * 2 * rep * k.numel() * acc_dtype(k.dtype).itemsize if r > 1 else 0
+    return a2a + ring, a2a + ring + grads
 
 
 def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str, device=None) -> torch.Tensor | None:
@@ -84,17 +120,19 @@ def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str, device
     return None if torch.equal(perm, torch.arange(len(perm), device=device)) else perm
 
 
-def _check_groups(group: Group, ulysses_group: Group, ring_group: Group) -> tuple[int, int]:
-    """Sizes (u, r); raises on every rank when the sub-groups do not match make_usp_groups' layout."""
+def _check_groups(group: Group, ulysses_group: Group, ring_group: Group, validate: bool = True) -> tuple[int, int]:
+    """Sizes (u, r); raises on every rank when the sub-groups do not match make_usp_groups' layout (the
+    comparison across ranks is skipped with ``validate=False``, like the shape check)."""
     n, u, r = group_size(group), group_size(ulysses_group), group_size(ring_group)
     if n > 1 and ulysses_group is None and ring_group is None:
         raise ValueError(
             f"usp_attention over N={n} ranks needs ulysses_group and ring_group: create them once with "
-            "seqpar.attention.usp.make_usp_groups(group, ulysses_degree)"
+            "seqpar.attention.usp.usp_groups(group, ulysses_degree) (make_usp_groups made once, then reused)"
         )
     ok = u * r == n and group_rank(group) == group_rank(ring_group) * u + group_rank(ulysses_group)
     try:  # a collective comparison, so that a mismatch on some ranks raises on all of them
-        check_same_shape(torch.empty(u, r, int(ok), device="meta"), group=group, name="(u, r, ok)")
+        if validate:
+            check_same_shape(torch.empty(u, r, int(ok), device="meta"), group=group, name="(u, r, ok)")
         agreed = True
     except ValueError:
         agreed = False
@@ -127,7 +165,8 @@ def usp_attention(
         q: ``[B, L/N, H, D]`` this rank's shard over ``group`` in ``layout``; H divisible by u.
         k, v: ``[B, L/N, Hkv, D]``, Hkv dividing H (GQA).
         group: the whole SP group of N = u * r ranks (None = one device).
-        ulysses_group, ring_group: this rank's sub-groups from ``make_usp_groups(group, u)``.
+        ulysses_group, ring_group: this rank's sub-groups from ``usp_groups(group, u)`` (``make_usp_groups``
+            made once per group and degree).
         causal: causal mask over global positions.
         softmax_scale: defaults to ``D ** -0.5``.
         layout: ``"zigzag"`` or ``"contiguous"``; the output uses the same layout over ``group``.
@@ -142,7 +181,7 @@ def usp_attention(
         dividing heads, shapes differing across ranks, a sequence the layout cannot split.
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
-    u, r = _check_groups(group, ulysses_group, ring_group)
+    u, r = _check_groups(group, ulysses_group, ring_group, validate)
     check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     seq_len = q.shape[1] * u * r
     # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
@@ -150,9 +189,10 @@ def usp_attention(
     perm = ring_order(seq_len, u, r, group_rank(ring_group), layout, device=q.device)
     if perm is not None:
         qh, kh, vh = (t.index_select(1, perm) for t in (qh, kh, vh))
-    # Step 2: exact attention of the ring shard against the whole sequence.
+    # Step 2: exact attention of the ring shard against the whole sequence (its shapes follow from the ones
+    # compared over the whole group above: no second cross-rank check).
     out = ring_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), group=ring_group, causal=causal,
-                         softmax_scale=softmax_scale, layout=layout)
+                         softmax_scale=softmax_scale, layout=layout, validate=False)
     # Step 3: undo the permutation, back to sequence shards of all heads.
     if perm is not None:
         out = out.index_select(1, torch.argsort(perm))

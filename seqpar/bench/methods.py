@@ -94,10 +94,10 @@ def _seqpar(name: str, layout: str, *, docs: str | None = None, dtype: str | Non
         if docs is not None:
             kwargs["cu_seqlens"] = packed_cu_seqlens(cfg["seq_len"], docs)
         if spec.subgroups:
-            from seqpar.attention.usp import make_usp_groups
+            from seqpar.attention.usp import usp_groups
 
             u = cfg.get("ulysses_degree", 2 if group_size(group) % 2 == 0 else 1)
-            ug, rg = make_usp_groups(group, u)
+            ug, rg = usp_groups(group, u)
             kwargs.update(ulysses_group=ug, ring_group=rg)
         return _fwd_bwd(lambda q, k, v: fn(q, k, v, **kwargs), [q, k, v], layout)
 

@@ -70,3 +70,33 @@ def s2_mask(L: int, H: int, G: int, *, wrap: bool = False, num_sink_tokens: int 
         shifted = same((t + G // 2) // G) & causal
     sinks = (t[None, :] < num_sink_tokens) & causal
     return torch.stack([plain | sinks] * (H // 2) + [shifted | sinks] * (H // 2))
+
+
+# One entry point per kind of attention, called with a primitive's own keyword arguments (the registry's
+# ``reference`` field): global float64 inputs -> global float64 output, differentiable.
+
+
+def softmax_reference(q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None, **_) -> torch.Tensor:
+    """Dense softmax attention, causal and/or within the documents of ``cu_seqlens`` (global boundaries)."""
+    L = q.shape[1]
+    mask = causal_mask(L, L) if causal else torch.ones(L, L, dtype=torch.bool)
+    if cu_seqlens is not None:
+        doc = torch.zeros(L, dtype=torch.long)
+        for start in torch.as_tensor(cu_seqlens)[1:-1].tolist():  # document id: boundaries at or before
+            doc[start:] += 1
+        mask = mask & segment_mask(doc, doc)
+    return dense_attention(q, k, v, mask, scale=softmax_scale)[0]
+
+
+def shifted_reference(q, k, v, *, group_size: int, wrap: bool = False, num_sink_tokens: int = 0,
+                      softmax_scale=None, **_) -> torch.Tensor:
+    """LongLoRA S2-Attn / SinkLoRA SF-Attn: dense attention under ``s2_mask``."""
+    mask = s2_mask(q.shape[1], q.shape[2], group_size, wrap=wrap, num_sink_tokens=num_sink_tokens)
+    return dense_attention(q, k, v, mask, scale=softmax_scale)[0]
+
+
+def linear_reference(q, k, v, *, decay=None, causal: bool = True, **_) -> torch.Tensor:
+    """Linear attention with per-head decay (``linear_attention``)."""
+    if decay is not None and not isinstance(decay, torch.Tensor):
+        decay = torch.full((q.shape[2],), float(decay), dtype=torch.float64)
+    return linear_attention(q, k, v, decay, causal)

@@ -36,7 +36,6 @@ model is evaluated and served with ordinary attention. Their group size is ``gro
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -123,9 +122,12 @@ def patch_model(
     group = sp_group_of(parallel)
     ulysses_group = ring_group = None
     if spec.subgroups:  # usp: the Ulysses x ring sub-groups of the SP group
+        from seqpar.attention.usp import default_ulysses_degree, usp_groups
+
         if ulysses_degree is None:
-            ulysses_degree = math.gcd(comm.group_size(group), pretrained.config.num_key_value_heads)
-        ulysses_group, ring_group = _usp_groups(parallel, group, ulysses_degree)
+            ulysses_degree = default_ulysses_degree(comm.group_size(group), pretrained.config.num_key_value_heads)
+        # made once per SP group and degree (ParallelState or bare group alike): re-patching reuses them
+        ulysses_group, ring_group = usp_groups(group, ulysses_degree)
     linear = spec.models == "linear"
     patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
                    ring_group, name="", previous=None if linear else pretrained.config._attn_implementation,
@@ -189,15 +191,6 @@ def patched_layout(model: torch.nn.Module) -> str:
     if patch is None:
         raise ValueError("the model is not patched by seqpar: call seqpar.models.patch_model first")
     return patch.layout
-
-
-def _usp_groups(parallel, group: Group, ulysses_degree: int) -> tuple[Group, Group]:
-    """USP sub-groups: the ParallelState's (made once for the run) when it has them, else made here."""
-    if isinstance(parallel, ParallelState):
-        return parallel.usp_groups(ulysses_degree)
-    from seqpar.attention.usp import make_usp_groups
-
-    return make_usp_groups(group, ulysses_degree)
 
 
 def _find_pretrained(model: torch.nn.Module) -> PreTrainedModel:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from seqpar.attention.registry import ATTENTIONS, resolve_layout
+from seqpar.attention.checks import check_head_split
+from seqpar.attention.registry import ATTENTIONS, head_split_degree, resolve_layout
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
@@ -65,12 +66,15 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
                 errors.append(f"{str(err).split('; nearest valid lengths')[0]}; {_suggest_lengths(r, layout)} "
                               f"[attention.name={a.name}, attention.sp_size={a.sp_size}]")
     heads = getattr(config, "num_attention_heads", None)
-    degree = a.sp_size if a.name == "ulysses" else a.ulysses_degree if a.name == "usp" else None
+    degree = head_split_degree(a.name, group=a.sp_size, ulysses_group=a.ulysses_degree)  # the registry's rule
     if a.name == "usp" and degree is not None and (degree < 1 or a.sp_size % degree):
         errors.append(f"attention.ulysses_degree={degree} must divide attention.sp_size={a.sp_size}")
-    elif degree and heads and heads % degree:
-        errors.append(f"attention.name={a.name!r} splits the {heads} heads (num_attention_heads) over {degree} ranks: "
-                      f"use a sp_size/ulysses_degree that divides {heads}, or attention.name=ring")
+    elif degree and heads:
+        try:
+            check_head_split(heads, degree, what="attention.sp_size" if a.name == "ulysses" else "ulysses_degree")
+        except ValueError as err:
+            errors.append(f"attention.name={a.name!r} with {heads} heads (num_attention_heads): {err}, or use "
+                          "attention.name=ring")
     if a.s2_wrap and a.name != "s2":
         errors.append(f"attention.s2_wrap=true with attention.name={a.name!r}: only s2 wraps (SF-Attn shifts back "
                       "by definition); set attention.s2_wrap=false")

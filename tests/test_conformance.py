@@ -1,0 +1,342 @@
+"""Conformance of every attention in the registry (``seqpar.attention.registry.ATTENTIONS``), driven by its specs.
+
+For each entry, at W = 4, 2, 3 and 1 (ONE spawn of 4 ranks: W=4 on the world, W=2 on {0, 1} and {2, 3},
+W=3 on {0, 1, 2} while rank 3 runs W=1 with group=None), every case the spec's ``options`` allow:
+
+* exactness: out, dq, dk, dv vs the spec's float64 ``reference`` (seqpar/kernels/reference.py) of the
+  rounded global inputs; float64 1e-12, float32 1e-5, bfloat16 2e-2 of the output scale (GQA, MHA with
+  head_dim 80, non-contiguous inputs, every layout and option value the spec lists; inputs never modified,
+  no block falls back to the tiled kernel);
+* bytes: ``ByteCounter``'s forward and backward bytes sent by each rank equal the spec's ``comm_bytes``
+  formula (written next to the primitive, as its docstring states it), exactly;
+* errors: a bad input on ONE rank (a longer shard, other document boundaries, another shift-group size) and
+  an invalid option raise a ValueError naming it on EVERY rank (a hang fails the spawn), and the group still
+  works afterwards;
+* ``validate=False`` (where the primitive takes it) runs no cross-rank check collective.
+
+Adding an entry to the registry adds it here; nothing in this file names a primitive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from seqpar.attention.registry import ATTENTIONS, head_split_degree
+from seqpar.comm import ByteCounter, group_size
+from seqpar.kernels.reference import rel_err
+from seqpar.sharding import shard
+from tests.dist import run_ranks
+
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+# float64: only summation order differs; float32: 1e-5 of the output scale; bf16: 8-bit mantissas.
+TOL = {F64: 1e-12, F32: 1e-5, BF16: 2e-2}
+B, N_LOCAL, D, HKV = 2, 16, 16, 2  # batch, tokens per rank, head dim, kv heads (GQA unless heads == 2)
+
+# A value for every option a spec may list (cu_seqlens: packed documents crossing shards, one empty).
+DEFAULTS = {"causal": True, "softmax_scale": None, "validate": True, "group_size": 8, "wrap": False,
+            "num_sink_tokens": 3, "decay": None, "block_size": 16, "cu_seqlens": None}
+# (name, dtype, option overrides, input changes): a case runs where the spec takes every overridden option;
+# the spec's default layout runs them all, its other layouts the first four.
+VARIANTS = [
+    ("f64", F64, {}, {}),
+    ("f64-noncausal", F64, {"causal": False}, {}),
+    ("f64-docs", F64, {"cu_seqlens": "docs"}, {}),
+    ("f64-docs-noncausal", F64, {"cu_seqlens": "docs", "causal": False}, {}),
+    ("f64-wrap", F64, {"wrap": True}, {}),
+    ("f64-decay", F64, {"decay": 0.9}, {}),
+    ("f64-strided", F64, {}, {"strided": True}),
+    ("f32-scale", F32, {"softmax_scale": 0.3}, {}),
+    ("f32-d80-mha", F32, {}, {"D": 80, "Hkv": None}),
+    ("bf16", BF16, {}, {}),
+]
+# Invalid values of each option, and what the error must name.
+BAD_OPTIONS = {"causal": ("yes", "causal='yes'"), "softmax_scale": (-1.0, "softmax_scale=-1.0"),
+               "layout": ("striped", "layout='striped'"), "group_size": (5, "group_size=5"),
+               "num_sink_tokens": (-1, "num_sink_tokens=-1"), "block_size": (0, "block_size=0"),
+               "decay": (1.5, "decay=1.5"), "cu_seqlens": ("list", "integer tensor")}
+
+
+def _cu(world: int) -> torch.Tensor:
+    L = N_LOCAL * world
+    return torch.tensor([0, 5, 5, L // 2 + 3, L - 2, L])
+
+
+def _heads(name: str, sub: dict, group) -> int:
+    """Query heads: 4, or a multiple of the degree the spec splits heads over (Ulysses)."""
+    sizes = {"group": group_size(group), **{k: group_size(g) for k, g in sub.items()}}
+    degree = head_split_degree(name, **sizes) or 1
+    return 4 * degree // math.gcd(4, degree)
+
+
+def cases(name: str, world: int) -> dict[str, tuple]:
+    """``{case: (layout, dtype, options, input changes)}`` the spec ``name`` takes."""
+    spec = ATTENTIONS[name]
+    base = {k: v for k, v in DEFAULTS.items() if k in spec.options and v is not None}
+    out = {}
+    for layout in spec.layouts if "layout" in spec.options else spec.layouts[:1]:
+        lay = {"layout": layout} if "layout" in spec.options else {}
+        for case, dtype, over, inputs in VARIANTS if layout == spec.default_layout else VARIANTS[:4]:
+            if set(over) <= set(spec.options):
+                opts = {**base, **lay, **over}
+                if opts.get("cu_seqlens") == "docs":
+                    opts["cu_seqlens"] = _cu(world)
+                out[f"{layout}-{case}"] = (layout, dtype, opts, inputs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- rank side
+
+
+def _inputs(H, Hkv, Dh, dtype, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    L = N_LOCAL * world
+    shapes = [(B, L, H, Dh), (B, L, Hkv, Dh), (B, L, Hkv, Dh), (B, L, H, Dh)]
+    return [torch.randn(s, generator=g, dtype=F64).to(dtype) for s in shapes]
+
+
+def _run_case(name, rank, world, group, sub, layout, dtype, opts, inputs, seed) -> dict:
+    """Errors of out, dq, dk, dv vs the float64 reference, and (measured, formula) bytes of this rank."""
+    spec = ATTENTIONS[name]
+    H = _heads(name, sub, group)
+    Hkv = H if inputs.get("Hkv", HKV) is None else HKV
+    q, k, v, dout = _inputs(H, Hkv, inputs.get("D", D), dtype, world, seed)
+    if "decay" in opts and opts["decay"] is not None:  # the primitive and the reference see one λ per head
+        opts = {**opts, "decay": torch.full((H,), opts["decay"], dtype=F64)}
+    mine = lambda t: shard(t, layout=layout, rank=rank, world_size=world)  # noqa: E731
+    local = [mine(t).requires_grad_() for t in (q, k, v)]
+    before = [t.detach().clone() for t in local]
+    args = [t.transpose(1, 2).contiguous().transpose(1, 2) if inputs.get("strided") else t for t in local]
+    kwargs = {**opts, **sub}
+    with ByteCounter() as fwd:
+        out = spec.load()(*args, group=group, **kwargs)
+    with ByteCounter() as bwd:
+        out.backward(mine(dout))
+    assert all(torch.equal(t, b) for t, b in zip(local, before)), f"{name}: inputs were modified"
+    got = [out, *(t.grad for t in local)]
+    assert all(t.dtype == dtype and t.shape == x.shape for t, x in zip(got, [local[0], *local])), name
+    ref_in = [t.to(F64, copy=True).requires_grad_() for t in (q, k, v)]
+    ref_out = spec.load("reference")(*ref_in, **opts)
+    ref_out.backward(dout.double())
+    ref = [ref_out.detach(), *(t.grad for t in ref_in)]
+    formula = spec.load("comm_bytes")(*local, group=group, **kwargs)
+    return {"errors": {w: rel_err(g, mine(r)) for w, g, r in zip(("out", "dq", "dk", "dv"), got, ref)},
+            "bytes": ((fwd.sent, bwd.sent), tuple(formula))}
+
+
+def _error_of(call) -> str:
+    try:
+        call()
+    except ValueError as err:
+        return str(err)
+    return "no error raised"
+
+
+def _bad_inputs(name, rank, world, group, sub) -> dict[str, tuple[str, str]]:
+    """``{case: (message on this rank, what it must name)}``; each case is bad on one rank or on all."""
+    spec = ATTENTIONS[name]
+    layout, last = spec.default_layout, rank == world - 1
+    base = {k: v for k, v in DEFAULTS.items() if k in spec.options and v is not None}
+    base.update({"layout": layout} if "layout" in spec.options else {})
+
+    def call(n=N_LOCAL, H=None, Hkv=HKV, **over):
+        H = H or _heads(name, sub, group)
+        q, k, v = (torch.randn(B, n, h, D) for h in (H, Hkv, Hkv))
+        return lambda: spec.load()(q, k, v, group=group, **{**base, **sub, **over})
+
+    bad = {}
+    for option, (value, words) in BAD_OPTIONS.items():
+        if option in spec.options:
+            value = [0, N_LOCAL * world] if value == "list" else value
+            bad[f"option-{option}"] = (_error_of(call(**{option: value})), words)
+    bad["kv-heads"] = (_error_of(call(H=4, Hkv=3)), "divid")  # 3 kv heads for 4 query heads
+    degree = head_split_degree(name, group=group_size(group), **{k: group_size(g) for k, g in sub.items()})
+    if degree and degree > 1:  # Ulysses: heads that do not split over the degree
+        bad["heads-split"] = (_error_of(call(H=degree + 1, Hkv=1)), f"heads={degree + 1} is not divisible")
+    if world > 1:  # only the last rank is wrong: every rank must raise
+        bad["one-rank-length"] = (_error_of(call(n=N_LOCAL + 8 * last)), "ranks of the SP group")
+        if "cu_seqlens" in spec.options:
+            cu = torch.tensor([0, 3 + last, N_LOCAL * world])
+            bad["one-rank-cu_seqlens"] = (_error_of(call(cu_seqlens=cu)), "cu_seqlens differs across")
+        if "group_size" in spec.options:
+            bad["one-rank-group_size"] = (_error_of(call(group_size=4 if last else 8)), "group_size per rank")
+    call()()  # the group still works after the errors
+    return bad
+
+
+def _validate_collectives(name, group, sub) -> dict[bool, int]:
+    """Cross-rank check collectives (``checks._gather_ints``) of one call with validate=True and False."""
+    import seqpar.attention.checks as checks
+
+    spec, counted, real = ATTENTIONS[name], [], checks._gather_ints
+    if "validate" not in spec.options:
+        return {}
+    H = _heads(name, sub, group)
+    q, k, v = (torch.randn(B, N_LOCAL, h, D) for h in (H, HKV, HKV))
+    base = {k: v for k, v in DEFAULTS.items() if k in spec.options and v is not None}
+    found = {}
+    checks._gather_ints = lambda *a, **kw: counted.append(1) or real(*a, **kw)
+    try:
+        for validate in (True, False):
+            counted.clear()
+            spec.load()(q, k, v, group=group, **{**base, **sub, "validate": validate})
+            found[validate] = len(counted)
+    finally:
+        checks._gather_ints = real
+    return found
+
+
+def _subgroups_made_once(name, group, sub) -> bool | None:
+    """Asking the spec's ``make_subgroups`` again returns the same groups and creates none."""
+    spec = ATTENTIONS[name]
+    if not spec.make_subgroups:
+        return None
+    made, real = [], dist.new_group
+    dist.new_group = lambda *a, **kw: made.append(1) or real(*a, **kw)
+    try:
+        again = spec.load("make_subgroups")(group, HKV)
+    finally:
+        dist.new_group = real
+    return not made and all(again[k] is sub[k] for k in sub)
+
+
+def conformance(rank, world, group, names, setup_group=None) -> dict:
+    """Every check of every spec in ``names`` at this world size; ``setup_group``: the group this rank
+    joins the world-collective creation of sub-groups with while it runs group=None (rank 3 at W=1)."""
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    reset_fallbacks()
+    out = {}
+    for name in names:
+        spec = ATTENTIONS[name]
+        sub = {}
+        if spec.make_subgroups:
+            if setup_group is not None:
+                spec.load("make_subgroups")(setup_group, HKV)  # collective over the world: take part
+            sub = spec.load("make_subgroups")(group, HKV) if group is not None else {}
+        out[name] = {
+            "cases": {c: _run_case(name, rank, world, group, sub, *args, seed=i)
+                      for i, (c, args) in enumerate(cases(name, world).items())},
+            "bad": _bad_inputs(name, rank, world, group, sub),
+            "validate": _validate_collectives(name, group, sub) if world > 1 else {},
+            "subgroups_once": _subgroups_made_once(name, group, sub) if world > 1 else None,
+        }
+    return {"specs": out, "fallbacks": fallback_counts()}
+
+
+def _all_worlds(rank, world, group, names) -> dict:
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
+    trio, solo = dist.new_group([0, 1, 2]), dist.new_group([3])
+    found = {4: conformance(rank, 4, group, names), 2: conformance(rank % 2, 2, pairs[rank // 2], names)}
+    if rank < 3:
+        found[3] = conformance(rank, 3, trio, names)
+    else:
+        found[1] = conformance(0, 1, None, names, setup_group=solo)
+    return found
+
+
+# ----------------------------------------------------------------------------------------- pytest side
+
+NAMES = tuple(ATTENTIONS)
+
+
+@pytest.fixture(scope="module")
+def worlds() -> dict[int, list[dict]]:
+    per_rank = run_ranks(_all_worlds, 4, args=(NAMES,), timeout=400)
+    found = {w: [r[w] for r in per_rank if w in r] for w in (1, 2, 3, 4)}
+    assert {w: len(r) for w, r in found.items()} == {1: 1, 2: 4, 3: 3, 4: 4}
+    return found
+
+
+def _per_world(worlds, name):
+    for world, results in worlds.items():
+        yield world, [r["specs"][name] for r in results]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_float64_reference(worlds, name):
+    for world, results in _per_world(worlds, name):
+        assert results[0]["cases"], (name, world)
+        for case, (_, dtype, _, _) in cases(name, world).items():
+            worst = {w: max(r["cases"][case]["errors"][w] for r in results) for w in ("out", "dq", "dk", "dv")}
+            assert max(worst.values()) <= TOL[dtype], (name, world, case, worst)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bytes_match_the_formula(worlds, name):
+    for world, results in _per_world(worlds, name):
+        for rank, r in enumerate(results):
+            for case, c in r["cases"].items():
+                measured, formula = c["bytes"]
+                assert measured == formula, (name, world, rank, case, measured, formula)
+        moved = sum(sum(c["bytes"][0]) for r in results for c in r["cases"].values())
+        assert (moved > 0) == (world > 1), (name, world, moved)  # the formula is not vacuously 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_raise_on_every_rank(worlds, name):
+    for world, results in _per_world(worlds, name):
+        for rank, r in enumerate(results):
+            assert set(r["bad"]) == set(results[0]["bad"])
+            for case, (msg, words) in r["bad"].items():
+                assert words in msg, (name, world, rank, case, msg)
+        assert any(c.startswith("one-rank") for c in results[0]["bad"]) == (world > 1)
+        assert any(c.startswith("option-") for c in results[0]["bad"]), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_false_skips_the_cross_rank_check(worlds, name):
+    if "validate" not in ATTENTIONS[name].options:
+        pytest.skip(f"{name} takes no validate argument (it always checks)")
+    for world, results in _per_world(worlds, name):
+        if world > 1:
+            for r in results:
+                assert r["validate"][True] >= 1 and r["validate"][False] == 0, (name, world, r["validate"])
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if ATTENTIONS[n].make_subgroups])
+def test_subgroups_are_made_once(worlds, name):
+    for world, results in _per_world(worlds, name):
+        if world > 1:
+            assert all(r["subgroups_once"] for r in results), (name, world)
+
+
+def test_no_tiled_kernel_fallback(worlds):
+    """Every block of every case ran a fused kernel."""
+    for world, results in worlds.items():
+        assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_entry_states_what_conformance_needs(name):
+    """A registry entry names its options, its float64 reference and its bytes formula (all importable)."""
+    spec = ATTENTIONS[name]
+    assert spec.options and spec.comm_bytes and spec.reference, name
+    for field in ("primitive", "reference", "comm_bytes", *(("make_subgroups",) if spec.make_subgroups else ())):
+        assert callable(spec.load(field)), (name, field)
+    assert set(spec.options) <= set(DEFAULTS) | {"layout"}, f"{name}: give the new option a value in DEFAULTS"
+
+
+def test_a_registered_primitive_is_picked_up(monkeypatch):
+    """A new registry entry is tested without touching this file, and its bytes formula is really checked:
+    a fake entry (ring attention under another name) passes at W=1; one with a wrong formula fails."""
+    import dataclasses
+
+    ring = ATTENTIONS["ring"]
+    fake = dataclasses.replace(ring, name="fake", options=("causal", "softmax_scale", "layout", "validate"))
+    wrong = dataclasses.replace(fake, name="wrong", comm_bytes="tests.test_conformance:_one_byte")
+    monkeypatch.setitem(ATTENTIONS, "fake", fake)
+    monkeypatch.setitem(ATTENTIONS, "wrong", wrong)
+    found = conformance(0, 1, None, ("fake", "wrong"))["specs"]
+    assert set(found["fake"]["cases"]) == set(cases("fake", 1)) and len(found["fake"]["cases"]) >= 5
+    for case, (_, dtype, _, _) in cases("fake", 1).items():
+        c = found["fake"]["cases"][case]
+        assert max(c["errors"].values()) <= TOL[dtype] and c["bytes"][0] == c["bytes"][1] == (0, 0), case
+    assert all(c["bytes"][0] != c["bytes"][1] for c in found["wrong"]["cases"].values())
+
+
+def _one_byte(*args, **kwargs) -> tuple[int, int]:
+    return 1, 1
