@@ -44,6 +44,7 @@ from seqpar.kernels.linear import (
     linear_attention_bwd,
     linear_attention_fwd,
     powers,
+    run_state_grads,
 )
 
 
@@ -71,14 +72,14 @@ class _LASP2(torch.autograd.Function):
         acc, N, rank = acc_dtype(q.dtype), group_size(group), group_rank(group)
         qh, kh, vh = (heads_first(t, acc) for t in (q, k, v))
         M = chunk_state(kh, vh, log_decay)  # [B, H, Dk, Dv]
-        _, finish = all_gather_tensor(M, group, async_op=True)
-        # The intra-chunk term needs no remote data: compute it while the states travel.
-        local = linear_attention_fwd(qh, kh, vh, log_decay, block_size) if causal else None
-        states = finish().view(N, *M.shape)
+        states = all_gather_tensor(M, group).view(N, *M.shape)
         n = q.shape[1]
-        P = prefix_from_states(states, log_decay, n, rank) if causal else states.sum(0)
-        out = apply_prefix(qh, P, log_decay)
-        out = out if local is None else out + local
+        if causal:  # one pass: intra-block terms, and inter-block ones from states that start at P
+            P = prefix_from_states(states, log_decay, n, rank)
+            out = linear_attention_fwd(qh, kh, vh, log_decay, block_size, prefix=P)
+        else:
+            P = states.sum(0)
+            out = apply_prefix(qh, P, log_decay)
         ctx.save_for_backward(q, k, v, log_decay, P)
         ctx.group, ctx.causal, ctx.block_size = group, causal, block_size
         return out.transpose(1, 2).to(q.dtype)
@@ -89,18 +90,19 @@ class _LASP2(torch.autograd.Function):
         group, causal, acc = ctx.group, ctx.causal, P.dtype
         N, rank, n = group_size(group), group_rank(group), q.shape[1]
         qh, kh, vh, doh = (heads_first(t, acc) for t in (q, k, v, dout))
-        dq, dP = apply_prefix_bwd(qh, doh, P, log_decay)
-        _, finish = all_gather_tensor(dP, group, async_op=True)
-        if causal:  # local backward overlaps the all-gather of the state gradients
-            dq_l, dk, dv = linear_attention_bwd(doh, qh, kh, vh, log_decay, ctx.block_size)
-            dq = dq + dq_l
-        grads = finish().view(N, *dP.shape)
-        dM = suffix_from_grads(grads, log_decay, n, rank) if causal else grads.sum(0)
-        dk_m, dv_m = chunk_state_bwd(kh, vh, dM, log_decay)
-        if causal:
-            dk_m, dv_m = dk + dk_m, dv + dv_m
-        d_log_decay = decay_grad(qh, dq, kh, dk_m, rank * n) if ctx.needs_input_grad[3] else None
-        grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk_m, k), (dv_m, v)))
+        if causal:  # dP with the later blocks' state gradients (the kernel's first backward pass)
+            G, dP = run_state_grads(qh, doh, log_decay, ctx.block_size)
+        else:
+            dq, dP = apply_prefix_bwd(qh, doh, P, log_decay)
+        grads = all_gather_tensor(dP, group).view(N, *dP.shape)
+        if causal:  # one pass: intra-block terms, inter-block ones from P, and dM's share in dk, dv
+            dM = suffix_from_grads(grads, log_decay, n, rank)
+            dq, dk, dv = linear_attention_bwd(doh, qh, kh, vh, log_decay, ctx.block_size, prefix=P, final_grad=dM,
+                                              run_grads=G)
+        else:
+            dk, dv = chunk_state_bwd(kh, vh, grads.sum(0), log_decay)
+        d_log_decay = decay_grad(qh, dq, kh, dk, rank * n) if ctx.needs_input_grad[3] else None
+        grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
         return (*grads_out, d_log_decay, None, None, None)
 
 
