@@ -6,13 +6,17 @@ to the model), o_t = q_t · Σ_{s<=t} λ^(t-s) k_s^T v_s, on N ranks holding con
 Rank i:
 
     M_i = Σ_{s in chunk i} λ^(n-1-s) k_s^T v_s                      memory state, d_k x d_v per head
-    all-gather M_0 .. M_{N-1}                                       (in flight while the intra term runs)
+    all-gather M_0 .. M_{N-1}
     O_i = LightningAttn2(Q_i, K_i, V_i) + (Q_i ⊙ λ^(t+1)) P_i,     P_i = Σ_{j<i} λ^(n(i-1-j)) M_j
 
 Backward: dP_i = (Q_i ⊙ λ^(t+1))^T dO_i, ONE all-gather of the dP_j, then the suffix sum
-dM_i = Σ_{j>i} λ^(n(j-1-i)) dP_j feeds dK_i, dV_i through M_i; the local terms use the hand-written
-chunked backward of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.linear``). Non-causal mode
-(no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
+dM_i = Σ_{j>i} λ^(n(j-1-i)) dP_j feeds dK_i, dV_i through M_i. The prefix term and dM's term are folded
+into the hand-written chunked kernel of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.linear``):
+its state scan starts at P, its state-gradient scan at dM, so neither costs a matmul of its own. The
+paper overlaps the all-gather with the intra-chunk term; here the gather waits for the cheap first pass
+(M, or dP) and the one fused pass follows it: the message is d_k x d_v per head, while splitting the pass
+to overlap it would read and write every [L/N, H, D] tensor once more and add the prefix's matmul back.
+Non-causal mode (no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
 
 Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
 Hkv divides H and k, v are repeated to H heads), ``decay`` None, a float or ``[H]`` in (0, 1] (may require

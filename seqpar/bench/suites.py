@@ -38,7 +38,8 @@ def softmax(quick: bool) -> list[dict]:
 def linear(quick: bool) -> list[dict]:
     """LASP-2/LASP-1 (and ring softmax attention for scale); LASP-2 rows carry the kernel's own FLOPs per
     rank (``linear_attention_flops``), and one ``matmul_rate`` row times torch.mm of two n x n float32
-    matrices on one thread, the machine rate LASP-2's is compared with (a target at L = 32k, N = 2)."""
+    matrices on one thread, the machine rate LASP-2's is compared with (a target at L = 32k, N = 2). It runs
+    in two processes at once (world 2; each its own mm, sp 1), as busy as the N = 2 rows it is compared with."""
     from seqpar.kernels.linear import linear_attention_flops
 
     base = {**SHAPE, "decay": 0.99}
@@ -53,7 +54,7 @@ def linear(quick: bool) -> list[dict]:
             c["flops"] = linear_attention_flops(c["batch"], c["heads"], c["seq_len"] // c["sp"], c["head_dim"],
                                                 c["head_dim"])
     n = 256 if quick else 2048
-    rate = {"method": "matmul_rate", "seq_len": 128 if quick else 32768, "world": 1, "threads": 1, "sp": 1,
+    rate = {"method": "matmul_rate", "seq_len": 128 if quick else 32768, "world": 2, "threads": 1, "sp": 1,
             "mm_size": n, "flops": 2.0 * n**3}
     return [*configs, rate]
 

@@ -2,23 +2,31 @@
 
     o_t = q_t · Σ_{s<=t} λ^(t-s) k_s^T v_s          (per head; λ in (0, 1], λ = 1 is no decay)
 
-Lightning Attention-2 splits the sequence into blocks of C tokens (``block_size``, default 64; the last block
-is zero-padded). Block b (local index t = 0..C-1) gets
+Lightning Attention-2 splits the sequence into blocks of C tokens (``block_size``, default 64; a partial
+last block is a block of its own size, nothing is padded). Block b (local index t = 0..c-1) gets
 
     intra:  O_b  = ((Q_b K_b^T) ⊙ D) V_b,   D_ts = λ^(t-s) for s <= t, else 0
     inter:  O_b += (Q_b ⊙ λ^(t+1)) S_b                    S_b = state of every earlier token
-    state:  S_{b+1} = λ^c S_b + (K_b ⊙ λ^(c-1-t))^T V_b
+    state:  S_{b+1} = λ^c S_b + (K_b ⊙ λ^(c-1-t))^T V_b,  S_0 = P (the state of earlier chunks, or 0)
 
-All blocks are computed together: the intra-block terms and the blocks' own states in batched matmuls, the
-states S_b by one scan over blocks (the only sequential step, nb elementwise updates of d_k x d_v), the decay
-powers built once per call. Memory O(L·C + (L/C)·d_k·d_v) per head, never O(L^2). Exponents are kept
-non-negative (λ^(t+1), λ^(C-1-t)), so no factor can overflow however small λ is.
+How it runs (chosen for a CPU core, same shapes on a GPU): one pass over runs of ``RUN_TOKENS`` tokens of
+every head. A run's blocks are copied out of the [B, L, H, D] layout once into a cache-resident
+[B, H, g, C, D] buffer, and every product of the run is one batched matmul over its blocks; the states
+before its blocks come from the carried state by one small matmul with the decay weights λ^(C(j-1-i))
+(``_scan_weights``), so no per-block state is ever stored; results are copied straight into [B, L, H, D]
+outputs (the caller's transpose back is a view). Decay tables are built once per call. Every exponent is
+>= 0 (λ^(t+1), λ^(c-1-t), λ^(t-s), λ^(Cj)): no factor overflows however small λ is, and factors below the
+smallest normal float are flushed to 0 (subnormal products take a ~10x slower path on CPUs).
+Memory O(RUN_TOKENS·C) per head beyond inputs and outputs, never O(L^2).
 
-The same algebra gives the sequence-parallel pieces (LASP, LASP-2): a chunk's memory state
-``chunk_state`` (= S after the chunk, starting from 0), the term a prefix state adds (``apply_prefix``), and
-their backward passes. The backward of the chunked kernel is written by hand (not autograd): the states S_b
-for dQ's inter-block term, and the state gradients G_b = λ^C G_{b+1} + (Q_{b+1} ⊙ λ^(t+1))^T dO_{b+1} by one
-reverse scan for dK, dV.
+The sequence-parallel pieces (LASP, LASP-2) fold into the same pass: ``prefix=P`` starts the state scan
+at P, so the inter-block term of every block includes the earlier chunks at no extra matmul; ``chunk_state``
+(the state after the chunk from 0, run by run) is what LASP-2 all-gathers. The backward is written by hand
+(not autograd): ``run_state_grads`` is a first, reverse pass giving dLoss/d(initial state) (LASP-2's dP)
+and the state gradient at the end of each run; the second pass recomputes each run's block terms, the
+states S_b from the carry and the state gradients G_b = λ^c G_(b+1) + (Q_(b+1) ⊙ λ^(t+1))^T dO_(b+1) from
+the run's end (plus λ^(L-end) dM for a gradient dM of the chunk state, ``final_grad``), then dQ, dK, dV.
+FLOPs: ``linear_attention_flops``.
 
 Shapes: every function here works heads-first in the accumulation dtype: ``q, k [B, H, L, Dk]``,
 ``v, out [B, H, L, Dv]``, states ``[B, H, Dk, Dv]``, ``log_decay [H]`` (log λ; zeros = no decay).
@@ -32,7 +40,8 @@ from typing import NamedTuple
 import torch
 
 DEFAULT_LINEAR_BLOCK = 64
-RUN_TOKENS = 256  # tokens (of every head) computed together: a run's operands stay in a core's L2 cache
+RUN_TOKENS = 256  # tokens (of every head) computed together on a CPU: a run's operands stay in a core's L2
+GPU_RUN_TOKENS = 8192  # on a GPU fewer, larger batched matmuls (launches, not caches, are the cost)
 STATE_RUN_TOKENS = 1024  # the same for ``chunk_state`` (one matmul per run, no intra-block terms)
 
 
@@ -92,15 +101,16 @@ class _Plan:
     """One call's runs of blocks and their decay tables (built once per call on the inputs' device, each
     table when first needed).
 
-    Runs hold ``RUN_TOKENS // C`` blocks of C tokens; the partial last block (L mod C tokens) is a run of
-    its own with its own tables, so nothing is padded. Tables are shaped to broadcast over a run's
-    [B, H, g, c, ·] tensors (``block``), stacked block terms (``scan``) or [B·H, R, ·] rows (``whole``).
+    Runs hold ``RUN_TOKENS // C`` blocks of C tokens (``GPU_RUN_TOKENS`` off the CPU); the partial last
+    block (L mod C tokens) is a run of its own with its own tables, so nothing is padded. Tables are shaped
+    to broadcast over a run's [B, H, g, c, ·] tensors (``block``), stacked block terms (``scan``) or
+    [B·H, R, ·] rows (``whole``).
     """
 
     def __init__(self, L: int, log_decay: torch.Tensor, block_size: int):
         C = min(block_size, L)
         full, tail = divmod(L, C)
-        g = max(1, RUN_TOKENS // C)
+        g = max(1, (RUN_TOKENS if log_decay.device.type == "cpu" else GPU_RUN_TOKENS) // C)
         self.runs = [_Run(min(g, full - b), C, b * C) for b in range(0, full, g)]
         if tail:
             self.runs.append(_Run(1, tail, full * C))
