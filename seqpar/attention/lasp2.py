@@ -14,8 +14,9 @@ dM_i = Σ_{j>i} λ^(n(j-1-i)) dP_j feeds dK_i, dV_i through M_i. The prefix term
 into the hand-written chunked kernel of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.linear``):
 its state scan starts at P, its state-gradient scan at dM, so neither costs a matmul of its own. The
 paper overlaps the all-gather with the intra-chunk term; here the gather waits for the cheap first pass
-(M, or dP) and the one fused pass follows it: the message is d_k x d_v per head, while splitting the pass
-to overlap it would read and write every [L/N, H, D] tensor once more and add the prefix's matmul back.
+(M, or dP) and the one fused pass follows it: the message is d_k x d_v per head (0.5 ms for B=1, H=8 at
+N=2 over gloo on the 2-core dev machine), while splitting the pass to overlap it would read and write every
+[L/N, H, D] tensor once more and add the prefix's matmul back (~20 ms of one core at L/N = 16k).
 Non-causal mode (no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
 
 Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
