@@ -16,7 +16,7 @@ its state scan starts at P, its state-gradient scan at dM, so neither costs a ma
 paper overlaps the all-gather with the intra-chunk term; here the gather waits for the cheap first pass
 (M, or dP) and the one fused pass follows it: the message is d_k x d_v per head (0.5 ms for B=1, H=8 at
 N=2 over gloo on the 2-core dev machine), while splitting the pass to overlap it would read and write every
-[L/N, H, D] tensor once more and add the prefix's matmul back (~20 ms of one core at L/N = 16k).
+[L/N, H, D] tensor once more and add the prefix's matmul back (estimated ~20 ms of one core at L/N = 16k).
 Non-causal mode (no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
 
 Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
