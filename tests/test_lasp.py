@@ -208,20 +208,38 @@ def test_bad_inputs_raise_on_every_rank(world_results):
             assert msg is not None and fragment in msg, (rank, name, msg)
 
 
-@pytest.mark.parametrize("run_scores", [1 << 40, 1], ids=["one-run", "run-per-block"])
-def test_linear_kernel_batched_blocks_match_reference(monkeypatch, run_scores):
-    """The batched chunk kernel (all blocks at once, or a run per block) with a partial last block, vs float64."""
+@pytest.mark.parametrize("run_tokens", [1 << 20, 1], ids=["one-run", "run-per-block"])
+def test_linear_kernel_batched_blocks_match_reference(monkeypatch, run_tokens):
+    """The run-by-run chunk kernel (all blocks in one run, or a run per block; a partial last block) vs
+    float64 autograd through the O(L^2) reference, including the sequence-parallel pieces it folds in: an
+    initial state P (the call is the second part of a longer sequence) and a gradient dM of the chunk's own
+    final state, with decays from 1 to 0.05 (0.05^70 ~ 1e-91: strong decay stays exact)."""
     from seqpar.kernels import linear
 
-    monkeypatch.setattr(linear, "RUN_SCORES", run_scores)
+    monkeypatch.setattr(linear, "RUN_TOKENS", run_tokens)
+    monkeypatch.setattr(linear, "STATE_RUN_TOKENS", 32)  # chunk_state in runs, 70 = 32 + 32 + 6
+    decay = torch.tensor([1.0, 0.9, 0.5, 0.05], dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
-    q, k, v, dout = (torch.randn(2, 70, 4, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    L0, L = 30, 70  # the prefix's tokens, this call's tokens
+    q, k, v = (torch.randn(2, L0 + L, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    dout, dM = torch.randn(2, L, 4, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    ref = reference(qr, kr, vr, DECAY, True)
-    ref.backward(dout)
-    heads = [t.transpose(1, 2) for t in (q, k, v, dout)]
-    out = linear.linear_attention_fwd(*heads[:3], DECAY.log(), 16).transpose(1, 2)
-    grads = linear.linear_attention_bwd(heads[3], *heads[:3], DECAY.log(), 16)
+    ref = reference(qr, kr, vr, decay, True)[:, L0:]
+    w = decay[:, None] ** torch.arange(L - 1, -1, -1, dtype=torch.float64)  # λ^(L-1-s): the chunk's own state
+    M_ref = torch.einsum("hs,bshd,bshe->bhde", w, kr[:, L0:], vr[:, L0:])
+    ((ref * dout).sum() + (M_ref * dM.double()).sum()).backward()
+
+    ld = decay.log()
+    heads = [t.transpose(1, 2) for t in (q, k, v)]
+    P = linear.chunk_state(*(t[:, :, :L0] for t in heads[1:]), ld)
+    own = [t[:, :, L0:] for t in heads]
+    out = linear.linear_attention_fwd(*own, ld, 16, prefix=P).transpose(1, 2)
+    grads = linear.linear_attention_bwd(dout.transpose(1, 2), *own, ld, 16, prefix=P, final_grad=dM.double())
     assert rel_err(out, ref) < 1e-12
+    assert rel_err(linear.chunk_state(*own[1:], ld), M_ref) < 1e-12
     for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
-        assert rel_err(got.transpose(1, 2), want) < 1e-12
+        assert rel_err(got.transpose(1, 2), want[:, L0:]) < 1e-12
+    # the folded pieces are engaged: without them the result differs
+    assert rel_err(linear.linear_attention_fwd(*own, ld, 16).transpose(1, 2), ref) > 1e-3
+    no_dm = linear.linear_attention_bwd(dout.transpose(1, 2), *own, ld, 16, prefix=P)[1]
+    assert rel_err(no_dm.transpose(1, 2), kr.grad[:, L0:]) > 1e-3

@@ -6,13 +6,18 @@ to the model), o_t = q_t · Σ_{s<=t} λ^(t-s) k_s^T v_s, on N ranks holding con
 Rank i:
 
     M_i = Σ_{s in chunk i} λ^(n-1-s) k_s^T v_s                      memory state, d_k x d_v per head
-    all-gather M_0 .. M_{N-1}                                       (in flight while the intra term runs)
+    all-gather M_0 .. M_{N-1}
     O_i = LightningAttn2(Q_i, K_i, V_i) + (Q_i ⊙ λ^(t+1)) P_i,     P_i = Σ_{j<i} λ^(n(i-1-j)) M_j
 
 Backward: dP_i = (Q_i ⊙ λ^(t+1))^T dO_i, ONE all-gather of the dP_j, then the suffix sum
-dM_i = Σ_{j>i} λ^(n(j-1-i)) dP_j feeds dK_i, dV_i through M_i; the local terms use the hand-written
-chunked backward of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.linear``). Non-causal mode
-(no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
+dM_i = Σ_{j>i} λ^(n(j-1-i)) dP_j feeds dK_i, dV_i through M_i. The prefix term and dM's term are folded
+into the hand-written chunked kernel of Lightning Attention-2 (Qin et al. 2024, ``seqpar.kernels.linear``):
+its state scan starts at P, its state-gradient scan at dM, so neither costs a matmul of its own. The
+paper overlaps the all-gather with the intra-chunk term; here the gather waits for the cheap first pass
+(M, or dP) and the one fused pass follows it: the message is d_k x d_v per head (0.5 ms for B=1, H=8 at
+N=2 over gloo on the 2-core dev machine), while splitting the pass to overlap it would read and write every
+[L/N, H, D] tensor once more and add the prefix's matmul back (estimated ~20 ms of one core at L/N = 16k).
+Non-causal mode (no decay): every rank uses P = Σ_j M_j (its own included) and dM = Σ_j dP_j.
 
 Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
 Hkv divides H and k, v are repeated to H heads), ``decay`` None, a float or ``[H]`` in (0, 1] (may require
@@ -44,6 +49,7 @@ from seqpar.kernels.linear import (
     linear_attention_bwd,
     linear_attention_fwd,
     powers,
+    run_state_grads,
 )
 
 
@@ -71,14 +77,14 @@ class _LASP2(torch.autograd.Function):
         acc, N, rank = acc_dtype(q.dtype), group_size(group), group_rank(group)
         qh, kh, vh = (heads_first(t, acc) for t in (q, k, v))
         M = chunk_state(kh, vh, log_decay)  # [B, H, Dk, Dv]
-        _, finish = all_gather_tensor(M, group, async_op=True)
-        # The intra-chunk term needs no remote data: compute it while the states travel.
-        local = linear_attention_fwd(qh, kh, vh, log_decay, block_size) if causal else None
-        states = finish().view(N, *M.shape)
+        states = all_gather_tensor(M, group).view(N, *M.shape)
         n = q.shape[1]
-        P = prefix_from_states(states, log_decay, n, rank) if causal else states.sum(0)
-        out = apply_prefix(qh, P, log_decay)
-        out = out if local is None else out + local
+        if causal:  # one pass: intra-block terms, and inter-block ones from states that start at P
+            P = prefix_from_states(states, log_decay, n, rank)
+            out = linear_attention_fwd(qh, kh, vh, log_decay, block_size, prefix=P)
+        else:
+            P = states.sum(0)
+            out = apply_prefix(qh, P, log_decay)
         ctx.save_for_backward(q, k, v, log_decay, P)
         ctx.group, ctx.causal, ctx.block_size = group, causal, block_size
         return out.transpose(1, 2).to(q.dtype)
@@ -89,18 +95,19 @@ class _LASP2(torch.autograd.Function):
         group, causal, acc = ctx.group, ctx.causal, P.dtype
         N, rank, n = group_size(group), group_rank(group), q.shape[1]
         qh, kh, vh, doh = (heads_first(t, acc) for t in (q, k, v, dout))
-        dq, dP = apply_prefix_bwd(qh, doh, P, log_decay)
-        _, finish = all_gather_tensor(dP, group, async_op=True)
-        if causal:  # local backward overlaps the all-gather of the state gradients
-            dq_l, dk, dv = linear_attention_bwd(doh, qh, kh, vh, log_decay, ctx.block_size)
-            dq = dq + dq_l
-        grads = finish().view(N, *dP.shape)
-        dM = suffix_from_grads(grads, log_decay, n, rank) if causal else grads.sum(0)
-        dk_m, dv_m = chunk_state_bwd(kh, vh, dM, log_decay)
-        if causal:
-            dk_m, dv_m = dk + dk_m, dv + dv_m
-        d_log_decay = decay_grad(qh, dq, kh, dk_m, rank * n) if ctx.needs_input_grad[3] else None
-        grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk_m, k), (dv_m, v)))
+        if causal:  # dP with the later blocks' state gradients (the kernel's first backward pass)
+            G, dP = run_state_grads(qh, doh, log_decay, ctx.block_size)
+        else:
+            dq, dP = apply_prefix_bwd(qh, doh, P, log_decay)
+        grads = all_gather_tensor(dP, group).view(N, *dP.shape)
+        if causal:  # one pass: intra-block terms, inter-block ones from P, and dM's share in dk, dv
+            dM = suffix_from_grads(grads, log_decay, n, rank)
+            dq, dk, dv = linear_attention_bwd(doh, qh, kh, vh, log_decay, ctx.block_size, prefix=P, final_grad=dM,
+                                              run_grads=G)
+        else:
+            dk, dv = chunk_state_bwd(kh, vh, grads.sum(0), log_decay)
+        d_log_decay = decay_grad(qh, dq, kh, dk, rank * n) if ctx.needs_input_grad[3] else None
+        grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
         return (*grads_out, d_log_decay, None, None, None)
 
 

@@ -203,6 +203,20 @@ METHODS["lasp2"] = _linear("lasp2_linear_attention")
 METHODS["lasp1"] = _linear("lasp1_linear_attention")
 
 
+@method("matmul_rate")
+def _matmul_rate(cfg: dict, group):
+    """torch.mm of two ``mm_size`` x ``mm_size`` float32 matrices: the machine's matmul rate in the same run
+    (``cfg["flops"]`` = 2 n^3), what LASP-2's rate on its own FLOPs is measured against."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(cfg["mm_size"], cfg["mm_size"], generator=g) for _ in range(2))
+
+    def step() -> torch.Tensor:
+        return torch.mm(a, b)
+
+    step.layout, step.inputs, step.heads_first = None, [a, b], False
+    return step
+
+
 # ------------------------------------------------------------------------------------------- LongLoRA
 
 

@@ -76,6 +76,8 @@ TARGETS = (
            "<=", 1.15, 16384),
     Target("Llama-3-shaped toy, one step at L=8192: peak with fused loss + tiled MLP vs full logits", "scaling",
            ("llama3_seqpar_memory", 1), ("llama3_seqpar", 1), "peak_mem_bytes", "<=", 0.25, 8192),
+    Target("lasp2 N=2 rate on its own FLOPs vs one-thread fp32 matmul rate", "linear", ("lasp2", 2),
+           ("matmul_rate", 1), "tflops", ">=", 0.5, 32768),
 )
 
 
@@ -158,7 +160,8 @@ TIMED: list[tuple[str, int, Callable[[dict], str]]] = [
     ("x base", 6, lambda r: _f(r.get("mem_ratio"), ".2f")),
     ("sent MiB", 9, lambda r: _f(_mib(r.get("bytes_sent_per_rank")), ".2f")),
     ("tokens/s", 9, lambda r: _f(r["tokens_per_s"], ".0f")),
-    ("extra", 12, lambda r: f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else
+    ("extra", 12, lambda r: (f"{r['tflops']:.1f} TFLOP/s" if r["tflops"] >= 1 else f"{r['tflops'] * 1e3:.1f} GFLOP/s")
+        if "tflops" in r else
         (f"loss {r['loss']:.5f}" if "loss" in r else "")),
 ]
 SEARCH: list[tuple[str, int, Callable[[dict], str]]] = [

@@ -36,11 +36,27 @@ def softmax(quick: bool) -> list[dict]:
 
 
 def linear(quick: bool) -> list[dict]:
+    """LASP-2/LASP-1 (and ring softmax attention for scale); LASP-2 rows carry the kernel's own FLOPs per
+    rank (``linear_attention_flops``), and one ``matmul_rate`` row times torch.mm of two n x n float32
+    matrices on one thread, the machine rate LASP-2's is compared with (a target at L = 32k, N = 2). It runs
+    in two processes at once (world 2; each its own mm, sp 1), as busy as the N = 2 rows it is compared with."""
+    from seqpar.kernels.linear import linear_attention_flops
+
     base = {**SHAPE, "decay": 0.99}
+    lengths = [128] if quick else [4096, 16384, 32768, 65536]
     if quick:
-        return _grid({2: ["lasp2", "lasp1"]}, [128], base, "single_sdpa")
-    methods = ["lasp2", "lasp1", "ring_contiguous"]
-    return _grid({2: methods, 4: methods}, [4096, 16384, 32768, 65536], base, "single_sdpa")
+        configs = _grid({2: ["lasp2", "lasp1"]}, lengths, base, "single_sdpa")
+    else:
+        methods = ["lasp2", "lasp1", "ring_contiguous"]
+        configs = _grid({2: methods, 4: methods}, lengths, base, "single_sdpa")
+    for c in configs:
+        if c["method"] == "lasp2":
+            c["flops"] = linear_attention_flops(c["batch"], c["heads"], c["seq_len"] // c["sp"], c["head_dim"],
+                                                c["head_dim"])
+    n = 256 if quick else 2048
+    rate = {"method": "matmul_rate", "seq_len": 128 if quick else 32768, "world": 2, "threads": 1, "sp": 1,
+            "mm_size": n, "flops": 2.0 * n**3}
+    return [*configs, rate]
 
 
 def longlora(quick: bool) -> list[dict]:

@@ -2,23 +2,31 @@
 
     o_t = q_t · Σ_{s<=t} λ^(t-s) k_s^T v_s          (per head; λ in (0, 1], λ = 1 is no decay)
 
-Lightning Attention-2 splits the sequence into blocks of C tokens (``block_size``, default 64; the last block
-is zero-padded). Block b (local index t = 0..C-1) gets
+Lightning Attention-2 splits the sequence into blocks of C tokens (``block_size``, default 64; a partial
+last block is a block of its own size, nothing is padded). Block b (local index t = 0..c-1) gets
 
     intra:  O_b  = ((Q_b K_b^T) ⊙ D) V_b,   D_ts = λ^(t-s) for s <= t, else 0
     inter:  O_b += (Q_b ⊙ λ^(t+1)) S_b                    S_b = state of every earlier token
-    state:  S_{b+1} = λ^c S_b + (K_b ⊙ λ^(c-1-t))^T V_b
+    state:  S_{b+1} = λ^c S_b + (K_b ⊙ λ^(c-1-t))^T V_b,  S_0 = P (the state of earlier chunks, or 0)
 
-All blocks are computed together: the intra-block terms and the blocks' own states in batched matmuls, the
-states S_b by one scan over blocks (the only sequential step, nb elementwise updates of d_k x d_v), the decay
-powers built once per call. Memory O(L·C + (L/C)·d_k·d_v) per head, never O(L^2). Exponents are kept
-non-negative (λ^(t+1), λ^(C-1-t)), so no factor can overflow however small λ is.
+How it runs (chosen for a CPU core, same shapes on a GPU): one pass over runs of ``RUN_TOKENS`` tokens of
+every head. A run's blocks are copied out of the [B, L, H, D] layout once into a cache-resident
+[B, H, g, C, D] buffer, and every product of the run is one batched matmul over its blocks; the states
+before its blocks come from the carried state by one small matmul with the decay weights λ^(C(j-1-i))
+(``_scan_weights``), so no per-block state is ever stored; results are copied straight into [B, L, H, D]
+outputs (the caller's transpose back is a view). Decay tables are built once per call. Every exponent is
+>= 0 (λ^(t+1), λ^(c-1-t), λ^(t-s), λ^(Cj)): no factor overflows however small λ is, and factors below the
+smallest normal float are flushed to 0 (subnormal products take a ~10x slower path on CPUs).
+Memory O(RUN_TOKENS·C) per head beyond inputs and outputs, never O(L^2).
 
-The same algebra gives the sequence-parallel pieces (LASP, LASP-2): a chunk's memory state
-``chunk_state`` (= S after the chunk, starting from 0), the term a prefix state adds (``apply_prefix``), and
-their backward passes. The backward of the chunked kernel is written by hand (not autograd): the states S_b
-for dQ's inter-block term, and the state gradients G_b = λ^C G_{b+1} + (Q_{b+1} ⊙ λ^(t+1))^T dO_{b+1} by one
-reverse scan for dK, dV.
+The sequence-parallel pieces (LASP, LASP-2) fold into the same pass: ``prefix=P`` starts the state scan
+at P, so the inter-block term of every block includes the earlier chunks at no extra matmul; ``chunk_state``
+(the state after the chunk from 0, run by run) is what LASP-2 all-gathers. The backward is written by hand
+(not autograd): ``run_state_grads`` is a first, reverse pass giving dLoss/d(initial state) (LASP-2's dP)
+and the state gradient at the end of each run; the second pass recomputes each run's block terms, the
+states S_b from the carry and the state gradients G_b = λ^c G_(b+1) + (Q_(b+1) ⊙ λ^(t+1))^T dO_(b+1) from
+the run's end (plus λ^(L-end) dM for a gradient dM of the chunk state, ``final_grad``), then dQ, dK, dV.
+FLOPs: ``linear_attention_flops``.
 
 Shapes: every function here works heads-first in the accumulation dtype: ``q, k [B, H, L, Dk]``,
 ``v, out [B, H, L, Dv]``, states ``[B, H, Dk, Dv]``, ``log_decay [H]`` (log λ; zeros = no decay).
@@ -27,10 +35,14 @@ The public ``[B, L, H, D]`` inputs are checked by ``seqpar.attention.checks.chec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 DEFAULT_LINEAR_BLOCK = 64
-RUN_SCORES = 1 << 20  # at most this many score elements (4 MB in float32) computed together (``_runs``)
+RUN_TOKENS = 256  # tokens (of every head) computed together on a CPU: a run's operands stay in a core's L2
+GPU_RUN_TOKENS = 8192  # on a GPU fewer, larger batched matmuls (launches, not caches, are the cost)
+STATE_RUN_TOKENS = 1024  # the same for ``chunk_state`` (one matmul per run, no intra-block terms)
 
 
 def heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -38,102 +50,280 @@ def heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.transpose(1, 2).to(dtype)
 
 
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """exp, with results below the dtype's smallest normal number flushed to 0: subnormal decay factors
+    (λ^e < 1.2e-38 in float32) would make every product with them take the CPU's slow path (measured 10x
+    for a state matmul), and what they weigh is below the precision of any sum they enter."""
+    y = x.exp()
+    return y.masked_fill_(y < torch.finfo(y.dtype).tiny, 0.0)
+
+
 def powers(log_decay: torch.Tensor, exponents: torch.Tensor | float) -> torch.Tensor:
     """λ_h^e as [H, len(e), 1] (or [H, 1, 1] for a scalar e), ready to scale [B, H, L, D] tensors."""
     e = torch.as_tensor(exponents, dtype=log_decay.dtype, device=log_decay.device).reshape(1, -1)
-    return (log_decay[:, None] * e).exp().unsqueeze(-1)
+    return _exp(log_decay[:, None] * e).unsqueeze(-1)
 
 
 def decay_mask(log_decay: torch.Tensor, c: int) -> torch.Tensor:
     """D [H, c, c] with D_ts = λ^(t-s) for s <= t and 0 above the diagonal."""
     idx = torch.arange(c, device=log_decay.device)
     diff = (idx[:, None] - idx[None, :]).to(log_decay.dtype)
-    return (log_decay[:, None, None] * diff).masked_fill(diff < 0, float("-inf")).exp()
+    return _exp((log_decay[:, None, None] * diff).masked_fill(diff < 0, float("-inf")))
 
 
-def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
-    """[B, H, L, D] -> [nb, B, H, C, D] (chunk-major: a run of chunks is one contiguous slab), zero-padding the
-    last chunk (zero keys/values add nothing to any state, zero queries/output gradients give zero rows that
-    are cut off again)."""
-    B, H, L, D = x.shape
-    nb = -(-L // C)
-    if nb * C != L:
-        x = torch.nn.functional.pad(x, (0, 0, 0, nb * C - L))
-    return x.reshape(B, H, nb, C, D).permute(2, 0, 1, 3, 4).contiguous()
+def _scan_weights(log_decay: torch.Tensor, g: int, c: int, *, reverse: bool) -> torch.Tensor:
+    """The exclusive decayed scan over g blocks of c tokens as one matmul: weights [H, g, g+1] for the
+    blocks' terms with the carry as term g. Forward, S_j = Σ_(i<j) λ^(c(j-1-i)) M_i + λ^(cj) S_in (the state
+    before block j); reverse, G_j = Σ_(i>j) λ^(c(i-1-j)) N_i + λ^(c(g-1-j)) G_out (the gradient of the state
+    after block j). Exponents >= 0: nothing overflows however small λ is."""
+    j = torch.arange(g, device=log_decay.device)[:, None]
+    i = torch.arange(g + 1, device=log_decay.device)[None, :]
+    if reverse:
+        e, keep = torch.where(i < g, i - 1 - j, g - 1 - j), (i > j) | (i == g)
+    else:
+        e, keep = torch.where(i < g, j - 1 - i, j), (i < j) | (i == g)
+    return _exp(log_decay[:, None, None] * (c * e.clamp_min(0)).to(log_decay.dtype)) * keep
 
 
-def _unchunked(x: torch.Tensor, L: int) -> torch.Tensor:
-    nb, B, H, C, D = x.shape
-    return x.permute(1, 2, 0, 3, 4).reshape(B, H, nb * C, D)[:, :, :L]
+class _Run(NamedTuple):
+    """``g`` blocks of ``c`` tokens from token ``start``."""
+
+    g: int
+    c: int
+    start: int
+
+    @property
+    def tokens(self) -> slice:
+        return slice(self.start, self.start + self.g * self.c)
 
 
-def _chunk_decay(log_decay: torch.Tensor, C: int):
-    """Once per call: D [H, C, C], λ^(t+1) and λ^(C-1-t) as [H, C, 1], λ^C as [H, 1, 1]."""
-    t = torch.arange(C, device=log_decay.device)
-    return (decay_mask(log_decay, C), powers(log_decay, t + 1), powers(log_decay, C - 1 - t),
-            powers(log_decay, float(C)))
+class _Plan:
+    """One call's runs of blocks and their decay tables (built once per call on the inputs' device, each
+    table when first needed).
 
-
-def _runs(nb: int, B: int, H: int, C: int, reverse: bool = False) -> list[slice]:
-    """Runs of chunks computed together: all of them, unless their C x C scores would pass ``RUN_SCORES``
-    elements (memory stays O(L·C) per head but bounded per call; measured on a loaded 2-core CPU, smaller
-    cache-sized runs were not reliably faster)."""
-    g = max(1, RUN_SCORES // (B * H * C * C))
-    runs = [slice(a, min(a + g, nb)) for a in range(0, nb, g)]
-    return runs[::-1] if reverse else runs
-
-
-def _scan(M: torch.Tensor, carry: torch.Tensor, lam_C: torch.Tensor, *, reverse: bool):
-    """Exclusive decayed scan over a run of chunks ``M [g, B, H, Dk, Dv]`` from ``carry``: S_b = λ^C S_{b-1} +
-    M_{b-1} (forward) or G_b = λ^C G_{b+1} + M_{b+1} (reverse); returns (states [g, ...], carry out)."""
-    out = torch.empty_like(M)
-    order = range(M.shape[0] - 1, -1, -1) if reverse else range(M.shape[0])
-    for b in order:
-        out[b] = carry
-        carry = torch.addcmul(M[b], carry, lam_C)
-    return out, carry
-
-
-def linear_attention_fwd(q, k, v, log_decay, block_size: int = DEFAULT_LINEAR_BLOCK) -> torch.Tensor:
-    """Causal decayed linear attention of one chunk from a zero initial state: ``out [B, H, L, Dv]``.
-
-    Blocks are computed a run at a time: intra-block scores of every block of the run in one batched matmul,
-    the states by a scan, the inter-block term in one more batched matmul.
+    Runs hold ``RUN_TOKENS // C`` blocks of C tokens (``GPU_RUN_TOKENS`` off the CPU); the partial last
+    block (L mod C tokens) is a run of its own with its own tables, so nothing is padded. Tables are shaped
+    to broadcast over a run's [B, H, g, c, ·] tensors (``block``), stacked block terms (``scan``) or
+    [B·H, R, ·] rows (``whole``).
     """
-    B, H, L, _ = q.shape
-    C = min(block_size, L)
-    D, q_pow, k_pow, lam_C = _chunk_decay(log_decay, C)
-    qc, kc, vc = _chunked(q, C), _chunked(k, C), _chunked(v, C)
-    out = torch.empty(*qc.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    S = q.new_zeros(B, H, k.shape[-1], v.shape[-1])
-    for r in _runs(qc.shape[0], B, H, C):
-        Sr, S = _scan((kc[r] * k_pow).mT @ vc[r], S, lam_C, reverse=False)
-        torch.matmul((qc[r] @ kc[r].mT).mul_(D), vc[r], out=out[r])  # intra
-        out[r] += (qc[r] * q_pow) @ Sr  # inter
-    return _unchunked(out, L)
+
+    def __init__(self, L: int, log_decay: torch.Tensor, block_size: int):
+        C = min(block_size, L)
+        full, tail = divmod(L, C)
+        g = max(1, (RUN_TOKENS if log_decay.device.type == "cpu" else GPU_RUN_TOKENS) // C)
+        self.runs = [_Run(min(g, full - b), C, b * C) for b in range(0, full, g)]
+        if tail:
+            self.runs.append(_Run(1, tail, full * C))
+        self.ld, self.L, self._cache = log_decay, L, {}
+
+    def _get(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def block(self, c: int):
+        """D [H, 1, c, c], λ^(t+1) and λ^(c-1-t) as [H, 1, c, 1], λ^c as [H, 1, 1]."""
+        def make():
+            t = torch.arange(c, device=self.ld.device)
+            return (decay_mask(self.ld, c)[:, None], powers(self.ld, t + 1)[:, None],
+                    powers(self.ld, c - 1 - t)[:, None], powers(self.ld, float(c)))
+        return self._get(("block", c), make)
+
+    def scan(self, g: int, c: int, B: int):
+        """Forward and reverse scan weights of a run of g blocks of c tokens (``_scan_weights``), [B·H, g, g+1]."""
+        def make():
+            return tuple(w.expand(B, *w.shape).reshape(-1, *w.shape[1:]) for w in (
+                _scan_weights(self.ld, g, c, reverse=False), _scan_weights(self.ld, g, c, reverse=True)))
+        return self._get(("scan", g, c, B), make)
+
+    def whole(self, R: int):
+        """λ^(R-1-t), λ^(t+1) as [H, R, 1] and λ^R as [H, 1, 1]: one run of R tokens taken as one block."""
+        def make():
+            t = torch.arange(R, device=self.ld.device)
+            return powers(self.ld, R - 1 - t), powers(self.ld, t + 1), powers(self.ld, float(R))
+        return self._get(("whole", R), make)
+
+    def end_pow(self) -> torch.Tensor:
+        """λ^(L - end of run i) as [runs, 1, H, 1, 1]: how a gradient of the final state reaches each run's end."""
+        ends = torch.tensor([r.start + r.g * r.c for r in self.runs], device=self.ld.device)
+        return powers(self.ld, self.L - ends).transpose(0, 1)[:, None, :, :, None]
 
 
-def linear_attention_bwd(dout, q, k, v, log_decay, block_size: int = DEFAULT_LINEAR_BLOCK):
-    """Gradients ``(dq, dk, dv)`` of ``linear_attention_fwd`` for ``dout [B, H, L, Dv]``, run by run like it:
-    the states S_b by a forward scan, G_b = dLoss/d(state after block b) from the later blocks by a reverse one."""
-    B, H, L, _ = q.shape
+def _rows(x: torch.Tensor, r: _Run) -> torch.Tensor:
+    """The tokens of run ``r`` of a heads-first ``x [B, H, L, D]`` (a view) as [B·H, R, D] (a view when the
+    strides allow, as for B = 1 or heads-first storage)."""
+    x = x[:, :, r.tokens]
+    return x.view(-1, *x.shape[2:]) if x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1) else \
+        x.reshape(-1, *x.shape[2:])
+
+
+def _blocks(x: torch.Tensor, r: _Run) -> torch.Tensor:
+    """Run ``r`` of ``x [B, H, L, D]`` (any strides) as a [B, H, g, c, D] view."""
+    return x[:, :, r.tokens].unflatten(2, (r.g, r.c))
+
+
+def _load(x: torch.Tensor, r: _Run, buf: torch.Tensor) -> torch.Tensor:
+    """Run ``r`` of ``x`` copied into ``buf``, a contiguous [B, H, g, c, D] (cache-resident; safe to modify)."""
+    return buf.copy_(_blocks(x, r))
+
+
+class _Scratch:
+    """Run-sized buffers reused from run to run (allocating them afresh per run cost more than the copies)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.bufs = like, {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        t = self.bufs.get(name)
+        if t is None or t.shape != shape:
+            t = self.bufs[name] = self.like.new_empty(shape)
+        return t
+
+
+def _scaled(x: torch.Tensor, r: _Run, scale: torch.Tensor) -> torch.Tensor:
+    """The tokens of run ``r`` of ``x [B, H, L, D]`` times ``scale [H, R, 1]``, as a fresh [B·H, R, D]."""
+    B, H, _, D = x.shape
+    out = torch.empty(B, H, r.g * r.c, D, dtype=x.dtype, device=x.device)
+    return torch.mul(x[:, :, r.tokens], scale, out=out).view(B * H, -1, D)
+
+
+def _b(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous [..., m, n] -> [batch, m, n] view for bmm."""
+    return x.view(-1, *x.shape[-2:])
+
+
+def _token_major(B: int, H: int, L: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty heads-first [B, H, L, D] view of a [B, L, H, D] tensor: results are written in the public
+    layout, so the caller's transpose back is a view, not a copy."""
+    return torch.empty(B, L, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _scan_run(terms: torch.Tensor, carry: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights [B·H, g, g+1]`` (``_Plan.scan``) applied to a run's block terms ``[B, H, g, Dk, Dv]`` and
+    ``carry [B, H, Dk, Dv]``: the run's states (or state gradients) [B, H, g, Dk, Dv], by two small matmuls."""
+    B, H, g, Dk, Dv = terms.shape
+    out = torch.bmm(weights[:, :, :g], terms.view(B * H, g, Dk * Dv))
+    return out.baddbmm_(weights[:, :, g:], carry.reshape(B * H, 1, Dk * Dv)).view(B, H, g, Dk, Dv)
+
+
+def chunk_state(k, v, log_decay) -> torch.Tensor:
+    """Memory state of a chunk of n tokens, M = Σ_s λ^(n-1-s) k_s^T v_s: ``[B, H, Dk, Dv]``, run by run,
+    M <- λ^R M + (K_r ⊙ λ^(R-1-t))^T V_r: a run's scaled keys stay in cache, and the factors are relative to
+    the run's end (global ones, λ^(n-1-s), make subnormal products over a long chunk: a 10x slower matmul)."""
+    B, H, L, Dk = k.shape
+    plan = _Plan(L, log_decay, STATE_RUN_TOKENS)  # runs of one block of STATE_RUN_TOKENS
+    M = k.new_zeros(B * H, Dk, v.shape[-1])
+    for r in plan.runs:
+        k_pow, _, lam_R = plan.whole(r.g * r.c)
+        M = torch.baddbmm(M.view(B, H, Dk, -1).mul_(lam_R).view(B * H, Dk, -1), _scaled(k, r, k_pow).mT,
+                          _rows(v, r))
+    return M.view(B, H, Dk, -1)
+
+
+def run_state_grads(q, dout, log_decay, block_size: int = DEFAULT_LINEAR_BLOCK):
+    """The backward's first pass: ``G [runs, B, H, Dk, Dv]``, dLoss/d(state after each run) from this call's
+    later runs, and ``dP [B, H, Dk, Dv]``, dLoss/d(initial state) (= ``apply_prefix_bwd``'s dP), in reverse
+    run order: G_before = λ^R G_after + (Q_r ⊙ λ^(t+1))^T dO_r."""
+    B, H, L, Dk = q.shape
+    plan = _Plan(L, log_decay, block_size)
+    G = q.new_empty(len(plan.runs), B, H, Dk, dout.shape[-1])
+    carry = q.new_zeros(B * H, Dk, dout.shape[-1])
+    for i in range(len(plan.runs) - 1, -1, -1):
+        r = plan.runs[i]
+        _, q_pow, lam_R = plan.whole(r.g * r.c)
+        G[i] = carry.view(B, H, Dk, -1)
+        qr = _scaled(q, r, q_pow)
+        carry = torch.baddbmm(carry.view(B, H, Dk, -1).mul_(lam_R).view(B * H, Dk, -1), qr.mT, _rows(dout, r))
+    return G, carry.view(B, H, Dk, -1)
+
+
+def linear_attention_fwd(q, k, v, log_decay, block_size: int = DEFAULT_LINEAR_BLOCK, *,
+                         prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal decayed linear attention of one chunk: ``out [B, H, L, Dv]`` (a heads-first view of a
+    [B, L, H, Dv] tensor), from the initial state ``prefix [B, H, Dk, Dv]`` of all earlier tokens (None: 0).
+
+    One pass over the runs, each in cache: the blocks' state terms M_b = (K_b ⊙ λ^(c-1-t))^T V_b, the states
+    before each block by one small matmul from the carry (the prefix folded in), then
+    O_b = ((Q_b K_b^T) ⊙ D) V_b + (Q_b ⊙ λ^(t+1)) S_b.
+    """
+    B, H, L, Dk = q.shape
+    Dv = v.shape[-1]
+    plan = _Plan(L, log_decay, block_size)
+    out = _token_major(B, H, L, Dv, q)
+    carry = q.new_zeros(B, H, Dk, Dv) if prefix is None else prefix
+    ws = _Scratch(q)
+    for r in plan.runs:
+        D, q_pow, k_pow, lam_c = plan.block(r.c)
+        blk = (B, H, r.g, r.c)
+        qr, kr, vr = _load(q, r, ws("q", *blk, Dk)), _load(k, r, ws("k", *blk, Dk)), _load(v, r, ws("v", *blk, Dv))
+        scores = ws("s", *blk, r.c)
+        torch.bmm(_b(qr), _b(kr).mT, out=_b(scores))
+        scores.mul_(D)
+        o = torch.bmm(_b(scores), _b(vr), out=_b(ws("o", *blk, Dv)))  # intra
+        M = torch.bmm(_b(kr.mul_(k_pow)).mT, _b(vr)).view(B, H, r.g, Dk, Dv)
+        S = _scan_run(M, carry, plan.scan(r.g, r.c, B)[0])
+        carry = torch.addcmul(M[:, :, -1], S[:, :, -1], lam_c)
+        o.baddbmm_(_b(qr.mul_(q_pow)), _b(S))  # inter
+        _blocks(out, r).copy_(o.view(*blk, Dv))
+    return out
+
+
+def linear_attention_bwd(dout, q, k, v, log_decay, block_size: int = DEFAULT_LINEAR_BLOCK, *,
+                         prefix: torch.Tensor | None = None, final_grad: torch.Tensor | None = None,
+                         run_grads: torch.Tensor | None = None):
+    """Gradients ``(dq, dk, dv)`` (heads-first views of [B, L, H, D] tensors) of ``linear_attention_fwd``
+    for ``dout [B, H, L, Dv]`` with the same ``prefix``, including what a gradient ``final_grad [B, H, Dk, Dv]``
+    of the state after the last token (= ``chunk_state``) adds to dk, dv.
+
+    ``run_grads``: ``run_state_grads(q, dout, ...)[0]`` if the caller has it. One pass over the runs in
+    order, each in cache: the states S_b from the carry (prefix folded in), the state gradients G_b from the
+    run's end (+ λ^(L-end) dM) by one small matmul each, then the intra-block terms and
+    dQ += (dO ⊙ λ^(t+1)) S^T, dK += (V ⊙ λ^(c-1-t)) G^T, dV += (K ⊙ λ^(c-1-t)) G.
+    """
+    B, H, L, Dk = q.shape
+    Dv = v.shape[-1]
+    plan = _Plan(L, log_decay, block_size)
+    if run_grads is None:
+        run_grads = run_state_grads(q, dout, log_decay, block_size)[0]
+    dq, dk, dv = _token_major(B, H, L, Dk, q), _token_major(B, H, L, Dk, q), _token_major(B, H, L, Dv, q)
+    carry = q.new_zeros(B, H, Dk, Dv) if prefix is None else prefix
+    G_ends = run_grads if final_grad is None else torch.addcmul(run_grads, plan.end_pow(), final_grad)
+    ws = _Scratch(q)
+    for r, G_end in zip(plan.runs, G_ends):
+        D, q_pow, k_pow, lam_c = plan.block(r.c)
+        w_fwd, w_rev = plan.scan(r.g, r.c, B)
+        blk = (B, H, r.g, r.c)
+        qr, kr = _load(q, r, ws("q", *blk, Dk)), _load(k, r, ws("k", *blk, Dk))
+        vr, dor = _load(v, r, ws("v", *blk, Dv)), _load(dout, r, ws("do", *blk, Dv))
+        A, dA = ws("a", *blk, r.c), ws("da", *blk, r.c)
+        torch.bmm(_b(qr), _b(kr).mT, out=_b(A))
+        torch.bmm(_b(dor), _b(vr).mT, out=_b(dA))
+        A.mul_(D), dA.mul_(D)  # (Q K^T) ⊙ D, (dO V^T) ⊙ D
+        dq_r = torch.bmm(_b(dA), _b(kr), out=_b(ws("dq", *blk, Dk)))
+        dk_r = torch.bmm(_b(dA).mT, _b(qr), out=_b(ws("dk", *blk, Dk)))
+        dv_r = torch.bmm(_b(A).mT, _b(dor), out=_b(ws("dv", *blk, Dv)))
+        # one scaled copy serves two products: (K ⊙ λ^(c-1-t))^T V = K^T (V ⊙ λ^(c-1-t)), same for Q, dO
+        dos, vs = dor.mul_(q_pow), vr.mul_(k_pow)
+        M = torch.bmm(_b(kr).mT, _b(vs)).view(B, H, r.g, Dk, Dv)
+        S = _scan_run(M, carry, w_fwd)  # states before each block, the prefix included
+        carry = torch.addcmul(M[:, :, -1], S[:, :, -1], lam_c)
+        G = _scan_run(torch.bmm(_b(qr).mT, _b(dos)).view(B, H, r.g, Dk, Dv), G_end, w_rev)
+        dq_r.baddbmm_(_b(dos), _b(S).mT)  # inter: dQ += (dO ⊙ λ^(t+1)) S^T
+        dk_r.baddbmm_(_b(vs), _b(G).mT)  # dK += (V ⊙ λ^(c-1-t)) G^T
+        dv_r.baddbmm_(_b(kr.mul_(k_pow)), _b(G))  # dV += (K ⊙ λ^(c-1-t)) G
+        for full, part in ((dq, dq_r), (dk, dk_r), (dv, dv_r)):
+            _blocks(full, r).copy_(part.view(*blk, -1))
+    return dq, dk, dv
+
+
+def linear_attention_flops(batch: int, heads: int, L: int, Dk: int, Dv: int,
+                           block_size: int = DEFAULT_LINEAR_BLOCK) -> float:
+    """The chunked algorithm's own FLOPs for forward + backward of L tokens: per block of C tokens and head,
+    forward Q K^T (2C²Dk), its product with V (2C²Dv), the state term K^T V and the inter-block Q S
+    (2C·Dk·Dv each); the backward twice the forward. Full C x C blocks, no recomputation, nothing for
+    LASP's chunk state: the work any chunked kernel must do, whatever this one recomputes."""
     C = min(block_size, L)
-    D, q_pow, k_pow, lam_C = _chunk_decay(log_decay, C)
-    qc, kc, vc, doc = _chunked(q, C), _chunked(k, C), _chunked(v, C), _chunked(dout, C)
-    dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
-    S = q.new_zeros(B, H, k.shape[-1], v.shape[-1])
-    for r in _runs(qc.shape[0], B, H, C):  # dQ's inter-block term needs the states before each block
-        Sr, S = _scan((kc[r] * k_pow).mT @ vc[r], S, lam_C, reverse=False)
-        torch.mul(doc[r] @ Sr.mT, q_pow, out=dq[r])
-    G = torch.zeros_like(S)
-    for r in _runs(qc.shape[0], B, H, C, reverse=True):
-        qb, kb, vb, dob = qc[r], kc[r], vc[r], doc[r]
-        Gr, G = _scan((qb * q_pow).mT @ dob, G, lam_C, reverse=True)
-        dA = (dob @ vb.mT).mul_(D)  # dLoss/d(Q K^T) through the masked product
-        dq[r] += dA @ kb
-        dk[r] = (vb @ Gr.mT).mul_(k_pow).add_(dA.mT @ qb)
-        dv[r] = ((kb * k_pow) @ Gr).add_((qb @ kb.mT).mul_(D).mT @ dob)
-    return _unchunked(dq, L), _unchunked(dk, L), _unchunked(dv, L)
+    return 3.0 * batch * heads * L * (2 * C * (Dk + Dv) + 4 * Dk * Dv)
 
 
 def decay_grad(q, dq, k, dk, offset: int) -> torch.Tensor:
@@ -146,12 +336,6 @@ def decay_grad(q, dq, k, dk, offset: int) -> torch.Tensor:
     """
     t = torch.arange(offset, offset + q.shape[2], device=q.device, dtype=q.dtype)[:, None]
     return ((q * dq - k * dk) * t).sum(dim=(0, 2, 3))
-
-
-def chunk_state(k, v, log_decay) -> torch.Tensor:
-    """Memory state of a chunk of n tokens, M = Σ_s λ^(n-1-s) k_s^T v_s: ``[B, H, Dk, Dv]``."""
-    n = k.shape[2]
-    return (k * powers(log_decay, torch.arange(n - 1, -1, -1, device=log_decay.device))).mT @ v
 
 
 def chunk_state_bwd(k, v, dM, log_decay):
