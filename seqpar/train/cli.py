@@ -14,7 +14,6 @@ rendezvous that times out. The recipe is validated here, once, before the rendez
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -72,8 +71,10 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         f"{t.max_steps} steps, lr {t.lr:g} ({t.schedule}, warm-up {t.warmup_steps})",
     ]
     if a.name == "usp":
+        from seqpar.attention.usp import default_ulysses_degree
+
         kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", a.sp_size)
-        deg = a.ulysses_degree or math.gcd(a.sp_size, kv)  # patch_model's default
+        deg = a.ulysses_degree or default_ulysses_degree(a.sp_size, kv)
         lines.append(f"USP: Ulysses degree {deg} (all-to-all over consecutive ranks) x ring degree {a.sp_size // deg}")
     missing = [f for f in (d.files if d.source == "files" else []) if not os.path.exists(f)]
     if missing:
