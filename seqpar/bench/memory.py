@@ -128,11 +128,17 @@ def _alst(cfg: dict, group):
         return _step(model, cfg, None, "contiguous", _alst_loss)
     import deepspeed
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
 
-    sp_state._release_sequence_parallel_groups()  # a search builds the model again in the same processes
+    # A search builds the model again in the same processes: register_with_transformers wraps whatever
+    # ALL_ATTENTION_FUNCTIONS["sdpa"] holds, which after the first call is the previous length's Ulysses
+    # wrapper (nested all-to-alls, then a shape assertion). Start each registration from transformers' own.
+    sp_state._release_sequence_parallel_groups()
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model, core_attn_implementation="sdpa", sequence_parallel_size=torch.distributed.get_world_size(group),
         micro_batch_size=cfg["batch"], seq_length=cfg["seq_len"], seq_length_is_variable=False)
