@@ -74,6 +74,33 @@ def test_peers_and_model_methods_match_one_process():
             assert loss == pytest.approx(ref, rel=1e-5), f"rank {rank}: {name} loss {loss} != one process {ref}"
 
 
+
+def _memory_methods(rank: int, world: int, group) -> dict:
+    """The longest-context methods at two lengths in the same processes, as a search rebuilds them (DeepSpeed's
+    registration used to wrap the previous length's Ulysses wrapper); ALST last: it rebinds "sdpa"."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    loss = {}
+    for name in ("llama3_hf", "llama3_seqpar_memory", "llama3_alst"):
+        for L in (256, 512):
+            cfg = {"batch": 1, "model": "llama3", "seq_len": L}
+            loss[(name, L)] = METHODS[name](cfg, None if name == "llama3_hf" else group)().item()
+    engaged = ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward  # DeepSpeed's Ulysses wrapper ran
+    return {"loss": loss, "alst_engaged": engaged}
+
+
+def test_longest_context_methods_give_the_one_process_loss():
+    """seqpar with the memory options and DeepSpeed's ALST path (Ulysses over 8:2 GQA heads at N = 2) give
+    the loss of plain transformers on one process, so the longest-context comparison is of correct runs."""
+    for rank, got in enumerate(run_ranks(_memory_methods, 2)):
+        assert got["alst_engaged"], f"rank {rank}: UlyssesSPAttentionHF never replaced transformers' sdpa"
+        for (name, L), loss in got["loss"].items():
+            ref = got["loss"][("llama3_hf", L)]
+            assert loss == pytest.approx(ref, rel=1e-5), f"rank {rank}: {name} at L={L}: {loss} != one process {ref}"
+        assert got["loss"][("llama3_hf", 256)] != got["loss"][("llama3_hf", 512)]  # the lengths are different data
+
+
 def _expected_rows(suite: str) -> set[tuple]:
     return {(c["method"], c["sp"], c.get("seq_len")) for c in SUITES[suite](True)}
 

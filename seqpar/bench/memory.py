@@ -11,6 +11,15 @@ The toy keeps Llama-3-8B's ratios (vocab / hidden 31.3, MLP 3.5 x hidden, GQA 4:
 
 Both tiled paths use the same tile length, so what differs is the attention primitive and the loss.
 Checkpoint offload is a no-op on CPU (it moves GPU memory to the host) and is not part of this comparison.
+
+ALST is set up as its docs and tests do: ``register_with_transformers(model, core_attn_implementation="sdpa",
+...)`` (the model's own attention implementation; it swaps transformers' "sdpa" function for its all-to-all
+wrapper), contiguous shards with global ``position_ids`` and globally shifted labels (what
+``UlyssesSPDataLoaderAdapter`` hands each rank: ``shard_batch(..., "contiguous")`` gives the same tensors), the
+loss as the sum over this rank's tokens over the global token count. The toy's 8 query : 2 KV heads (Llama-3-8B's
+4:1) fit ALST at N = 4 too: with fewer KV heads than ranks it repeats each KV head N / Hkv times before the
+all-to-all (``kv_replication_factor``), as it does for Llama-3-8B's 8 KV heads at SP = 16. Its losses equal the
+one-process loss at N = 1, 2, 4 (tests/test_bench.py checks N = 2).
 """
 
 from __future__ import annotations
@@ -128,11 +137,17 @@ def _alst(cfg: dict, group):
         return _step(model, cfg, None, "contiguous", _alst_loss)
     import deepspeed
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
 
-    sp_state._release_sequence_parallel_groups()  # a search builds the model again in the same processes
+    # A search builds the model again in the same processes: register_with_transformers wraps whatever
+    # ALL_ATTENTION_FUNCTIONS["sdpa"] holds, which after the first call is the previous length's Ulysses
+    # wrapper (nested all-to-alls, then a shape assertion). Start each registration from transformers' own.
+    sp_state._release_sequence_parallel_groups()
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model, core_attn_implementation="sdpa", sequence_parallel_size=torch.distributed.get_world_size(group),
         micro_batch_size=cfg["batch"], seq_length=cfg["seq_len"], seq_length_is_variable=False)

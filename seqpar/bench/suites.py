@@ -108,7 +108,9 @@ MEMORY_METHODS = ("llama3_seqpar", "llama3_seqpar_memory", "llama3_alst")
 def longest_context(budget_bytes: int = 64 << 20, max_len: int = 1 << 15) -> list[dict]:
     # Peaks are the step's live tensor storages (TrackedPeak): on CPU, RSS keeps allocator caches and
     # page-granular arenas that swamp a 64 MiB budget (measured: the same probe 74-140 MiB run to run).
-    search = {"start": 1024, "max_len": max_len, "budget_bytes": budget_bytes, "refine": 1}
+    # Doubling from 256, then bisection down to 256 tokens: the N = 2, 4 gaps to ALST are ~300 and ~1100 tokens
+    # (tracked peaks 2-3 MiB apart), which a 1024-token grid cannot tell apart.
+    search = {"start": 256, "max_len": max_len, "budget_bytes": budget_bytes, "refine": 5}
     base = {"batch": 1, "model": "llama3", "threads": 1, "search": search, "tracked": True}
     rows = [{**base, "method": "llama3_hf", "world": 1, "sp": 1}]  # plain HF has no SP: N = 1 only
     rows += [{**base, "method": m, "world": n, "sp": n} for m in MEMORY_METHODS for n in (1, 2, 4)]

@@ -274,6 +274,13 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+def _sdpa_kv_groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per kv head that the SDPA op needs repeated: 1 on CPU, whose flash op takes GQA K/V as
+    they are (forward and backward; dK/dV come back per kv head), so no ``[B, L, H, D]`` copies of K, V and
+    their gradients exist (issue 14: they were the peak of a long-sequence step's attention backward)."""
+    return 1 if q.device.type == "cpu" else q.shape[2] // k.shape[2]
+
+
 def _cpu_compute(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """CPU half precision -> float32 (emulated half matmuls are slow); anything else unchanged."""
     if xs[0].device.type == "cpu" and xs[0].dtype in (torch.float16, torch.bfloat16):
@@ -285,7 +292,7 @@ def _sdpa_forward(q, k, v, scale, causal: bool):
     fwd, _ = _sdpa_ops(q.device)
     acc = acc_dtype(q.dtype)
     q, k, v = _cpu_compute(q, k, v)
-    g = q.shape[2] // k.shape[2]
+    g = _sdpa_kv_groups(q, k)
     args = (q.transpose(1, 2), _expand_kv(k, g).transpose(1, 2), _expand_kv(v, g).transpose(1, 2))
     # The CUDA op takes an extra return_debug_mask flag.
     flags = (0.0, bool(causal), False) if q.is_cuda else (0.0, bool(causal))
@@ -297,7 +304,7 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal: bool):
     _, bwd = _sdpa_ops(q.device)
     acc = acc_dtype(q.dtype)
     q, k, v = _cpu_compute(q, k, v)
-    g = q.shape[2] // k.shape[2]
+    g = _sdpa_kv_groups(q, k)
     qt = q.transpose(1, 2)
     kt, vt = _expand_kv(k, g).transpose(1, 2), _expand_kv(v, g).transpose(1, 2)
     dot = dout.to(q.dtype).transpose(1, 2)
@@ -337,7 +344,7 @@ def _plan_inputs(q, k, v, name: str):
     if name == "torch":
         return q, k, v, 1
     q, k, v = _cpu_compute(q, k, v)
-    g = q.shape[2] // k.shape[2] if name == "sdpa" else 1
+    g = _sdpa_kv_groups(q, k) if name == "sdpa" else 1
     return q, _expand_kv(k, g), _expand_kv(v, g), g
 
 
