@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+CRED_EXPIRE_S = 20
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scontrol")
 
 
@@ -94,7 +95,10 @@ def _write_config(root: Path, node: str) -> Path:
         f"SlurmdPort={_free_port()}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={root}/run/munge.socket",
+        # cred_expire also sets how long SLURM holds a requeued job (default 120 s + 1): the preemption test
+        # waits for that hold instead of forcing an earlier start, which raced the credential revocation
+        # ("Killing non-startable batch job: Job credential revoked")
+        f"AuthInfo=socket={root}/run/munge.socket,cred_expire={CRED_EXPIRE_S}",
         "SlurmUser=root",
         "SlurmdUser=root",
         "ProctrackType=proctrack/linuxproc",

@@ -9,8 +9,10 @@ quick start (tests/resume_harness.py: 8 steps, a checkpoint every 3), which is p
 3. the job, requeued a second time, resumes from step 5 and finishes: COMPLETED, not requeued again.
 
 A test-only hook (SEQPAR_FAULT_HOLD_AT_STEP, seqpar/train/faults.py) holds the ranks inside steps 2 and 5
-until the signal arrives, so the signal lands mid-step at a known step. SLURM holds a requeued job for
-121 s before it may start again (its BeginTime); the test moves that BeginTime to now to save 2 x 2 minutes.
+until the signal arrives, so the signal lands mid-step at a known step. SLURM holds a requeued job for its
+credential lifetime + 1 s before it may start again (BeginTime; 121 s by default): the test cluster sets
+``cred_expire`` to 20 s (tests/slurm_cluster.py) rather than forcing an earlier start, which raced SLURM's
+credential revocation and killed the requeued job.
 
 The job's losses and final weights equal the uninterrupted run's (tests/conftest.py), every step is in
 metrics.jsonl and in the one offline wandb run exactly once, in order, and the log holds all three runs.
@@ -34,28 +36,24 @@ from tests.resume_harness import (
     metrics,
     wandb_history,
 )
+from tests.slurm_cluster import CRED_EXPIRE_S
 
 
-def until(what: str, check, timeout: float = 300):
+def until(what: str, check, timeout: float = 300, show=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(0.2)
-    raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+    raise TimeoutError(f"waited {timeout:.0f}s for {what}" + (f"; last seen: {show()}" if show else ""))
 
 
-def _running_or_release(state: dict, scontrol, job: int) -> bool:
-    """True once the requeued job runs. SLURM holds a requeued job for ~121 s (Reason=BeginTime) and may set
-    that hold only after the job shows PENDING: skip it each time it is seen, not once (a single early
-    StartTime=now can be overtaken by the hold, and the job then waits minutes)."""
-    if state.get("JobState") == "RUNNING":
-        return True
-    if state.get("JobState") == "PENDING" and state.get("Reason") in ("BeginTime", "None"):
-        scontrol("update", f"JobId={job}", "StartTime=now")
-        time.sleep(1)
-    return False
+def _running(state: dict) -> bool:
+    """True once the requeued job runs (after SLURM's requeue hold: ``CRED_EXPIRE_S`` + 1 s here)."""
+    if state.get("JobState") in ("FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL"):
+        raise AssertionError(f"the requeued job ended before it ran again: {state}")
+    return state.get("JobState") == "RUNNING"
 
 
 def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_step(
@@ -70,7 +68,6 @@ def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_ste
     assert sub.returncode == 0, f"sbatch refused the script: {sub.stderr}"
     job = int(sub.stdout.strip().split(";")[0])
     text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
-    scontrol = lambda *a: subprocess.run(["scontrol", *a], env=env, capture_output=True, text=True, timeout=30)  # noqa: E731
     figures = []
     try:
         for restart, (step, signal_args) in enumerate([(2, ["--signal=USR1", "--batch"]), (5, ["--signal=TERM"])]):
@@ -81,8 +78,8 @@ def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_ste
                           and s.get("Restarts") == str(r + 1) else None)(slurm_cluster.job_state(job)))
             t_requeued = time.monotonic()
             assert state.get("Reason") in ("BeginTime", "None"), state  # None: before SLURM sets the hold
-            until(f"restart {restart + 1} to run",
-                  lambda: _running_or_release(slurm_cluster.job_state(job), scontrol, job))
+            until(f"restart {restart + 1} to run", lambda: _running(slurm_cluster.job_state(job)),
+                  timeout=CRED_EXPIRE_S + 120, show=lambda: slurm_cluster.job_state(job))
             figures.append((step, t_requeued - t0, time.monotonic() - t0))
         final = slurm_cluster.wait(job, timeout=400)
     finally:
@@ -97,7 +94,8 @@ def test_preempted_job_is_requeued_and_resumes_without_losing_or_repeating_a_ste
     assert "SIGUSR1: passing it to the tasks" in log_text  # the batch script got USR1 and forwarded it
     for step, requeued, running in figures:
         print(f"signal in step {step} -> job requeued {requeued:.1f}s -> requeued job running {running:.1f}s "
-              "(with SLURM's 121 s requeue hold skipped); steps lost: 0 (the step in flight is completed)")
+              f"(SLURM's requeue hold: {CRED_EXPIRE_S + 1} s here, 121 s by default); steps lost: 0 (the step in "
+              "flight is completed)")
 
     got, want = metrics(out), metrics(quickstart_reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # every step once, in order
