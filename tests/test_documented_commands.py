@@ -71,9 +71,12 @@ PLAN: dict[str, tuple[str, str]] = {
         ("cluster", "SLURM"),
     "seqpar bench --out docs/bench": ("long", "hours on 2 cores; the same suites run at small sizes in test_bench"),
     'B="seqpar bench --out docs/bench"': ("long", "the full benchmark run below"),
-    "$B softmax --worlds 2 && $B longlora --append && $B linear --max-len 16384 --append": ("long", "full run"),
-    "$B softmax --worlds 4 --max-len 8192 --append && $B e2e --max-len 8192 --append && $B scaling --append":
+    "$B softmax --worlds 2 --append && $B longlora --append && $B linear --max-len 32768 --append":
         ("long", "full run"),
+    "$B softmax --worlds 4 --max-len 8192 --append && $B e2e --max-len 8192 --append": ("long", "full run"),
+    "$B scaling --methods llama3_hf,llama3_seqpar,llama3_seqpar_memory,llama3_alst --repeats 1 --append":
+        ("long", "full run"),
+    "python scripts/linear_before_after.py --local-len 16384 --repeats 7": ("run", "--local-len 256 --repeats 1"),
     ".venv/bin/python -m pytest -q tests/test_slurm.py": ("suite", "part of this suite"),
     ".venv/bin/python -m pytest -q tests/test_multinode.py": ("suite", "part of this suite"),
     ".venv/bin/python -m pytest -q tests/test_crash_resume.py tests/test_bad_inputs.py tests/test_safe_loading.py":
@@ -137,7 +140,7 @@ pytestmark = pytest.mark.timeout(900)  # the fixture's seven commands: ~2 min on
 def workspace(tmp_path_factory):
     """A fresh-clone layout; the runnable commands run there in documented order. Returns (dir, results)."""
     ws = tmp_path_factory.mktemp("clone")
-    for name in ("recipes", "launch", "slurm"):
+    for name in ("recipes", "launch", "slurm", "scripts"):
         os.symlink(ROOT / name, ws / name)
     shutil.copytree(ROOT / "docs", ws / "docs")  # bench --markdown rewrites a page: the copy, not the repo's
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",

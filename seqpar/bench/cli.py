@@ -100,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed and args.quick else 0
 
 
+# What tells two configurations apart (variants such as packed documents or bf16 are separate methods).
+_IDENTITY = ("suite", "method", "world", "threads", "sp", "seq_len", "batch", "model", "engine", "heads",
+             "kv_heads", "head_dim", "dtype", "device")
+
+
 def _same_config(row: dict, cfg: dict) -> bool:
-    """The row measured ``cfg`` (repeat and warm-up counts aside)."""
-    return all(row.get(k) == v for k, v in cfg.items() if k not in ("repeats", "warmup"))
+    """The row measured ``cfg`` (repeat counts and fields a suite gained later, e.g. ``flops``, aside)."""
+    return all(row.get(k) == cfg.get(k) for k in _IDENTITY) and ("search" in row) == ("search" in cfg)
