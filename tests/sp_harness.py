@@ -71,6 +71,19 @@ def _worlds(rank, world, group, check, with_three: bool) -> dict:
     return out
 
 
+def module_checks(rank: int, world: int, group, module: str) -> dict:
+    """One rank's results of a primitive test module's ``_accuracy``, ``_positions`` and ``_errors`` (and the
+    tiled-kernel fallbacks they caused): ``spawn_worlds(partial(module_checks, module=__name__))``."""
+    import importlib
+
+    from seqpar.kernels import fallback_counts, reset_fallbacks
+
+    m = importlib.import_module(module)
+    reset_fallbacks()
+    return {"rank": rank, "accuracy": m._accuracy(world, group), "fallbacks": fallback_counts(),
+            "positions": m._positions(world, group), "errors": m._errors(world, group, rank)}
+
+
 def spawn_worlds(check, *, with_three: bool = True) -> dict[int, list]:
     """``{W: per-rank results}`` for W in 1, 2, 3, 4 from ONE spawn of 4 ranks (each rank costs ~2 s of
     imports); without ``with_three``, W=1 runs in this process instead and W=3 is skipped."""

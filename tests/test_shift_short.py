@@ -8,13 +8,15 @@ One spawn of 4 ranks runs W = 4, 2, 3 and 1 (tests/sp_harness.py).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from seqpar.attention import shift_short_attention
 from seqpar.kernels.reference import dense_attention, rel_err, s2_mask
 from seqpar.sharding import shard
-from tests.sp_harness import spawn_worlds
+from tests.sp_harness import module_checks, spawn_worlds
 
 # float32: max abs error relative to the output scale <= 1e-5; bfloat16 rounds inputs and outputs (2^-8).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -104,17 +106,9 @@ def _errors(world: int, group, rank: int) -> dict:
     return msgs
 
 
-def _checks(rank: int, world: int, group) -> dict:
-    from seqpar.kernels import fallback_counts, reset_fallbacks
-
-    reset_fallbacks()
-    return {"rank": rank, "accuracy": _accuracy(world, group), "fallbacks": fallback_counts(),
-            "positions": _positions(world, group), "errors": _errors(world, group, rank)}
-
-
 @pytest.fixture(scope="module")
 def worlds():
-    return spawn_worlds(_checks)
+    return spawn_worlds(partial(module_checks, module=__name__))
 
 
 @pytest.fixture(params=[1, 2, 3, 4], ids=lambda w: f"W{w}")

@@ -92,7 +92,7 @@ class _RingPlan:
 
 def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
     n = q.shape[1]
-    if plan.local_only:  # packed documents that all stay inside one shard: the diagonal block is everything
+    if plan.local_only:  # one rank, or packed documents that all stay inside one shard: the local block is all
         o, l = block_attention(q, k, v, softmax_scale=plan.scale, **plan.masks(_ALL, plan.rank, _ALL, plan.causal, n))
         return merge_partials(None, None, o, l)
     acc = {}
