@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(CONSTRAINTS),$(PY) -m pip install -q $(PIP_C) torch)
 	$(PY) -m pip install -q $(PIP_C) -e '.[dev]'
+	$(PY) -m seqpar.kernels.linear_cpu || echo "(the PyTorch linear-attention kernel will be used)"
 	touch $@
 
 # The main job: the CPU quick-start recipe (tiny Llama, passkey data, S2-Attn over 2 SP ranks, LoRA, ZeRO-2).

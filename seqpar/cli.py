@@ -31,7 +31,7 @@ def _version(pkg: str) -> str:
 
 
 def env_report() -> dict:
-    from seqpar.kernels import available_backends
+    from seqpar.kernels import available_backends, linear_cpu
     from seqpar.parallel import default_device_backend
 
     device, backend = default_device_backend()
@@ -46,6 +46,7 @@ def env_report() -> dict:
         "device": str(device),
         "backend": backend,
         "attention_kernels": available_backends(device),
+        "linear_attention_cpu_kernel": linear_cpu.describe(),
         **{pkg: _version(pkg) for pkg in ("transformers", "peft", "deepspeed", "accelerate", "flash-attn", "wandb")},
     }
 

@@ -208,19 +208,24 @@ def test_bad_inputs_raise_on_every_rank(world_results):
             assert msg is not None and fragment in msg, (rank, name, msg)
 
 
-@pytest.mark.parametrize("run_tokens", [1 << 20, 1], ids=["one-run", "run-per-block"])
-def test_linear_kernel_batched_blocks_match_reference(monkeypatch, run_tokens):
-    """The run-by-run chunk kernel (all blocks in one run, or a run per block; a partial last block) vs
-    float64 autograd through the O(L^2) reference, including the sequence-parallel pieces it folds in: an
-    initial state P (the call is the second part of a longer sequence) and a gradient dM of the chunk's own
-    final state, with decays from 1 to 0.05 (0.05^70 ~ 1e-91: strong decay stays exact)."""
-    from seqpar.kernels import linear
+@pytest.mark.parametrize(("kernel", "run_tokens", "L"), [("torch", 1 << 20, 70), ("torch", 1, 70),
+                                                         ("compiled", None, 70), ("compiled", None, 600)],
+                         ids=["torch-one-run", "torch-run-per-block", "compiled", "compiled-runs"])
+def test_linear_kernel_batched_blocks_match_reference(monkeypatch, kernel, run_tokens, L):
+    """The run-by-run chunk kernel, PyTorch (all blocks in one run, or a run per block; a partial last block)
+    and compiled (one run; three runs of 256 tokens, the last partial), vs float64 autograd through the
+    O(L^2) reference, including the sequence-parallel pieces it folds in: an initial state P (the call is the
+    second part of a longer sequence) and a gradient dM of the chunk's own final state, with decays from 1 to
+    0.05 (0.05^70 ~ 1e-91: strong decay stays exact)."""
+    from seqpar.kernels import linear, linear_cpu
 
-    monkeypatch.setattr(linear, "RUN_TOKENS", run_tokens)
-    monkeypatch.setattr(linear, "STATE_RUN_TOKENS", 32)  # chunk_state in runs, 70 = 32 + 32 + 6
+    if kernel == "torch":
+        monkeypatch.setenv(linear_cpu.ENV, "torch")
+        monkeypatch.setattr(linear, "RUN_TOKENS", run_tokens)
+        monkeypatch.setattr(linear, "STATE_RUN_TOKENS", 32)  # chunk_state in runs, 70 = 32 + 32 + 6
     decay = torch.tensor([1.0, 0.9, 0.5, 0.05], dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
-    L0, L = 30, 70  # the prefix's tokens, this call's tokens
+    L0 = 30  # the prefix's tokens; L: this call's tokens
     q, k, v = (torch.randn(2, L0 + L, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
     dout, dM = torch.randn(2, L, 4, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
@@ -231,6 +236,7 @@ def test_linear_kernel_batched_blocks_match_reference(monkeypatch, run_tokens):
 
     ld = decay.log()
     heads = [t.transpose(1, 2) for t in (q, k, v)]
+    assert linear_cpu.usable(heads[0]) == (kernel == "compiled")  # the kernel under test is the one that runs
     P = linear.chunk_state(*(t[:, :, :L0] for t in heads[1:]), ld)
     own = [t[:, :, L0:] for t in heads]
     out = linear.linear_attention_fwd(*own, ld, 16, prefix=P).transpose(1, 2)
@@ -243,3 +249,36 @@ def test_linear_kernel_batched_blocks_match_reference(monkeypatch, run_tokens):
     assert rel_err(linear.linear_attention_fwd(*own, ld, 16).transpose(1, 2), ref) > 1e-3
     no_dm = linear.linear_attention_bwd(dout.transpose(1, 2), *own, ld, 16, prefix=P)[1]
     assert rel_err(no_dm.transpose(1, 2), kr.grad[:, L0:]) > 1e-3
+
+
+def test_compiled_kernel_falls_back_with_one_warning(monkeypatch):
+    """A machine where the compiled kernel cannot be built (no compiler, a BLAS without sgemm_) warns once and
+    runs the PyTorch kernel; a bad SEQPAR_LINEAR_KERNEL is a one-line error naming the choices."""
+    import torch.utils.cpp_extension as cpp
+
+    from seqpar.kernels import linear, linear_cpu
+
+    built = linear_cpu.extension()
+    q = torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    ld = torch.full((2,), 0.9, dtype=torch.float64).log()
+    want = linear.linear_attention_fwd(q, q, q, ld, 16)
+    assert built is not None and linear_cpu.usable(q)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    linear_cpu.extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Ninja is required.*using the PyTorch kernel") as record:
+            got = linear.linear_attention_fwd(q, q, q, ld, 16)
+            linear.linear_attention_fwd(q, q, q, ld, 16)
+        assert len(record) == 1 and not linear_cpu.usable(q)
+        assert rel_err(got, want) < 1e-12
+    finally:
+        monkeypatch.undo()
+        linear_cpu.extension.cache_clear()
+    assert linear_cpu.usable(q)
+    monkeypatch.setenv(linear_cpu.ENV, "fast")
+    with pytest.raises(ValueError, match=r"SEQPAR_LINEAR_KERNEL='fast': use one of \('auto', 'torch'\)"):
+        linear_cpu.usable(q)

@@ -9,8 +9,13 @@ last block is a block of its own size, nothing is padded). Block b (local index 
     inter:  O_b += (Q_b ⊙ λ^(t+1)) S_b                    S_b = state of every earlier token
     state:  S_{b+1} = λ^c S_b + (K_b ⊙ λ^(c-1-t))^T V_b,  S_0 = P (the state of earlier chunks, or 0)
 
-How it runs (chosen for a CPU core, same shapes on a GPU): one pass over runs of ``RUN_TOKENS`` tokens of
-every head. A run's blocks are copied out of the [B, L, H, D] layout once into a cache-resident
+Two implementations of the same algorithm: on CPU in float32/float64 the compiled kernel of
+``seqpar.kernels.linear_cpu`` (one BLAS call per block product on the [B, L, H, D] storage, 1.4x faster;
+``SEQPAR_LINEAR_KERNEL=torch`` opts out), elsewhere (GPU, or where it cannot be built) the PyTorch code below.
+Each public function here dispatches; both are exact to float rounding and tested against the same reference.
+
+How the PyTorch kernel runs (chosen for a CPU core, same shapes on a GPU): one pass over runs of
+``RUN_TOKENS`` tokens of every head. A run's blocks are copied out of the [B, L, H, D] layout once into a cache-resident
 [B, H, g, C, D] buffer, and every product of the run is one batched matmul over its blocks; the states
 before its blocks come from the carried state by one small matmul with the decay weights λ^(C(j-1-i))
 (``_scan_weights``), so no per-block state is ever stored; results are copied straight into [B, L, H, D]
@@ -38,6 +43,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from seqpar.kernels import linear_cpu
 
 DEFAULT_LINEAR_BLOCK = 64
 RUN_TOKENS = 256  # tokens (of every head) computed together on a CPU: a run's operands stay in a core's L2
@@ -144,9 +151,13 @@ class _Plan:
         return self._get(("whole", R), make)
 
     def end_pow(self) -> torch.Tensor:
-        """λ^(L - end of run i) as [runs, 1, H, 1, 1]: how a gradient of the final state reaches each run's end."""
         ends = torch.tensor([r.start + r.g * r.c for r in self.runs], device=self.ld.device)
-        return powers(self.ld, self.L - ends).transpose(0, 1)[:, None, :, :, None]
+        return _end_pow(self.ld, self.L, ends)
+
+
+def _end_pow(log_decay: torch.Tensor, L: int, ends: torch.Tensor) -> torch.Tensor:
+    """λ^(L - end of run i) as [runs, 1, H, 1, 1]: how a gradient of the final state reaches each run's end."""
+    return powers(log_decay, L - ends).transpose(0, 1)[:, None, :, :, None]
 
 
 def _rows(x: torch.Tensor, r: _Run) -> torch.Tensor:
@@ -210,6 +221,8 @@ def chunk_state(k, v, log_decay) -> torch.Tensor:
     """Memory state of a chunk of n tokens, M = Σ_s λ^(n-1-s) k_s^T v_s: ``[B, H, Dk, Dv]``, run by run,
     M <- λ^R M + (K_r ⊙ λ^(R-1-t))^T V_r: a run's scaled keys stay in cache, and the factors are relative to
     the run's end (global ones, λ^(n-1-s), make subnormal products over a long chunk: a 10x slower matmul)."""
+    if linear_cpu.usable(k):
+        return linear_cpu.state(k, v, log_decay)
     B, H, L, Dk = k.shape
     plan = _Plan(L, log_decay, STATE_RUN_TOKENS)  # runs of one block of STATE_RUN_TOKENS
     M = k.new_zeros(B * H, Dk, v.shape[-1])
@@ -223,7 +236,10 @@ def chunk_state(k, v, log_decay) -> torch.Tensor:
 def run_state_grads(q, dout, log_decay, block_size: int = DEFAULT_LINEAR_BLOCK):
     """The backward's first pass: ``G [runs, B, H, Dk, Dv]``, dLoss/d(state after each run) from this call's
     later runs, and ``dP [B, H, Dk, Dv]``, dLoss/d(initial state) (= ``apply_prefix_bwd``'s dP), in reverse
-    run order: G_before = λ^R G_after + (Q_r ⊙ λ^(t+1))^T dO_r."""
+    run order: G_before = λ^R G_after + (Q_r ⊙ λ^(t+1))^T dO_r. ``G``'s runs are those of the kernel that
+    made it (compiled or PyTorch, ``linear_cpu.usable``): pass it to ``linear_attention_bwd`` on the same tensors."""
+    if linear_cpu.usable(q):
+        return linear_cpu.state_grads(q, dout, log_decay, block_size)
     B, H, L, Dk = q.shape
     plan = _Plan(L, log_decay, block_size)
     G = q.new_empty(len(plan.runs), B, H, Dk, dout.shape[-1])
@@ -246,6 +262,8 @@ def linear_attention_fwd(q, k, v, log_decay, block_size: int = DEFAULT_LINEAR_BL
     before each block by one small matmul from the carry (the prefix folded in), then
     O_b = ((Q_b K_b^T) ⊙ D) V_b + (Q_b ⊙ λ^(t+1)) S_b.
     """
+    if linear_cpu.usable(q):
+        return linear_cpu.forward(q, k, v, log_decay, block_size, prefix)
     B, H, L, Dk = q.shape
     Dv = v.shape[-1]
     plan = _Plan(L, log_decay, block_size)
@@ -280,11 +298,17 @@ def linear_attention_bwd(dout, q, k, v, log_decay, block_size: int = DEFAULT_LIN
     run's end (+ λ^(L-end) dM) by one small matmul each, then the intra-block terms and
     dQ += (dO ⊙ λ^(t+1)) S^T, dK += (V ⊙ λ^(c-1-t)) G^T, dV += (K ⊙ λ^(c-1-t)) G.
     """
+    if run_grads is None:
+        run_grads = run_state_grads(q, dout, log_decay, block_size)[0]
+    if linear_cpu.usable(q):
+        if final_grad is not None:  # λ^(L - end of run) dM reaches each run's end
+            R, L = linear_cpu.run_tokens(q.shape[2], block_size), q.shape[2]
+            ends = torch.arange(1, run_grads.shape[0] + 1, device=q.device).mul_(R).clamp_(max=L)
+            run_grads = torch.addcmul(run_grads, _end_pow(log_decay, L, ends), final_grad)
+        return linear_cpu.backward(dout, q, k, v, log_decay, block_size, prefix, run_grads)
     B, H, L, Dk = q.shape
     Dv = v.shape[-1]
     plan = _Plan(L, log_decay, block_size)
-    if run_grads is None:
-        run_grads = run_state_grads(q, dout, log_decay, block_size)[0]
     dq, dk, dv = _token_major(B, H, L, Dk, q), _token_major(B, H, L, Dk, q), _token_major(B, H, L, Dv, q)
     carry = q.new_zeros(B, H, Dk, Dv) if prefix is None else prefix
     G_ends = run_grads if final_grad is None else torch.addcmul(run_grads, plan.end_pow(), final_grad)
