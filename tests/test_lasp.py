@@ -10,6 +10,8 @@ One spawn of 4 ranks runs W = 4, 2, 3 and 1 (tests/sp_harness.py).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -260,7 +262,8 @@ def test_linear_kernel_batched_blocks_match_reference(monkeypatch, kernel, run_t
 
 def test_compiled_kernel_falls_back_with_one_warning(monkeypatch):
     """A machine where the compiled kernel cannot be built (no compiler, a BLAS without sgemm_) warns once and
-    runs the PyTorch kernel; a bad SEQPAR_LINEAR_KERNEL is a one-line error naming the choices."""
+    runs the PyTorch kernel, and processes it starts do not try again; a bad SEQPAR_LINEAR_KERNEL is a
+    one-line error naming the choices."""
     import torch.utils.cpp_extension as cpp
 
     from seqpar.kernels import linear, linear_cpu
@@ -274,6 +277,7 @@ def test_compiled_kernel_falls_back_with_one_warning(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
+    monkeypatch.setenv(linear_cpu.ENV, "auto")  # undo restores the environment the failure below changes
     monkeypatch.setattr(cpp, "load", no_compiler)
     linear_cpu.extension.cache_clear()
     try:
@@ -281,6 +285,7 @@ def test_compiled_kernel_falls_back_with_one_warning(monkeypatch):
             got = linear.linear_attention_fwd(q, q, q, ld, 16)
             linear.linear_attention_fwd(q, q, q, ld, 16)
         assert len(record) == 1 and not linear_cpu.usable(q)
+        assert os.environ[linear_cpu.ENV] == "torch"  # ranks started from here will not retry the build
         assert rel_err(got, want) < 1e-12
     finally:
         monkeypatch.undo()

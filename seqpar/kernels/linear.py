@@ -10,13 +10,13 @@ last block is a block of its own size, nothing is padded). Block b (local index 
     state:  S_{b+1} = λ^c S_b + (K_b ⊙ λ^(c-1-t))^T V_b,  S_0 = P (the state of earlier chunks, or 0)
 
 Two implementations of the same algorithm: on CPU in float32/float64 the compiled kernel of
-``seqpar.kernels.linear_cpu`` (one BLAS call per block product on the [B, L, H, D] storage, 1.4x faster;
+``seqpar.kernels.linear_cpu`` (one BLAS call per block product on the [B, L, H, D] storage, 1.35x faster;
 ``SEQPAR_LINEAR_KERNEL=torch`` opts out), elsewhere (GPU, or where it cannot be built) the PyTorch code below.
 Each public function here dispatches; both are exact to float rounding and tested against the same reference.
 
 How the PyTorch kernel runs (chosen for a CPU core, same shapes on a GPU): one pass over runs of
-``RUN_TOKENS`` tokens of every head. A run's blocks are copied out of the [B, L, H, D] layout once into a cache-resident
-[B, H, g, C, D] buffer, and every product of the run is one batched matmul over its blocks; the states
+``RUN_TOKENS`` tokens of every head. A run's blocks are copied out of the [B, L, H, D] layout once into a
+cache-resident [B, H, g, C, D] buffer, and every product of the run is one batched matmul over its blocks; the states
 before its blocks come from the carried state by one small matmul with the decay weights λ^(C(j-1-i))
 (``_scan_weights``), so no per-block state is ever stored; results are copied straight into [B, L, H, D]
 outputs (the caller's transpose back is a view). Decay tables are built once per call. Every exponent is
@@ -151,13 +151,9 @@ class _Plan:
         return self._get(("whole", R), make)
 
     def end_pow(self) -> torch.Tensor:
+        """λ^(L - end of run i) as [runs, 1, H, 1, 1]: how a gradient of the final state reaches each run's end."""
         ends = torch.tensor([r.start + r.g * r.c for r in self.runs], device=self.ld.device)
-        return _end_pow(self.ld, self.L, ends)
-
-
-def _end_pow(log_decay: torch.Tensor, L: int, ends: torch.Tensor) -> torch.Tensor:
-    """λ^(L - end of run i) as [runs, 1, H, 1, 1]: how a gradient of the final state reaches each run's end."""
-    return powers(log_decay, L - ends).transpose(0, 1)[:, None, :, :, None]
+        return powers(self.ld, self.L - ends).transpose(0, 1)[:, None, :, :, None]
 
 
 def _rows(x: torch.Tensor, r: _Run) -> torch.Tensor:
@@ -301,11 +297,7 @@ def linear_attention_bwd(dout, q, k, v, log_decay, block_size: int = DEFAULT_LIN
     if run_grads is None:
         run_grads = run_state_grads(q, dout, log_decay, block_size)[0]
     if linear_cpu.usable(q):
-        if final_grad is not None:  # λ^(L - end of run) dM reaches each run's end
-            R, L = linear_cpu.run_tokens(q.shape[2], block_size), q.shape[2]
-            ends = torch.arange(1, run_grads.shape[0] + 1, device=q.device).mul_(R).clamp_(max=L)
-            run_grads = torch.addcmul(run_grads, _end_pow(log_decay, L, ends), final_grad)
-        return linear_cpu.backward(dout, q, k, v, log_decay, block_size, prefix, run_grads)
+        return linear_cpu.backward(dout, q, k, v, log_decay, block_size, prefix, final_grad, run_grads)
     B, H, L, Dk = q.shape
     Dv = v.shape[-1]
     plan = _Plan(L, log_decay, block_size)

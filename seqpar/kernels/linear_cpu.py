@@ -3,8 +3,8 @@
 Same algorithm and results as ``seqpar.kernels.linear`` (Lightning Attention-2; exact to float rounding), but
 every block product is one BLAS call on the [B, L, H, D] storage itself: no block copies, no scaling passes
 over whole tensors, no per-op dispatch, and the state scan is the GEMM's beta. Measured on the 2-core dev
-machine, one thread, B=1, H=8, L=16k, D=64, forward + backward: 1.4x faster than the PyTorch kernel
-(1.7x with ``THP_MEM_ALLOC_ENABLE=1``; docs/benchmarks.md).
+machine, LASP-2 at N=2, L=32k (16k per rank), one thread per rank, forward + backward: 1.35x faster than the
+PyTorch kernel (docs/benchmarks.md).
 
 It is used for float32/float64 CPU tensors (bf16/fp16 inputs are upcast to float32 by the callers, as for
 every CPU kernel here). ``SEQPAR_LINEAR_KERNEL=torch`` selects the PyTorch kernel instead. The build needs a
@@ -25,7 +25,6 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "linear_attention.cpp"
 ENV = "SEQPAR_LINEAR_KERNEL"
 MODES = ("auto", "torch")
-RUN = 256  # tokens per run, as ``RUN`` in the C++ source
 
 
 def mode() -> str:
@@ -44,6 +43,7 @@ def extension():
         return load(name="seqpar_linear_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as e:  # no compiler/ninja, or a BLAS without sgemm_: the PyTorch kernel is exact too
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        os.environ[ENV] = "torch"  # processes started from this one (ranks, torchrun) do not retry the build
         warnings.warn(f"seqpar: the compiled CPU linear-attention kernel is unavailable ({reason}); using the "
                       f"PyTorch kernel (slower). Set {ENV}=torch to skip the build.", stacklevel=2)
         return None
@@ -60,12 +60,6 @@ def describe() -> str:
     if mode() == "torch":
         return f"pytorch ({ENV}=torch)"
     return "compiled" if extension() is not None else "pytorch (the compiled kernel did not build)"
-
-
-def run_tokens(L: int, block_size: int) -> int:
-    """Tokens per run of the compiled backward's first pass (``state_grads``): whole blocks, about ``RUN``."""
-    C = min(block_size, L)
-    return max(1, RUN // C) * C
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +83,10 @@ def state_grads(q, dout, log_decay, block_size: int):
     return tuple(extension().state_grads(_unit(q), _unit(dout), _like(log_decay, q), block_size))
 
 
-def backward(dout, q, k, v, log_decay, block_size: int, prefix, run_ends):
+def backward(dout, q, k, v, log_decay, block_size: int, prefix, final_grad, run_grads):
+    """``(dq, dk, dv)``; ``run_grads`` from ``state_grads``, ``final_grad`` dLoss/d(state after the last token)."""
     return tuple(extension().backward(_unit(dout), _unit(q), _unit(k), _unit(v), _like(log_decay, q), block_size,
-                                      _like(prefix, q), _like(run_ends, q)))
+                                      _like(prefix, q), _like(final_grad, q), _like(run_grads, q)))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ View view_of(const at::Tensor& x) {
 
 // Runs of RUN tokens of every head are computed together (heads inner): a run of a [B, L, H, D] tensor is one
 // contiguous stretch of memory that stays in cache while every head's blocks use it (walking one head down
-// the whole sequence first was 1.2x slower). linear_cpu.py's ``run_tokens`` repeats this rule.
+// the whole sequence first was 1.2x slower).
 constexpr int RUN = 256;
 
 struct Plan {  // blocks of C tokens grouped into runs; the partial last block is its own size
@@ -117,21 +117,9 @@ struct Plan {  // blocks of C tokens grouped into runs; the partial last block i
   int64_t run_end(int r) const { return std::min<int64_t>(L, start(last(r))); }
 };
 
-template <typename T>
-struct Head {  // one (batch, head) pair's pointers and decay tables
-  const T *q, *k, *v, *dout;
-  T *out, *dq, *dk, *dv;
-  const Tables<T>* full;
-  const Tables<T>* tail;
-  const Tables<T>& tables(int c, int C) const { return c == C ? *full : *tail; }
-};
 
-template <typename T>
-const T* at_row(const T* base, const View& w, int64_t b, int64_t h, int64_t t) {
-  return base + b * w.sb + h * w.sh + t * w.ld;
-}
-template <typename T>
-T* at_row(T* base, const View& w, int64_t b, int64_t h, int64_t t) {
+template <typename P>  // P: T or const T
+P* at_row(P* base, const View& w, int64_t b, int64_t h, int64_t t) {  // row t of (batch b, head h)
   return base + b * w.sb + h * w.sh + t * w.ld;
 }
 
@@ -219,7 +207,8 @@ void state_impl(const at::Tensor& x, const at::Tensor& y, const at::Tensor& log_
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& log_decay, int64_t block, const c10::optional<at::Tensor>& prefix,
-                   const at::Tensor& run_grads, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   const c10::optional<at::Tensor>& final_grad, const at::Tensor& run_grads, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Dk = q.size(3), Dv = v.size(3), SS = Dk * Dv;
   const View vq = view_of(q), vk = view_of(k), vv = view_of(v), vdo = view_of(dout);
   const View vdq = view_of(dq), vdk = view_of(dk), vdv = view_of(dv);
@@ -227,7 +216,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int C = plan.C, g = plan.run_blocks();
   const auto tabs = head_tables(log_decay.data_ptr<T>(), H, C, (int)(L % C));
   const T* P = prefix ? prefix->data_ptr<T>() : nullptr;
-  const T* Gr = run_grads.data_ptr<T>();  // [runs, B, H, Dk, Dv]: dLoss/d(state at each run's end)
+  const T* Gr = run_grads.data_ptr<T>();  // [runs, B, H, Dk, Dv]: dLoss/d(state at each run's end) from later runs
+  const T* dM = final_grad ? final_grad->data_ptr<T>() : nullptr;  // dLoss/d(state after the last token)
+  const T* ld = log_decay.data_ptr<T>();
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *dop = dout.data_ptr<T>();
   T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
@@ -240,9 +231,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         T* Sb = S.data() + (bh - lo) * SS;
         const int j0 = plan.first(r), j1 = plan.last(r);
         // G_j = dLoss/d(state after block j) for the run's blocks, from the run's end backwards:
-        // G_(j-1) = λ^c G_j + (Q_j ⊙ λ^(t+1))^T dO_j
-        std::copy(Gr + ((int64_t)r * B * H + bh) * SS, Gr + ((int64_t)r * B * H + bh + 1) * SS,
-                  G.begin() + (j1 - 1 - j0) * SS);
+        // G_end = (later runs' share) + λ^(L - end) dM, then G_(j-1) = λ^c G_j + (Q_j ⊙ λ^(t+1))^T dO_j
+        const T* g_end = Gr + ((int64_t)r * B * H + bh) * SS;
+        T* G_last = G.data() + (j1 - 1 - j0) * SS;
+        const T w = dM ? decay_pow(ld[h], (double)(L - plan.run_end(r))) : T(0);
+        for (int64_t i = 0; i < SS; ++i) G_last[i] = g_end[i] + (dM ? w * dM[bh * SS + i] : T(0));
         for (int j = j1 - 1; j > j0; --j) {
           const int c = plan.size(j);
           const Tables<T>& tb = tabs[2 * h + (c == C ? 0 : 1)];
@@ -320,14 +313,17 @@ std::vector<at::Tensor> state_grads(at::Tensor q, at::Tensor dout, at::Tensor lo
 }
 
 std::vector<at::Tensor> backward(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor log_decay,
-                                 int64_t block, c10::optional<at::Tensor> prefix, at::Tensor run_grads) {
+                                 int64_t block, c10::optional<at::Tensor> prefix,
+                                 c10::optional<at::Tensor> final_grad, at::Tensor run_grads) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2);
   at::Tensor dq = token_major(B, H, L, q.size(3), q), dk = token_major(B, H, L, k.size(3), q),
              dv = token_major(B, H, L, v.size(3), q);
   if (prefix) prefix = prefix->contiguous();
+  if (final_grad) final_grad = final_grad->contiguous();
   run_grads = run_grads.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "seqpar_linear_bwd", [&] {
-    backward_impl<scalar_t>(dout, q, k, v, log_decay.contiguous(), block, prefix, run_grads, dq, dk, dv);
+    backward_impl<scalar_t>(dout, q, k, v, log_decay.contiguous(), block, prefix, final_grad, run_grads, dq, dk,
+                            dv);
   });
   return {dq, dk, dv};
 }
