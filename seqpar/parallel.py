@@ -135,13 +135,6 @@ class ParallelState:
     sp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
 
-    def usp_groups(self, ulysses_degree: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
-        """USP's (Ulysses, ring) sub-groups of the SP group, made once per degree (collective over the world
-        on first use: every rank asks for the same degrees in the same order)."""
-        from seqpar.attention.usp import usp_groups
-
-        return usp_groups(self.sp_group if self.sp_size > 1 else None, ulysses_degree)
-
     @property
     def dp_size(self) -> int:
         return self.world_size // self.sp_size

@@ -8,6 +8,9 @@ from global ranks, as under DP x SP), 3 (sub-group {0, 1, 2}) and 1 (group=None,
 
 from __future__ import annotations
 
+from functools import partial
+
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -82,6 +85,36 @@ def module_checks(rank: int, world: int, group, module: str) -> dict:
     reset_fallbacks()
     return {"rank": rank, "accuracy": m._accuracy(world, group), "fallbacks": fallback_counts(),
             "positions": m._positions(world, group), "errors": m._errors(world, group, rank)}
+
+
+def module_fixtures(module: str):
+    """A primitive test module's fixtures: ``worlds`` (one spawn running ``module_checks`` for W = 1..4) and
+    ``world_results`` ((W, per-rank results) for each W). Use: ``worlds, world_results = module_fixtures(__name__)``."""
+
+    @pytest.fixture(scope="module")
+    def worlds():
+        return spawn_worlds(partial(module_checks, module=module))
+
+    @pytest.fixture(params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
+    def world_results(worlds, request):
+        return request.param, worlds[request.param]
+
+    return worlds, world_results
+
+
+def assert_accurate(world: int, results: list[dict], cases: list[dict], tol: dict) -> None:
+    """Every ``module_checks`` accuracy entry (keyed by case name, or (name, variant)) within its dtype's tol."""
+    dtypes = {c["name"]: c["dtype"] for c in cases}
+    for rank, res in enumerate(results):
+        for key, errs in res["accuracy"].items():
+            t = tol[dtypes[key[0] if isinstance(key, tuple) else key]]
+            for what, err in errs.items():
+                assert err <= t, f"W={world} rank={rank} case={key} {what}: {err:.3g} > {t}"
+
+
+def assert_no_fallback(world: int, results: list[dict]) -> None:
+    """Every block of a module's calls ran a fused kernel (``module_checks`` records the fallbacks)."""
+    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
 
 
 def spawn_worlds(check, *, with_three: bool = True) -> dict[int, list]:

@@ -8,15 +8,13 @@ One spawn of 4 ranks runs W = 4, 2, 3 and 1 (tests/sp_harness.py).
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
 from seqpar.attention import shift_short_attention
 from seqpar.kernels.reference import dense_attention, rel_err, s2_mask
 from seqpar.sharding import shard
-from tests.sp_harness import module_checks, spawn_worlds
+from tests.sp_harness import assert_accurate, assert_no_fallback, module_fixtures
 
 # float32: max abs error relative to the output scale <= 1e-5; bfloat16 rounds inputs and outputs (2^-8).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -106,27 +104,14 @@ def _errors(world: int, group, rank: int) -> dict:
     return msgs
 
 
-@pytest.fixture(scope="module")
-def worlds():
-    return spawn_worlds(partial(module_checks, module=__name__))
-
-
-@pytest.fixture(params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
-def world_results(worlds, request):
-    return request.param, worlds[request.param]
+worlds, world_results = module_fixtures(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- tests
 
 
 def test_matches_dense_reference(world_results):
-    world, results = world_results
-    dtypes = {c["name"]: c["dtype"] for c in CASES}
-    for rank, res in enumerate(results):
-        for (name, wrap), errs in res["accuracy"].items():
-            tol = TOL[dtypes[name]]
-            for what, err in errs.items():
-                assert err <= tol, f"W={world} rank={rank} case={name} wrap={wrap} {what}: {err:.3g} > {tol}"
+    assert_accurate(*world_results, CASES, TOL)
 
 
 # Hand-computed: mean of the visible token indices. Heads: [unshifted, shifted].
@@ -171,5 +156,4 @@ def test_bad_inputs_raise_on_every_rank(world_results):
 
 def test_no_tiled_kernel_fallback(world_results):
     """Every block of these calls (documents, zigzag, halos, sinks) ran a fused kernel."""
-    world, results = world_results
-    assert all(r["fallbacks"] == {} for r in results), (world, [r["fallbacks"] for r in results])
+    assert_no_fallback(*world_results)

@@ -80,20 +80,16 @@ def test_bad_sub_groups_raise_on_every_rank(results):
 
 
 def test_subgroups_are_made_once_per_group_and_degree(monkeypatch):
-    """usp_groups (what patch_model, ParallelState.usp_groups and seqpar bench call) creates the sub-groups of a
+    """usp_groups (what patch_model and seqpar bench call) creates the sub-groups of a
     (group, degree) once: creating groups is collective over the world, and every group lives until shutdown."""
-    import torch
-
     from seqpar.attention import usp
-    from seqpar.parallel import ParallelState
 
     made = []
     monkeypatch.setattr(usp, "make_usp_groups", lambda group, u: made.append((group, u)) or (object(), object()))
     monkeypatch.setattr(usp, "_SUBGROUPS", {})
     sp = object()  # stands for a process group: only its identity matters here
     first = usp.usp_groups(sp, 2)
-    state = ParallelState(0, 4, 0, 4, torch.device("cpu"), "gloo", sp, None)
-    assert usp.usp_groups(sp, 2) is first and state.usp_groups(2) is first  # one cache for every caller
+    assert usp.usp_groups(sp, 2) is first  # one cache for every caller
     usp.usp_groups(sp, 4)
     usp.usp_groups(object(), 2)  # another SP group (DP x SP) or degree: its own sub-groups
     assert [u for _, u in made] == [2, 4, 2] and made[0][0] is sp and made[1][0] is sp and made[2][0] is not sp

@@ -140,7 +140,7 @@ def _check_groups(group: Group, ulysses_group: Group, ring_group: Group, validat
         raise ValueError(
             f"ulysses_group (size u={u}) and ring_group (size r={r}) do not split group (N={n}) as "
             "make_usp_groups does (u * r = N, group rank = ring rank * u + ulysses rank) on every rank: "
-            "create them with make_usp_groups(group, ulysses_degree)"
+            "create them with usp_groups(group, ulysses_degree)"
         )
     return u, r
 
