@@ -23,9 +23,16 @@ ids): ``2 * 8 * (N-1)/N`` bytes sent per rank. Reading that flag is a host sync 
 a GPU are checked at the patch's first forward only (a forgotten or restarted ``position_ids`` shows there);
 CPU ones at every forward.
 
-Refused, with an error naming the fix, on every rank before any communication: attention dropout > 0,
-an explicit attention mask, bidirectional layers, softcapping, and a ``sliding_window`` (Mistral, Qwen2)
-shorter than the global sequence (a window at least that long has no effect and is accepted).
+Which models: ``seqpar.models.families`` is the table. ``patch_model`` refuses, in one line naming the module
+class, every model whose family the table refuses (hybrids and SSMs whose recurrences and convolutions would
+run on each shard from a zero state, learned sinks, sparse indexers, positions from local lengths) or does
+not know, and any model holding a token-mixing module seqpar does not shard, whatever its family.
+
+Refused per call, with an error naming the fix, on every rank before any communication: attention dropout
+> 0, an explicit attention mask, bidirectional layers, softcapping, a ``sliding_window`` shorter than the
+global sequence (a window at least that long has no effect and is accepted), and every keyword of the
+attention call that seqpar does not implement (``s_aux`` sinks, ``position_bias``, HF's flash varlen
+``cu_seq_lens_q``...): a keyword is either used, known to be inert (``_INERT``) or refused, never dropped.
 
 Training-time only attentions (LongLoRA S2-Attn ``"s2"`` and SinkLoRA SF-Attn ``"sf"``, Chen et al. 2023;
 Zhang 2024) use full causal attention when the model is in ``eval()`` mode, as LongLoRA does: the fine-tuned
@@ -49,6 +56,7 @@ from seqpar.attention.local import local_attention
 from seqpar.attention.registry import ATTENTIONS, get_spec, resolve_layout
 from seqpar.comm import Group
 from seqpar.models.batch import sp_group_of
+from seqpar.models.families import check_model
 from seqpar.parallel import ParallelState
 from seqpar.sharding import global_index
 
@@ -117,6 +125,7 @@ def patch_model(
     if not 0 < group_size_ratio <= 1:
         raise ValueError(f"group_size_ratio={group_size_ratio} must be in (0, 1] (LongLoRA uses 0.25)")
     pretrained = _find_pretrained(model)
+    check_model(pretrained, pretrained.config)  # the family table: exact under SP, or refused here
     if hasattr(pretrained, "_seqpar_patch"):
         unpatch_model(pretrained)  # re-patching starts from the original implementation
     group = sp_group_of(parallel)
@@ -248,8 +257,29 @@ def seqpar_attention_forward(
     return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer).contiguous(), None
 
 
+# Keywords of transformers' attention call that do not change softmax(Q K^T) V (or are checked elsewhere:
+# softcap below, is_causal below, output_router_logits by the family table at patch time):
+# anything else that arrives non-None is refused by _check_call, so a new keyword is never silently dropped.
+_INERT = frozenset({"position_ids", "is_causal", "output_attentions", "output_hidden_states", "use_cache",
+                    "cache_position", "return_dict", "labels", "logits_to_keep", "softcap", "past_key_values",
+                    "past_key_value", "layer_idx", "token_type_ids", "output_router_logits"})
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len, kwargs) -> None:
     """Refuse what the primitives cannot do exactly; identical on every rank, so no rank hangs."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _INERT)
+    if unknown:
+        layer = type(module).__name__
+        if any(k in _VARLEN_KEYS for k in unknown):
+            raise ValueError(f"{unknown} reached seqpar attention from {layer}: HF's flash-attention packing is not "
+                             "seqpar's; pass cu_seqlens (seqpar.models.shard_batch builds it) instead")
+        if any(k in ("s_aux", "sinks") for k in unknown):
+            raise ValueError(f"{layer} passes learned attention sinks ({unknown}) to the attention function: "
+                             "seqpar's primitives do not implement sinks yet and would drop them; run this model "
+                             "without seqpar attention")
+        raise ValueError(f"{layer} passes {unknown} to the attention function and seqpar attention does not "
+                         "implement them (it would drop them): run this model without seqpar attention")
     if dropout:
         raise ValueError(
             f"attention dropout={dropout} with seqpar attention: the primitives are exact and have no dropout; "

@@ -11,6 +11,7 @@ from typing import Any
 
 from seqpar.attention.checks import check_head_split
 from seqpar.attention.registry import ATTENTIONS, head_split_degree, resolve_layout
+from seqpar.models.families import refusal_for_config
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
@@ -159,7 +160,10 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
         errors.append(f"model: set exactly one of model.path (a local folder) or model.from_config "
                       f"(got path={m.path!r}, from_config={'set' if m.from_config else None})")
     model_type = getattr(config, "model_type", None)
-    if config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES:
+    refused = None if config is None else refusal_for_config(config)  # the model-family table
+    if refused is not None:
+        errors.append(f"model: {refused}")
+    elif config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES:
         errors.append(f"model.model_type={model_type!r} is not supported: use one of "
                       f"{SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES}")
     if m.from_config is not None and d.tokenizer is None and getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:

@@ -1,0 +1,252 @@
+"""Which transformers model families seqpar runs exactly under sequence parallelism, and which it refuses.
+
+One table, read by ``patch_model`` (``check_model``), the recipe validator (``refusal_for_config``) and the
+docs (``docs/models.md`` is ``families_markdown()``, checked by a test), as the attention registry is read
+for primitives. Each ``Family`` says which token mixers its classes have, the seam seqpar patches for each,
+what is refused and why, and the loss terms that see the whole sequence.
+
+The rule it enforces: a model is exact under SP or refused with one line, on every rank, before any
+communication. Everything that mixes tokens must be sharded by seqpar: softmax attention dispatched through
+``transformers.AttentionInterface`` is (``seqpar.models.patch``); recurrences, state-space scans, short
+convolutions, key indexers, sinks and positions computed from local lengths are not (yet), so a family that
+has one is refused naming the module class. A model type absent from the table is refused too (transformers
+adds families faster than anyone can check them); ``register_family`` declares one after checking it.
+
+``SUPPORTED`` model types are those ``tests/test_model_families.py`` finds exact at SP = 2 (loss and every
+parameter gradient against the unpatched model on the whole sequence) when built tiny from their own
+config; that test fails if the table and the sweep disagree. A supported family can still refuse a call at
+run time (``seqpar.models.patch._check_call``: dropout, masks, windows shorter than the sequence, softcap,
+any attention keyword it does not implement).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["FAMILIES", "Family", "check_model", "families_markdown", "family_of", "refusal_for_config",
+           "register_family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the table. ``refused`` is empty for a supported family, else the reason (one clause)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    mixers: str  # the token mixers of its classes
+    seam: str  # what seqpar runs for them (or "-" when refused)
+    refused: str = ""
+    fix: str = ""  # what the user can do instead of a refused family
+    loss_terms: str = ""  # loss terms over the whole sequence and how they are handled
+    # module classes the mixer scan would flag that seqpar shards itself (Linear-Llama's LASP-2 layers) or
+    # that do not mix text tokens (audio towers with a Conv1d); matched as class-name prefixes
+    exempt: tuple[str, ...] = ()
+
+    @property
+    def supported(self) -> bool:
+        return not self.refused
+
+
+_REGISTRY_SEAM = "`seqpar_attention_forward` registered in `AttentionInterface`"
+_ROUTER = ("MoE router load-balancing loss (`output_router_logits=True`) over local tokens differs from the "
+           "whole-sequence value: refused; with it off (the default) the loss is the LM loss only")
+_NEXT = "not supported yet; run it without sequence parallelism (patch_model(..., parallel=None))"
+
+FAMILIES: list[Family] = [
+    Family("dense decoders", (
+        "apertus", "apertus1p5_text", "arcee", "beam", "biogpt", "bitnet", "codegen", "cohere", "cohere2",
+        "ctrl", "cwm", "dory", "emu3", "ernie4_5", "exaone", "exaone4", "fuyu", "gemma", "gemma3",
+        "gemma3_text", "gemma4_unified", "gemma4_unified_text", "glm", "glm4", "gpt-sw3", "gpt2",
+        "gpt_bigcode", "gpt_neox", "gptj", "granite", "helium", "hrm_text", "hunyuan_v1_dense", "hyperclovax",
+        "internlm3", "iquestcoder", "jais2", "kolibri1", "llama", "mellum", "ministral", "ministral3",
+        "mistral", "mllama", "mllama_text_model", "emu3_text_model", "modernbert-decoder", "moshi",
+        "moss_transcribe_diarize", "nanochat", "nemotron",
+        "olmo", "olmo2", "olmo3", "opt", "persimmon", "phi", "phi3", "phi4_multimodal", "qwen2", "qwen3",
+        "seed_oss", "smollm3", "stablelm", "starcoder2", "whisper"),
+        "softmax attention (causal, RoPE or learned absolute positions from global position_ids); sliding "
+        "windows at least as long as the sequence", _REGISTRY_SEAM,
+        loss_terms="none", exempt=("Phi4MultimodalAudio", "MossTranscribeDiarizeAudio", "WhisperEncoder")),
+    Family("MoE decoders", (
+        "afmoe", "aria_text", "cohere2_moe", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+        "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "jetmoe", "laguna", "llama4",
+        "llama4_text", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+        "qwen3_moe", "sarvam_moe", "solar_open"),
+        "softmax attention; token-choice MoE MLPs (per token, no mixing)", _REGISTRY_SEAM, loss_terms=_ROUTER),
+    Family("multi-head latent attention", (
+        "deepseek_v2", "deepseek_v3", "minicpm3", "sarvam_mla", "youtu", "axk1"),
+        "MLA (latent K/V, q/k head dim != v head dim) through the attention registry; MoE MLPs",
+        _REGISTRY_SEAM, loss_terms=_ROUTER),
+    Family("Linear-Llama", ("linear_llama",), "linear attention (LASP-2), softmax layers of its hybrid",
+           "`LinearLlamaForCausalLM.set_sequence_parallel` (LASP-2 / LASP-2H)", loss_terms="none",
+           exempt=("LinearAttention",)),
+    Family("Gated DeltaNet hybrids", (
+        "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini",
+        "bailing_hybrid"),
+        "`*GatedDeltaNet` / `*DeltaAttention` (causal conv1d + gated delta rule) and gated softmax attention",
+        "-", "its linear-attention layers would run on each shard from a zero state and zero conv history",
+        _NEXT, _ROUTER),
+    Family("Lightning Attention hybrids", ("minimax",), "`MiniMaxLightningAttention` and softmax attention",
+           "-", "its Lightning Attention layers would run on each shard from a zero state", _NEXT, _ROUTER),
+    Family("Kimi Delta Attention hybrids", ("kimi_linear",), "`KimiDeltaAttention` (KDA, short conv) and MLA",
+           "-", "its KDA layers would run on each shard from a zero state", _NEXT, _ROUTER),
+    Family("state-space models and Mamba hybrids", (
+        "mamba", "mamba2", "falcon_mamba", "bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h",
+        "zamba", "zamba2"),
+        "Mamba / Mamba2 mixers (conv1d + selective scan) and, in hybrids, softmax attention", "-",
+        "its Mamba layers would scan each shard from a zero state and zero conv history", _NEXT, _ROUTER),
+    Family("other recurrent and convolutional mixers", (
+        "recurrent_gemma", "xlstm", "rwkv", "lfm2", "lfm2_moe", "lfm3", "zaya", "inkling_text",
+        "inkling2_text", "inkling2_loop_text"),
+        "RG-LRU, xLSTM, RWKV time mixing, short convolutions (LFM2/3, Inkling), Zaya's CCA conv", "-",
+        "its recurrent or convolutional token mixers would run on each shard without the previous shard's "
+        "state", _NEXT),
+    Family("learned attention sinks", ("gpt_oss", "flint", "granite_swa", "granitemoe_swa", "mimo_v2_flash"),
+           "softmax attention with a learned per-head sink logit (`s_aux`)", "-",
+           "its learned attention sinks (s_aux) are not implemented by seqpar's primitives", _NEXT, _ROUTER),
+    Family("sparse and compressed attention", ("deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4",
+                                               "dots3_note", "dots3_note_text"),
+           "a key indexer (DSA top-k) or compressed K/V chosen from the local shard", "-",
+           "its indexer / KV compressor would select keys from the local shard only", _NEXT, _ROUTER),
+    Family("softcapped attention", ("gemma2", "vaultgemma"), "softmax attention with logit softcapping", "-",
+           "attention logit softcapping is not implemented by seqpar's primitives", _NEXT),
+    Family("decoders of encoder-decoder models", (
+        "bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "bigbird_pegasus",
+        "mvp", "prophetnet", "trocr", "xglm"),
+        "softmax attention with positions computed from the local input length", "-",
+        "its positions are computed from the local input length, not the global position_ids", _NEXT),
+    Family("encoders used as decoders", (
+        "bert", "bert-generation", "camembert", "data2vec-text", "electra", "ernie", "roberta",
+        "roberta-prelayernorm", "roc_bert", "xlm-roberta", "xlm-roberta-xl", "xmod", "megatron-bert",
+        "rembert", "roformer", "big_bird", "xlm", "reformer", "xlnet", "git", "cpmant"),
+        "BERT-style self-attention (bidirectional unless is_decoder), own masks", "-",
+        "it is an encoder-style model whose masks and positions seqpar does not shard", _NEXT),
+    Family("own attention code", ("bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "openai-gpt",
+                                  "got_ocr2", "doge", "diffllama", "longcat_flash", "blt", "gemma3n",
+                                  "gemma3n_text", "gemma4", "gemma4_text", "gemma4_assistant",
+                                  "gemma4_unified_assistant", "musicgen", "musicgen_melody", "dbrx",
+                                  "cohere_compass_text", "qwen4_exp", "qwen4_exp_text", "glm4_moe_lite"),
+           "attention that bypasses or extends the attention registry (ALiBi, dynamic masks, differential "
+           "attention, KV sharing across layers), or a family seqpar's sweep could not build tiny", "-",
+           "its attention is not verified exact under seqpar (it bypasses the registry, adds terms seqpar "
+           "drops, or was not buildable in seqpar's sweep)", _NEXT),
+]
+
+_BY_TYPE: dict[str, Family] = {}
+
+
+def _index() -> None:
+    _BY_TYPE.clear()
+    for fam in FAMILIES:
+        for t in fam.model_types:
+            if t in _BY_TYPE:
+                raise ValueError(f"model_type {t!r} is in two families: {_BY_TYPE[t].name!r} and {fam.name!r}")
+            _BY_TYPE[t] = fam
+
+
+_index()
+
+# Module classes that mix tokens and that seqpar does not shard: a match anywhere in a model refuses it,
+# whatever its family says (a config can switch a mixer on), unless its family lists it as not a text mixer.
+_MIXER = re.compile(r"Mamba|Mixer|DeltaNet|DeltaAttention|Lightning|Recurrent|Rglru|Rwkv|xLSTM|ShortConv|"
+                    r"ShortConvolution|Indexer|Compressor|LinearAttention")
+_NOT_MIXER = re.compile(r"Norm|Embedding|MLP|Rotary|FeedForward|Expert|Router|Moe|MoE")  # per token
+
+
+def family_of(model_type: str | None) -> Family | None:
+    """The family of ``model_type``, or None when the table does not know it."""
+    return _BY_TYPE.get(model_type or "")
+
+
+def register_family(family: Family) -> None:
+    """Declare a family (e.g. a remote-code model) after checking it is exact under SP, as the sweep does."""
+    FAMILIES.append(family)
+    try:
+        _index()
+    except ValueError:
+        FAMILIES.pop()
+        _index()
+        raise
+
+
+def _model_type(config) -> str | None:
+    return getattr(config, "model_type", None)
+
+
+def refusal_for_config(config) -> str | None:
+    """Why a model with this config is refused (one line), or None; what can be known without building it."""
+    model_type = _model_type(config)
+    fam = family_of(model_type)
+    if fam is None:
+        return (f"model_type={model_type!r} is not in seqpar's model-family table (seqpar.models.families), so "
+                "seqpar cannot tell whether all its token mixers are sharded: check it as "
+                "tests/test_model_families.py does, then declare it with seqpar.models.families.register_family")
+    if fam.refused:
+        return f"model_type={model_type!r} ({fam.name}): {fam.refused}; {fam.fix}"
+    configs = [config] + [c for c in vars(config).values() if hasattr(c, "to_dict") and hasattr(c, "model_type")]
+    if any(getattr(c, "output_router_logits", False) for c in configs):
+        return (f"model_type={model_type!r} with output_router_logits=True: the MoE load-balancing loss would be "
+                "computed over each rank's tokens, not the whole sequence; set model.config.output_router_logits "
+                "= False")
+    return None
+
+
+def check_model(model: torch.nn.Module, config) -> Family:
+    """Refuse ``model`` (one-line ValueError naming the module class) unless seqpar runs it exactly under SP.
+
+    Deterministic and local (the table, the config and the module classes), so every rank refuses the same
+    model before any communication.
+    """
+    cls = type(model).__name__
+    why = refusal_for_config(config)
+    fam = family_of(_model_type(config))
+    mixer = _unsharded_mixer(model, fam)
+    if why is not None:
+        named = f", e.g. {mixer}" if mixer else ""
+        raise ValueError(f"{cls} is refused by seqpar{named}: {why}")
+    if mixer is not None:
+        raise ValueError(f"{cls} has a token mixer seqpar does not shard ({mixer}): it would run on each shard "
+                         f"alone; {_NEXT}")
+    return fam
+
+
+def _unsharded_mixer(model: torch.nn.Module, fam: Family | None) -> str | None:
+    """The class of the first module that mixes tokens outside the attention function, or None.
+
+    The deepest match of the first matching subtree is named (``Qwen3NextGatedDeltaNet``, not its decoder
+    layer); a bare ``Conv1d`` counts only outside a named mixer, and is named with its owner's class.
+    """
+    from transformers import PreTrainedModel
+
+    skip = fam.exempt if fam else ()
+    classes: dict[str, str] = {}
+    skipped: list[str] = []  # module names under an exempt class (audio towers, Linear-Llama's LASP-2 layers)
+    found: str | None = None  # name of the deepest match so far, in the first matching subtree
+    for name, module in model.named_modules():
+        kind = classes[name] = type(module).__name__
+        if found is not None and not name.startswith(found + "."):
+            break  # left the first mixer's subtree
+        if any(name.startswith(p + ".") for p in skipped):
+            continue
+        if any(kind.startswith(s) for s in skip):
+            skipped.append(name)
+        elif isinstance(module, PreTrainedModel):
+            continue
+        elif _MIXER.search(kind) and not _NOT_MIXER.search(kind):
+            found = name
+        elif isinstance(module, torch.nn.Conv1d) and found is None:
+            return f"{classes.get(name.rpartition('.')[0], '')}.{name.rpartition('.')[2]} (Conv1d)"
+    return None if found is None else classes[found]
+
+
+def families_markdown() -> str:
+    """The table as Markdown (``docs/models.md`` holds exactly this between its markers)."""
+    rows = ["| family | model types | token mixers | seqpar runs them with | refused because | whole-sequence "
+            "loss terms |", "|---|---|---|---|---|---|"]
+    for fam in FAMILIES:
+        types = ", ".join(f"`{t}`" for t in fam.model_types)
+        rows.append(f"| {fam.name} | {types} | {fam.mixers} | {fam.seam} | {fam.refused or 'supported'} | "
+                    f"{fam.loss_terms or '-'} |")
+    return "\n".join(rows) + "\n"
