@@ -38,7 +38,7 @@ B, N_LOCAL, D, HKV = 2, 16, 16, 2  # batch, tokens per rank, head dim, kv heads 
 
 # A value for every option a spec may list (cu_seqlens: packed documents crossing shards, one empty).
 DEFAULTS = {"causal": True, "softmax_scale": None, "validate": True, "group_size": 8, "wrap": False,
-            "num_sink_tokens": 3, "decay": None, "block_size": 16, "cu_seqlens": None}
+            "num_sink_tokens": 3, "decay": None, "block_size": 16, "cu_seqlens": None, "sinks": None}
 # (name, dtype, option overrides, input changes): a case runs where the spec takes every overridden option;
 # the spec's default layout runs them all, its other layouts the first four.
 VARIANTS = [
@@ -48,6 +48,8 @@ VARIANTS = [
     ("f64-docs-noncausal", F64, {"cu_seqlens": "docs", "causal": False}, {}),
     ("f64-wrap", F64, {"wrap": True}, {}),
     ("f64-decay", F64, {"decay": 0.9}, {}),
+    ("f64-sinks", F64, {"sinks": "heads"}, {}),  # learned sink logits (gpt-oss), N(0, 2) per head
+    ("f32-docs-sinks", F32, {"cu_seqlens": "docs", "sinks": "heads"}, {}),
     ("f64-strided", F64, {}, {"strided": True}),
     ("f32-scale", F32, {"softmax_scale": 0.3}, {}),
     ("f32-d80-mha", F32, {}, {"D": 80, "Hkv": None}),
@@ -57,7 +59,8 @@ VARIANTS = [
 BAD_OPTIONS = {"causal": ("yes", "causal='yes'"), "softmax_scale": (-1.0, "softmax_scale=-1.0"),
                "layout": ("striped", "layout='striped'"), "group_size": (5, "group_size=5"),
                "num_sink_tokens": (-1, "num_sink_tokens=-1"), "block_size": (0, "block_size=0"),
-               "decay": (1.5, "decay=1.5"), "cu_seqlens": ("list", "integer tensor")}
+               "decay": (1.5, "decay=1.5"), "cu_seqlens": ("list", "integer tensor"),
+               "sinks": ("three", "sinks=(3,)")}
 
 
 def _cu(world: int) -> torch.Tensor:
@@ -106,6 +109,12 @@ def _run_case(name, rank, world, group, sub, layout, dtype, opts, inputs, seed) 
     q, k, v, dout = _inputs(H, Hkv, inputs.get("D", D), dtype, world, seed)
     if "decay" in opts and opts["decay"] is not None:  # the primitive and the reference see one λ per head
         opts = {**opts, "decay": torch.full((H,), opts["decay"], dtype=F64)}
+    sinks = ref_sinks = None
+    if opts.get("sinks") == "heads":  # the same logits on every rank, as a replicated parameter is
+        ref_sinks = (2 * torch.randn(H, generator=torch.Generator().manual_seed(seed + 1000), dtype=F64))
+        sinks = ref_sinks.to(dtype, copy=True).requires_grad_()
+        ref_sinks.requires_grad_()
+        opts = {**opts, "sinks": sinks}
     mine = lambda t: shard(t, layout=layout, rank=rank, world_size=world)  # noqa: E731
     local = [mine(t).requires_grad_() for t in (q, k, v)]
     before = [t.detach().clone() for t in local]
@@ -119,12 +128,20 @@ def _run_case(name, rank, world, group, sub, layout, dtype, opts, inputs, seed) 
     got = [out, *(t.grad for t in local)]
     assert all(t.dtype == dtype and t.shape == x.shape for t, x in zip(got, [local[0], *local])), name
     ref_in = [t.to(F64, copy=True).requires_grad_() for t in (q, k, v)]
-    ref_out = spec.load("reference")(*ref_in, **opts)
+    ref_out = spec.load("reference")(*ref_in, **{**opts, "sinks": ref_sinks} if sinks is not None else opts)
     ref_out.backward(dout.double())
     ref = [ref_out.detach(), *(t.grad for t in ref_in)]
     formula = spec.load("comm_bytes")(*local, group=group, **kwargs)
-    return {"errors": {w: rel_err(g, mine(r)) for w, g, r in zip(("out", "dq", "dk", "dv"), got, ref)},
-            "bytes": ((fwd.sent, bwd.sent), tuple(formula))}
+    errors = {w: rel_err(g, mine(r)) for w, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+    if sinks is not None:  # each rank's gradient covers its rows (heads): summed over the group, as the trainer does
+        ds = sinks.grad.detach().clone()
+        if group is not None:
+            dist.all_reduce(ds, group=group)
+        errors["dsinks"] = rel_err(ds, ref_sinks.grad)
+        # engaged: without the sinks the float64 reference differs by far more than the tolerance
+        errors["engaged"] = rel_err(spec.load("reference")(*(t.detach() for t in ref_in), **{**opts, "sinks": None}),
+                                    ref_out.detach())
+    return {"errors": errors, "bytes": ((fwd.sent, bwd.sent), tuple(formula))}
 
 
 def _error_of(call) -> str:
@@ -150,7 +167,7 @@ def _bad_inputs(name, rank, world, group, sub) -> dict[str, tuple[str, str]]:
     bad = {}
     for option, (value, words) in BAD_OPTIONS.items():
         if option in spec.options:
-            value = [0, N_LOCAL * world] if value == "list" else value
+            value = [0, N_LOCAL * world] if value == "list" else torch.zeros(3) if value == "three" else value
             bad[f"option-{option}"] = (_error_of(call(**{option: value})), words)
     bad["kv-heads"] = (_error_of(call(H=4, Hkv=3)), "divid")  # 3 kv heads for 4 query heads
     degree = head_split_degree(name, group=group_size(group), **{k: group_size(g) for k, g in sub.items()})
@@ -261,8 +278,11 @@ def test_matches_float64_reference(worlds, name):
     for world, results in _per_world(worlds, name):
         assert results[0]["cases"], (name, world)
         for case, (_, dtype, _, _) in cases(name, world).items():
-            worst = {w: max(r["cases"][case]["errors"][w] for r in results) for w in ("out", "dq", "dk", "dv")}
+            errors = results[0]["cases"][case]["errors"]
+            worst = {w: max(r["cases"][case]["errors"][w] for r in results) for w in errors if w != "engaged"}
             assert max(worst.values()) <= TOL[dtype], (name, world, case, worst)
+            if "sinks" in case:
+                assert "dsinks" in worst and errors["engaged"] > 100 * TOL[dtype], (name, world, case, errors)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -129,8 +129,8 @@ def test_refusals_name_the_module_class(sweep):
                     "mamba2": "Mamba2Mixer", "nemotron_h": "NemotronHMamba2Mixer",
                     "recurrent_gemma": "RecurrentGemma"}.items():
         assert sweep[t]["kind"] == "refused" and name in sweep[t]["why"], (t, sweep[t])
-    for t in ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"):
-        assert "sinks" in sweep[t]["why"], (t, sweep[t])
+    for t in ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"):  # learned sinks: exact, and their
+        assert sweep[t]["kind"] == "exact", (t, sweep[t])  # gradients reached the sinks (same parameter set)
     for t in ("bart", "mbart", "marian", "pegasus", "blenderbot-small"):
         assert "local input length" in sweep[t]["why"], (t, sweep[t])
 
@@ -180,7 +180,7 @@ def test_unknown_types_injected_mixers_and_router_loss_are_refused():
     unpatch_model(moe)
 
 
-@pytest.mark.parametrize("keyword", ["s_aux", "sinks", "position_bias", "cu_seq_lens_q", "some_new_keyword"])
+@pytest.mark.parametrize("keyword", ["sinks", "position_bias", "cu_seq_lens_q", "some_new_keyword"])
 def test_attention_keywords_are_used_or_refused(keyword):
     """A keyword of the attention call that seqpar does not implement is refused, never dropped."""
     from transformers import AttentionInterface
@@ -209,3 +209,35 @@ def test_docs_list_the_family_table():
 
     doc = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
     assert families_markdown() in doc, "docs/models.md is stale: paste seqpar.models.families.families_markdown()"
+
+
+def test_sinks_are_used_not_dropped():
+    """gpt-oss's ``s_aux`` reaches the primitive: the output equals dense attention with one extra logit per
+    head, differs from the output without it, and a primitive without sinks refuses it."""
+    from transformers import AttentionInterface
+
+    from seqpar.kernels.reference import causal_mask, dense_attention
+    from seqpar.models import patch_model, unpatch_model
+
+    model = _tiny("llama")
+    q, k = torch.randn(1, 4, 8, 16, dtype=torch.float64), torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    sinks = 2 * torch.randn(4, dtype=torch.float64)
+    layer = model.model.layers[0].self_attn
+    patch_model(model, "full", None)
+    try:
+        fn = AttentionInterface._global_mapping[model.config._attn_implementation]
+        plain, _ = fn(layer, q, k, k, None, scaling=0.25)
+        got, _ = fn(layer, q, k, k, None, scaling=0.25, s_aux=sinks)
+    finally:
+        unpatch_model(model)
+    want = dense_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), causal_mask(8, 8), scale=0.25,
+                           sinks=sinks)[0]
+    assert (got - want).abs().max() < 1e-12 and (plain - want).abs().max() > 1e-3
+    model.train()
+    patch_model(model, "s2", None, group_size=4)
+    try:
+        fn = AttentionInterface._global_mapping[model.config._attn_implementation]
+        with pytest.raises(ValueError, match=r"attention='s2' does not implement learned attention sinks"):
+            fn(layer, q, k, k, None, scaling=0.25, s_aux=sinks)
+    finally:
+        unpatch_model(model)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.checks import check_options, check_qkv
+from seqpar.attention.checks import check_options, check_qkv, check_sinks
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
-from seqpar.kernels import block_attention, block_attention_backward
+from seqpar.kernels import block_attention, block_attention_backward, merge_sink, sink_grad
 from seqpar.sharding import Layout, document_bounds, local_chunks
 
 
@@ -45,26 +45,30 @@ def _mask_args(seq_len: int, n: int, rank: int, layout: str, cu_seqlens) -> dict
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens):
+    def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens, sinks):
         n, rank = group_size(group), group_rank(group)
         # Step 1: one all-gather of K and V together -> [2, B, L, Hkv, D] in rank-major order.
         kv = all_gather_tensor(torch.stack([k, v]), group, dim=2)
         mask = _mask_args(q.shape[1] * n, n, rank, layout, cu_seqlens)
         # Step 2: local queries over the whole sequence, masked by global positions / documents.
         out, lse = block_attention(q, kv[0], kv[1], causal=causal, softmax_scale=scale, **mask)
-        ctx.save_for_backward(q, kv, out, lse)
+        if sinks is not None:  # learned sinks: one more logit per row (kernels.merge_sink)
+            out, lse = merge_sink(out, lse, sinks)
+        ctx.save_for_backward(q, kv, out, lse, sinks)
         ctx.group, ctx.causal, ctx.scale, ctx.mask = group, causal, scale, mask
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv, out, lse = ctx.saved_tensors
+        q, kv, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
         dq, dk, dv = block_attention_backward(
-            dout.contiguous(), q, kv[0], kv[1], out, lse, causal=ctx.causal, softmax_scale=ctx.scale, **ctx.mask
+            dout, q, kv[0], kv[1], out, lse, causal=ctx.causal, softmax_scale=ctx.scale, **ctx.mask
         )
+        ds = None if sinks is None or not ctx.needs_input_grad[8] else sink_grad(dout, out, lse, sinks)
         # Step 3: every rank's queries contributed to every key: sum dK, dV and keep this rank's slice.
         dkv = reduce_scatter_tensor(torch.stack([dk, dv]), ctx.group, dim=2)
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, ds
 
 
 def allgather_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
@@ -85,6 +89,7 @@ def allgather_attention(
     layout: Layout = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     validate: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-gather K, V; attend with global positions.
 
@@ -99,6 +104,8 @@ def allgather_attention(
             (same on every rank, 0 first, L last); no token attends across documents.
         validate: compare shapes across ranks (one small collective); False skips it when the caller already
             did in this forward (``patch_model`` validates at the first layer only).
+        sinks: optional ``[H]`` learned sink logit per query head (gpt-oss), merged once per row; its gradient
+            covers this rank's rows.
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -110,9 +117,10 @@ def allgather_attention(
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens, validate=validate)
+    check_sinks(sinks, q.shape[2])
     seq_len = q.shape[1] * n
     if cu_seqlens is not None:
         cu_seqlens = document_bounds(cu_seqlens, seq_len)  # host ints from here on (same error on every rank)
     return _AllGatherAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens
+        q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens, sinks
     )

@@ -78,6 +78,15 @@ def check_head_split(heads: int, degree: int, *, what: str = "the group size N")
         )
 
 
+def check_sinks(sinks, heads: int) -> None:
+    """Learned sink logits: None, or a floating tensor of one value per query head (same on every rank)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or sinks.shape != (heads,):
+        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks={got}: pass a floating tensor of shape ({heads},), one logit per query head")
+
+
 def check_options(*, layout: str, causal: object, softmax_scale: float | None) -> None:
     """Arguments that are the same on every rank."""
     chunks_per_rank(layout)  # raises ShardingError naming the valid layouts

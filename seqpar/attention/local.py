@@ -3,13 +3,15 @@
 Used by Ulysses (after its all-to-all every rank holds whole heads of the whole sequence) and by the
 patched model on one device (``"full"``, decoding with a KV cache). ``q [B, L, H, D]``, ``k, v [B, Lk, Hkv, D]``
 -> ``[B, L, H, D]`` in q's dtype; the backward recomputes the probabilities from the saved log-sum-exp.
+``sinks [H]`` (learned sink logits, gpt-oss) are merged into each row's log-sum-exp (``kernels.merge_sink``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from seqpar.kernels import block_attention, block_attention_backward
+from seqpar.attention.checks import check_sinks
+from seqpar.kernels import block_attention, block_attention_backward, merge_sink, sink_grad
 from seqpar.sharding import document_bounds
 
 
@@ -17,23 +19,30 @@ class _LocalAttention(torch.autograd.Function):
     """Forward (out, lse) through ``block_attention``; backward through ``block_attention_backward``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, docs):
+    def forward(ctx, q, k, v, causal, scale, docs, sinks):
         # docs: host-int document boundaries (packed sequences): fused pieces per document, none across
         out, lse = block_attention(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=docs)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = merge_sink(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.causal, ctx.scale, ctx.docs = causal, scale, docs
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = block_attention_backward(dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal,
                                               softmax_scale=ctx.scale, cu_seqlens=ctx.docs)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        ds = None if sinks is None or not ctx.needs_input_grad[6] else sink_grad(dout, out, lse, sinks)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, ds
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None, *,
-                    causal: bool | str = True, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact (causal, or ``"bottom_right"`` for a KV cache) attention; ``cu_seqlens`` keeps it inside documents."""
+                    causal: bool | str = True, cu_seqlens: torch.Tensor | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact (causal, or ``"bottom_right"`` for a KV cache) attention; ``cu_seqlens`` keeps it inside documents;
+    ``sinks [H]`` adds one learned logit per head to every row's softmax denominator."""
     docs = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1])
-    return _LocalAttention.apply(q, k, v, causal, softmax_scale, docs)
+    check_sinks(sinks, q.shape[2])
+    return _LocalAttention.apply(q, k, v, causal, softmax_scale, docs, sinks)

@@ -48,7 +48,7 @@ class AttentionSpec:
     # shape check (patch_model runs it at the first layer of a forward only)
     call: Callable[..., torch.Tensor] | None = None
     why_layout: str = ""  # why the layouts are restricted (said in the error)
-    # keyword arguments the primitive takes besides q, k, v and group
+    # keyword arguments the primitive takes besides q, k, v and group ("sinks": learned per-head sink logits)
     options: tuple[str, ...] = ("causal", "softmax_scale", "layout", "validate")
     reference: str = "seqpar.kernels.reference:softmax_reference"  # the float64 definition it computes
     # (q, k, v, *, group, **options) -> (forward, backward) bytes this rank sends: the docstring's formula
@@ -71,9 +71,11 @@ class AttentionSpec:
 def _softmax_call(spec_name: str) -> Callable:
     """Causal call of a softmax primitive with the patch's group and layout (varlen ones get cu_seqlens)."""
 
-    def call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True) -> torch.Tensor:
+    def call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None) -> torch.Tensor:
         spec = ATTENTIONS[spec_name]
         extra = {"cu_seqlens": cu_seqlens} if spec.varlen else {}
+        if sinks is not None:  # patch_model refuses sinks for a primitive without the option
+            extra["sinks"] = sinks
         if "ulysses" in spec.subgroups:
             extra.update(ulysses_group=patch.ulysses_group, ring_group=patch.ring_group)
         return spec.load()(q, k, v, group=patch.group, causal=True, softmax_scale=scale, layout=patch.layout,
@@ -82,7 +84,7 @@ def _softmax_call(spec_name: str) -> Callable:
     return call
 
 
-def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True) -> torch.Tensor:
+def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None) -> torch.Tensor:
     """S2/SF: shift groups of size ``patch.shift_size(L)`` (L global)."""
     spec = ATTENTIONS[patch.attention]
     size = patch.shift_size(q.shape[1] * _world(patch.group))
@@ -91,13 +93,13 @@ def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True)
                        **extra)
 
 
-def _full_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True) -> torch.Tensor:
+def _full_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None) -> torch.Tensor:
     """Exact causal attention: the local kernel on one device, ring attention over an SP group."""
     if _world(patch.group) == 1:
         from seqpar.attention.local import local_attention
 
-        return local_attention(q, k, v, scale, cu_seqlens=cu_seqlens)
-    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens, validate)
+        return local_attention(q, k, v, scale, cu_seqlens=cu_seqlens, sinks=sinks)
+    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens, validate, sinks)
 
 
 def _world(group) -> int:
@@ -107,7 +109,8 @@ def _world(group) -> int:
 
 
 _SHIFT_WHY = "shifted-group attention needs the contiguous layout (its groups are runs of consecutive tokens)"
-_VARLEN = ("causal", "softmax_scale", "layout", "cu_seqlens", "validate")
+_VARLEN = ("causal", "softmax_scale", "layout", "cu_seqlens", "validate", "sinks")
+_HEADS = ("causal", "softmax_scale", "layout", "validate", "sinks")  # Ulysses, USP: no packed documents
 _SHIFTED = "seqpar.kernels.reference:shifted_reference"
 ATTENTIONS: dict[str, AttentionSpec] = {s.name: s for s in (
     AttentionSpec("ring", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_softmax_call("ring"),
@@ -116,10 +119,10 @@ ATTENTIONS: dict[str, AttentionSpec] = {s.name: s for s in (
                   why_layout="ring self-attention (Li et al. 2021) runs the contiguous layout only",
                   comm_bytes="seqpar.attention.rsa:rsa_bytes"),
     AttentionSpec("ulysses", "seqpar.attention.ulysses:ulysses_attention", ("contiguous", "zigzag"),
-                  call=_softmax_call("ulysses"), comm_bytes="seqpar.attention.ulysses:ulysses_bytes",
+                  call=_softmax_call("ulysses"), comm_bytes="seqpar.attention.ulysses:ulysses_bytes", options=_HEADS,
                   heads_split="group"),
     AttentionSpec("usp", "seqpar.attention.usp:usp_attention", LAYOUTS, subgroups=("ulysses", "ring"),
-                  call=_softmax_call("usp"), comm_bytes="seqpar.attention.usp:usp_bytes",
+                  call=_softmax_call("usp"), comm_bytes="seqpar.attention.usp:usp_bytes", options=_HEADS,
                   make_subgroups="seqpar.attention.usp:usp_subgroups", heads_split="ulysses_group"),
     AttentionSpec("allgather", "seqpar.attention.allgather:allgather_attention", LAYOUTS, varlen=True,
                   call=_softmax_call("allgather"), options=_VARLEN,

@@ -25,6 +25,10 @@ Communication per call, with b = 2·B·(L/N)·Hkv·D (K and V of the kv heads on
   * backward: (N-1) · b · itemsize  +  N · b · acc   bytes sent per rank when N > 1 (0 when N = 1),
     with acc = 4 (float32 accumulators; 8 for float64 inputs).
 
+Learned sinks (``sinks [H]``, gpt-oss's ``s_aux``): one logit per head in every row's softmax denominator,
+merged into the final ``(out, lse)`` once per row after the last ring step (``kernels.merge_sink``), not once
+per step; the backward runs unchanged on the merged ``(out, lse)`` and d sinks is a local row sum (no bytes).
+
 Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same on every rank) gives every
 token a document id; tokens attend only within their document (causally when ``causal``). Each block is cut
 on the host into per-document fused pieces (kernels/plan.py); pieces of documents a block does not share are
@@ -43,9 +47,17 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.attention.checks import check_options, check_qkv
+from seqpar.attention.checks import check_options, check_qkv, check_sinks
 from seqpar.comm import Group, group_rank, group_size, ring_visit
-from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, cut_spans, merge_partials
+from seqpar.kernels import (
+    acc_dtype,
+    block_attention,
+    block_attention_backward,
+    cut_spans,
+    merge_partials,
+    merge_sink,
+    sink_grad,
+)
 from seqpar.sharding import Layout, document_bounds, local_chunks
 
 __all__ = ["ring_attention"]
@@ -145,18 +157,22 @@ class RingAttentionFunc(torch.autograd.Function):
     """Shapes: q [B, L/N, H, D], k/v [B, L/N, Hkv, D] -> out [B, L/N, H, D]; saves q, k, v, out, lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _RingPlan):
+    def forward(ctx, q, k, v, plan: _RingPlan, sinks=None):
         out, lse = _ring_forward(q, k, v, plan)
+        if sinks is not None:  # once per row, after every block is merged
+            out, lse = merge_sink(out, lse, sinks)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.plan = plan
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
-        return dq, dk, dv, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.plan)
+        ds = None if sinks is None or not ctx.needs_input_grad[4] else sink_grad(dout, out, lse, sinks)
+        return dq, dk, dv, None, ds
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -194,6 +210,7 @@ def ring_attention(
     layout: Layout = "zigzag",
     cu_seqlens: torch.Tensor | None = None,
     validate: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole sharded sequence, K/V travelling on a ring.
 
@@ -208,6 +225,8 @@ def ring_attention(
             sequence; attention stays inside documents.
         validate: compare shapes across ranks (one small collective); False skips it when the caller already
             did in this forward (``patch_model`` validates at the first layer only).
+        sinks: optional ``[H]`` learned sink logit per query head (gpt-oss ``s_aux``), differentiable; its
+            gradient covers this rank's rows (sum it over the SP group like any parameter's).
 
     Returns:
         ``[B, L/N, H, D]`` in q's dtype, sharded like q (partials accumulated in float32).
@@ -217,6 +236,7 @@ def ring_attention(
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens, validate=validate)
+    check_sinks(sinks, q.shape[2])
     world = group_size(group)
     cu = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1] * world)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -224,4 +244,4 @@ def ring_attention(
     # buffers, no float32 dQ/dK/dV accumulators: issue 14 measured them at the peak of a one-process step).
     local = world == 1 or _docs_stay_in_shards(cu, q.shape[1] * world, world, layout)
     plan = _RingPlan(group, group_rank(group), world, causal, scale, layout, cu, local)
-    return RingAttentionFunc.apply(q, k, v, plan)
+    return RingAttentionFunc.apply(q, k, v, plan, sinks)

@@ -29,9 +29,9 @@ import math
 
 import torch
 
-from seqpar.attention.checks import check_head_split, check_options, check_qkv
+from seqpar.attention.checks import check_head_split, check_options, check_qkv, check_sinks
 from seqpar.attention.local import local_attention
-from seqpar.comm import Group, all_to_all, group_size
+from seqpar.comm import Group, all_to_all, group_rank, group_size
 from seqpar.sharding import Layout, layout_order
 
 
@@ -64,6 +64,14 @@ def seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Gr
     return heads.split([H // n, Hk // n, Hk // n], dim=2)
 
 
+def head_share(per_head: torch.Tensor | None, group: Group) -> torch.Tensor | None:
+    """This rank's H/N entries of a per-head ``[H]`` tensor after ``seq_to_heads`` (rank r holds heads
+    r·H/N .. (r+1)·H/N - 1); differentiable, so its gradient lands in this rank's slice only."""
+    if per_head is None:
+        return None
+    return per_head.reshape(group_size(group), -1)[group_rank(group)]
+
+
 def heads_to_seq(out: torch.Tensor, *, group: Group) -> torch.Tensor:
     """``[B, L, H/N, D]`` head shard -> ``[B, L/N, H, D]`` sequence shard (the inverse all-to-all)."""
     return all_to_all(out, group=group, scatter_dim=1, gather_dim=2)
@@ -87,6 +95,7 @@ def ulysses_attention(
     softmax_scale: float | None = None,
     layout: Layout = "contiguous",
     validate: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``, by two all-to-alls (DeepSpeed-Ulysses).
 
@@ -99,6 +108,8 @@ def ulysses_attention(
         layout: ``"contiguous"`` or ``"zigzag"`` (seqpar.sharding); the output uses the same layout.
         validate: compare shapes across ranks (one small collective); False skips it when the caller already
             did in this forward (``patch_model`` validates at the first layer only).
+        sinks: optional ``[H]`` learned sink logit per query head (gpt-oss); each rank's local attention takes
+            the sinks of its H/N heads, so the gradient is this rank's heads' share (sum it over the SP group).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -110,16 +121,20 @@ def ulysses_attention(
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group, layout=layout, validate=validate)
+    check_sinks(sinks, q.shape[2])
     seq_len = q.shape[1] * n
     qh, kh, vh = seq_to_heads(q, k, v, group=group)
+    sinks = head_share(sinks, group)
     if layout == "zigzag" and n > 1 and causal:
         # Put the gathered sequence into global order: the mask becomes plain causal (fused kernels apply),
         # and a permutation of [B, L, H/N, D] is cheap next to O(L^2) attention.
         order = layout_order(seq_len, n, layout, device=q.device)
         to_global = torch.argsort(order)
         qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
-        out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=True)
+        out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=True,
+                              sinks=sinks)
         out = out.index_select(1, order)
     else:  # contiguous is already in global order; without a mask the order does not matter
-        out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=causal)
+        out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=causal,
+                              sinks=sinks)
     return heads_to_seq(out, group=group)

@@ -34,9 +34,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from seqpar.attention.checks import check_options, check_qkv
+from seqpar.attention.checks import check_options, check_qkv, check_sinks
 from seqpar.attention.ring import ring_attention
-from seqpar.attention.ulysses import heads_to_seq, seq_to_heads
+from seqpar.attention.ulysses import head_share, heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
 from seqpar.kernels import acc_dtype
 from seqpar.sharding import Layout, global_index
@@ -157,6 +157,7 @@ def usp_attention(
     softmax_scale: float | None = None,
     layout: Layout = "zigzag",
     validate: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-to-all over ``ulysses_group``, ring
     attention over ``ring_group``, all-to-all back.
@@ -172,6 +173,8 @@ def usp_attention(
         layout: ``"zigzag"`` or ``"contiguous"``; the output uses the same layout over ``group``.
         validate: compare shapes across ranks (one small collective); False skips it when the caller already
             did in this forward (``patch_model`` validates at the first layer only).
+        sinks: optional ``[H]`` learned sink logit per query head (gpt-oss): the ring over ``ring_group``
+            takes this rank's H/u heads' sinks (gradient: this rank's heads and rows; sum it over the group).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -183,6 +186,7 @@ def usp_attention(
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     u, r = _check_groups(group, ulysses_group, ring_group, validate)
     check_qkv(q, k, v, group=group, layout=layout, validate=validate)
+    check_sinks(sinks, q.shape[2])
     seq_len = q.shape[1] * u * r
     # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
     qh, kh, vh = seq_to_heads(q, k, v, group=ulysses_group, what="the Ulysses degree u")
@@ -192,7 +196,8 @@ def usp_attention(
     # Step 2: exact attention of the ring shard against the whole sequence (its shapes follow from the ones
     # compared over the whole group above: no second cross-rank check).
     out = ring_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), group=ring_group, causal=causal,
-                         softmax_scale=softmax_scale, layout=layout, validate=False)
+                         softmax_scale=softmax_scale, layout=layout, validate=False,
+                         sinks=head_share(sinks, ulysses_group))
     # Step 3: undo the permutation, back to sequence shards of all heads.
     if perm is not None:
         out = out.index_select(1, torch.argsort(perm))

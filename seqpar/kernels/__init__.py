@@ -1,6 +1,6 @@
 """Single-device math shared by the sequence-parallel primitives."""
 
-from seqpar.kernels.merge import merge_all, merge_partials
+from seqpar.kernels.merge import merge_all, merge_partials, merge_sink, sink_grad
 from seqpar.kernels.plan import BlockPlan, aligned_plan, cut_spans, prefix_plan, spans_plan
 from seqpar.kernels.softmax import (
     acc_dtype,
@@ -22,7 +22,9 @@ __all__ = [
     "fallback_counts",
     "merge_all",
     "merge_partials",
+    "merge_sink",
     "prefix_plan",
     "reset_fallbacks",
+    "sink_grad",
     "spans_plan",
 ]

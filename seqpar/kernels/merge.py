@@ -35,6 +35,31 @@ def merge_partials(
     return out * w_old + block_out * w_new, new_lse
 
 
+def merge_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learned attention sinks (gpt-oss's ``s_aux``): one more logit ``s_h`` per head in every row's softmax
+    denominator, with no value. That is one more partial ``(0, s_h)`` in the merge above:
+
+        lse' = log(exp(lse) + exp(s_h)),   o' = exp(lse - lse') · o = sigmoid(lse - s_h) · o
+
+    Merged once per query row, after all key blocks. FlashAttention-2's backward run with ``(o', lse')``
+    in place of ``(o, lse)`` then gives the exact dQ, dK, dV (it recomputes p'_j = exp(z_j - lse') and
+    delta' = rowsum(dO · o'), and the sink's value is 0); ``sink_grad`` gives d s_h.
+    ``sinks [H]``; ``out [B, L, H, D]``, ``lse [B, H, L]`` (float32 or float64).
+    """
+    s = sinks.detach().to(lse.dtype).view(1, -1, 1)
+    new_lse = torch.logaddexp(lse, s)
+    return out * torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1).to(out.dtype), new_lse
+
+
+def sink_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """d s_h = -Σ_rows p_sink · delta', with ``(out, lse)`` after ``merge_sink``: p_sink = exp(s_h - lse'),
+    delta' = rowsum(dO · o'). Summed over this rank's rows (a parameter's gradient, summed over SP later)."""
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, L]
+    p_sink = torch.exp(sinks.detach().to(acc).view(1, -1, 1) - lse)
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+
+
 def merge_all(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a list of ``(out, lse)`` partials over disjoint key sets."""
     if not parts:

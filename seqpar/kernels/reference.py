@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 
-def dense_attention(q, k, v, mask=None, scale=None, dtype=torch.float64):
+def dense_attention(q, k, v, mask=None, scale=None, dtype=torch.float64, sinks=None):
     """softmax(scale * Q K^T + mask) V with q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (kv heads repeated).
 
     ``mask``: bool [Lq, Lk] or [H, Lq, Lk] (True = visible). Rows with no visible key give 0.
+    ``sinks [H]``: a learned logit per head appended to every row's scores, with no value (gpt-oss ``s_aux``).
     Returns (out [B, Lq, H, D], lse [B, H, Lq]) in ``dtype``; differentiable.
     """
     H, Hkv = q.shape[2], k.shape[2]
@@ -23,6 +24,9 @@ def dense_attention(q, k, v, mask=None, scale=None, dtype=torch.float64):
     s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale
     if mask is not None:
         s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    if sinks is not None:  # one more column of scores; its probability multiplies a zero value
+        s = torch.cat([s, sinks.to(dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+        vd = torch.cat([vd, vd.new_zeros(vd.shape[0], 1, *vd.shape[2:])], dim=1)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", p, vd)
@@ -76,8 +80,10 @@ def s2_mask(L: int, H: int, G: int, *, wrap: bool = False, num_sink_tokens: int 
 # ``reference`` field): global float64 inputs -> global float64 output, differentiable.
 
 
-def softmax_reference(q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None, **_) -> torch.Tensor:
-    """Dense softmax attention, causal and/or within the documents of ``cu_seqlens`` (global boundaries)."""
+def softmax_reference(q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None, sinks=None,
+                      **_) -> torch.Tensor:
+    """Dense softmax attention, causal and/or within the documents of ``cu_seqlens`` (global boundaries), with
+    optional learned ``sinks`` (one extra logit per head)."""
     L = q.shape[1]
     mask = causal_mask(L, L) if causal else torch.ones(L, L, dtype=torch.bool)
     if cu_seqlens is not None:
@@ -85,7 +91,7 @@ def softmax_reference(q, k, v, *, causal: bool = True, softmax_scale=None, cu_se
         for start in torch.as_tensor(cu_seqlens)[1:-1].tolist():  # document id: boundaries at or before
             doc[start:] += 1
         mask = mask & segment_mask(doc, doc)
-    return dense_attention(q, k, v, mask, scale=softmax_scale)[0]
+    return dense_attention(q, k, v, mask, scale=softmax_scale, sinks=sinks)[0]
 
 
 def shifted_reference(q, k, v, *, group_size: int, wrap: bool = False, num_sink_tokens: int = 0,

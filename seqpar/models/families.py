@@ -104,8 +104,9 @@ FAMILIES: list[Family] = [
         "its recurrent or convolutional token mixers would run on each shard without the previous shard's "
         "state", _NEXT),
     Family("learned attention sinks", ("gpt_oss", "flint", "granite_swa", "granitemoe_swa", "mimo_v2_flash"),
-           "softmax attention with a learned per-head sink logit (`s_aux`)", "-",
-           "its learned attention sinks (s_aux) are not implemented by seqpar's primitives", _NEXT, _ROUTER),
+           "softmax attention with a learned per-head sink logit (`s_aux`); sliding windows at least as long as "
+           "the sequence", _REGISTRY_SEAM + "; `s_aux` merged into each row's log-sum-exp by ring, allgather, "
+           "ulysses, usp and full (s2, sf and rsa refuse it)", loss_terms=_ROUTER),
     Family("sparse and compressed attention", ("deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4",
                                                "dots3_note", "dots3_note_text"),
            "a key indexer (DSA top-k) or compressed K/V chosen from the local shard", "-",

@@ -31,8 +31,10 @@ not know, and any model holding a token-mixing module seqpar does not shard, wha
 Refused per call, with an error naming the fix, on every rank before any communication: attention dropout
 > 0, an explicit attention mask, bidirectional layers, softcapping, a ``sliding_window`` shorter than the
 global sequence (a window at least that long has no effect and is accepted), and every keyword of the
-attention call that seqpar does not implement (``s_aux`` sinks, ``position_bias``, HF's flash varlen
+attention call that seqpar does not implement (``position_bias``, a ``sinks`` tensor, HF's flash varlen
 ``cu_seq_lens_q``...): a keyword is either used, known to be inert (``_INERT``) or refused, never dropped.
+``s_aux`` (gpt-oss, Flint, Granite-SWA: one learned sink logit per head) is used: the primitives that list
+the ``sinks`` option merge it into each row's log-sum-exp (``seqpar.kernels.merge_sink``); the others refuse.
 
 Training-time only attentions (LongLoRA S2-Attn ``"s2"`` and SinkLoRA SF-Attn ``"sf"``, Chen et al. 2023;
 Zhang 2024) use full causal attention when the model is in ``eval()`` mode, as LongLoRA does: the fine-tuned
@@ -230,6 +232,7 @@ def seqpar_attention_forward(
     """transformers' attention-function contract: ``query [B, H, L/N, D]`` -> ``([B, L/N, H, D], None)``."""
     n = comm.group_size(patch.group)
     q_len, k_len = query.shape[2], key.shape[2]
+    sinks = kwargs.pop("s_aux", None)  # gpt-oss, Flint, Granite-SWA: learned per-head sink logits
     # the window covers the keys: with a KV cache k_len (cached + new) exceeds q_len (n is 1 then)
     _check_call(patch, module, attention_mask, dropout, sliding_window, max(q_len, k_len) * n, kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> [B, L, H, D]
@@ -240,7 +243,7 @@ def seqpar_attention_forward(
                 f"{n}: generation is single-device; unpatch_model(model) or patch with parallel=None"
             )
         patch.calls["full"] += 1
-        return local_attention(q, k, v, scaling, causal="bottom_right"), None
+        return local_attention(q, k, v, scaling, causal="bottom_right", sinks=sinks), None
     spec = get_spec(patch.attention)
     if cu_seqlens is None:
         _check_positions(patch, module, kwargs.get("position_ids"), q_len, query.device)
@@ -252,9 +255,14 @@ def seqpar_attention_forward(
             f"attention={spec.name!r} does not support packed documents (cu_seqlens was given): "
             f"use one of {varlen} or pass unpacked sequences"
         )
+    if sinks is not None and "sinks" not in spec.options:
+        takes = tuple(name for name, s in ATTENTIONS.items() if "sinks" in s.options)
+        raise ValueError(f"attention={spec.name!r} does not implement learned attention sinks ({type(module).__name__} "
+                         f"passes s_aux): use one of {takes}")
     patch.calls[spec.name] += 1
     first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
-    return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer).contiguous(), None
+    extra = {} if sinks is None else {"sinks": sinks}
+    return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, **extra).contiguous(), None
 
 
 # Keywords of transformers' attention call that do not change softmax(Q K^T) V (or are checked elsewhere:
@@ -274,9 +282,9 @@ def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len,
         if any(k in _VARLEN_KEYS for k in unknown):
             raise ValueError(f"{unknown} reached seqpar attention from {layer}: HF's flash-attention packing is not "
                              "seqpar's; pass cu_seqlens (seqpar.models.shard_batch builds it) instead")
-        if any(k in ("s_aux", "sinks") for k in unknown):
-            raise ValueError(f"{layer} passes learned attention sinks ({unknown}) to the attention function: "
-                             "seqpar's primitives do not implement sinks yet and would drop them; run this model "
+        if "sinks" in unknown:
+            raise ValueError(f"{layer} passes a `sinks` tensor to the attention function (not gpt-oss's per-head "
+                             "s_aux logits, which seqpar implements): seqpar would drop it; run this model "
                              "without seqpar attention")
         raise ValueError(f"{layer} passes {unknown} to the attention function and seqpar attention does not "
                          "implement them (it would drop them): run this model without seqpar attention")
