@@ -242,7 +242,7 @@ def test_kv_cache_decoding_checks_the_window_against_the_keys():
                                      position_ids=torch.tensor([[n]]))
         out = step(out.past_key_values, 6)
         out = step(out.past_key_values, 7)  # 8 keys
-        with pytest.raises(ValueError, match="sliding_window=8 is shorter than the global sequence length 9"):
+        with pytest.raises(ValueError, match="sliding_window=8, shorter than the global sequence length 9"):
             step(out.past_key_values, 8)  # 9 keys: was accepted (1 query) and attended beyond the window
 
 

@@ -303,9 +303,10 @@ def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len,
         raise ValueError("seqpar attention is causal-only: this layer asked for bidirectional attention")
     if sliding_window is not None and sliding_window < seq_len:
         raise ValueError(
-            f"sliding_window={sliding_window} is shorter than the global sequence length {seq_len}: seqpar "
-            "attention is full causal attention; set model.config.sliding_window = None (or use sequences "
-            f"of at most {sliding_window} tokens)"
+            f"{type(module).__name__} has sliding_window={sliding_window}, shorter than the global sequence "
+            f"length {seq_len}: seqpar's primitives do not implement sliding windows yet and would attend "
+            f"beyond it; train on sequences of at most {sliding_window} tokens, or without sequence parallelism "
+            "(removing the window would change the model you are fine-tuning)"
         )
     if kwargs.get("softcap") is not None:
         raise ValueError(f"softcap={kwargs['softcap']} is not supported by seqpar attention")
