@@ -105,10 +105,9 @@ def tiny_config(model_type: str):
 
     cfg = AutoConfig.for_model(model_type)
     _shrink(cfg, set())
-    for name in ("linear_attn_config",):
-        value = vars(cfg).get(name)
-        if isinstance(value, dict):  # Kimi Linear: which layers are KDA, head sizes
-            value.update({k: v for k, v in {"num_heads": 4, "head_dim": 16}.items() if k in value})
+    kda = vars(cfg).get("linear_attn_config")
+    if isinstance(kda, dict):  # Kimi Linear: which layers are KDA, head sizes
+        kda.update({k: v for k, v in {"num_heads": 4, "head_dim": 16}.items() if k in kda})
     return cfg
 
 

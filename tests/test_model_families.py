@@ -148,36 +148,60 @@ def _tiny(model_type: str, **overrides):
 
 
 def test_unknown_types_injected_mixers_and_router_loss_are_refused():
-    from seqpar.models import families, patch_model, unpatch_model
-    from seqpar.models.families import FAMILIES, Family, family_of, register_family
+    """What patch_model checks on an SP group of N > 1 (``check_model``; the sweep shows it runs there)."""
+    from seqpar.models import families
+    from seqpar.models.families import FAMILIES, Family, check_model, family_of, register_family
 
     model = _tiny("llama")
     model.model.layers[0].mlp.extra_conv = torch.nn.Conv1d(4, 4, 3)  # a config-enabled conv, say
     with pytest.raises(ValueError, match=r"LlamaMLP\.extra_conv \(Conv1d\)"):
-        patch_model(model, "ring", None)
+        check_model(model, model.config)
     del model.model.layers[0].mlp.extra_conv
-    patch_model(model, "ring", None)  # the same model without it: accepted
-    unpatch_model(model)
+    assert check_model(model, model.config).name == "dense decoders"  # the same model without it: accepted
     model.config.model_type = "my_remote_llama"
     with pytest.raises(ValueError, match=r"not in seqpar's model-family table.*register_family"):
-        patch_model(model, "ring", None)
+        check_model(model, model.config)
     register_family(Family("checked remote code", ("my_remote_llama",), "softmax attention", "registry"))
     try:
-        patch_model(model, "ring", None)
-        unpatch_model(model)
-        with pytest.raises(ValueError, match="two families"):
-            register_family(Family("again", ("llama",), "-", "-"))
-        assert family_of("llama").name == "dense decoders"  # a failed registration changes nothing
+        assert check_model(model, model.config).name == "checked remote code"
+        with pytest.raises(ValueError, match="already in the table"):
+            register_family(Family("again", ("llama", "my_other_llama"), "-", "-"))
+        assert family_of("llama").name == "dense decoders" and family_of("my_other_llama") is None
     finally:
         FAMILIES[:] = [f for f in FAMILIES if f.name != "checked remote code"]
         families._index()
     assert family_of("my_remote_llama") is None
     moe = _tiny("mixtral", output_router_logits=True)
     with pytest.raises(ValueError, match="output_router_logits=True"):
-        patch_model(moe, "ring", None)
+        check_model(moe, moe.config)
     moe.config.output_router_logits = False
-    patch_model(moe, "ring", None)
-    unpatch_model(moe)
+    check_model(moe, moe.config)
+
+
+def test_refused_family_runs_unsharded_on_one_device():
+    """The refusals' advice holds: with parallel=None a Gated DeltaNet hybrid patches (its softmax layers run
+    seqpar's local kernel) and equals the unpatched model, loss and every gradient."""
+    from seqpar.models import attention_calls, patch_model, shard_batch, sp_cross_entropy, unpatch_model
+    from tests.causal_lm_zoo import VOCAB
+
+    model = _tiny("qwen3_next")
+    ids = torch.randint(0, VOCAB, (1, L), generator=torch.Generator().manual_seed(5))
+    labels = shard_batch({"input_ids": ids}, None, "contiguous")["labels"]
+    runs = []
+    for patched in (False, True):
+        if patched:
+            patch_model(model, "full", None)
+        model.zero_grad(set_to_none=True)
+        loss = sp_cross_entropy(model(input_ids=ids, use_cache=False).logits, labels, None)
+        loss.backward()
+        runs.append((loss.item(), _grads(model)))
+        if patched:
+            assert attention_calls(model).get("full", 0) > 0  # the patch is engaged
+            unpatch_model(model)
+    (ref, ref_g), (got, got_g) = runs
+    assert abs(got - ref) / ref <= 1e-6
+    worst = max(((got_g[n] - ref_g[n]).norm() / ref_g[n].norm().clamp_min(1e-6)).item() for n in ref_g)
+    assert worst <= 1e-3, worst  # the sweep's float32 bound (measured 1.4e-4: the delta rule amplifies 1e-7)
 
 
 @pytest.mark.parametrize("keyword", ["sinks", "position_bias", "cu_seq_lens_q", "some_new_keyword"])

@@ -46,9 +46,8 @@ def merge_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tup
     delta' = rowsum(dO · o'), and the sink's value is 0); ``sink_grad`` gives d s_h.
     ``sinks [H]``; ``out [B, L, H, D]``, ``lse [B, H, L]`` (float32 or float64).
     """
-    s = sinks.detach().to(lse.dtype).view(1, -1, 1)
-    new_lse = torch.logaddexp(lse, s)
-    return out * torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1).to(out.dtype), new_lse
+    sink_lse = sinks.detach().to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    return merge_partials(out, lse, out.new_zeros(()), sink_lse)
 
 
 def sink_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,13 @@ what is refused and why, and the loss terms that see the whole sequence.
 The rule it enforces: a model is exact under SP or refused with one line, on every rank, before any
 communication. Everything that mixes tokens must be sharded by seqpar: softmax attention dispatched through
 ``transformers.AttentionInterface`` is (``seqpar.models.patch``); recurrences, state-space scans, short
-convolutions, key indexers, sinks and positions computed from local lengths are not (yet), so a family that
-has one is refused naming the module class. A model type absent from the table is refused too (transformers
-adds families faster than anyone can check them); ``register_family`` declares one after checking it.
+convolutions, key indexers and positions computed from local lengths are not (yet), so a family that has
+one is refused naming the module class. Only sharding breaks them: on one device (SP size 1) ``patch_model``
+skips the table, and every model runs as it would unpatched. A model type absent from the table is refused
+too (transformers adds families faster than anyone can check them); ``register_family`` declares one after
+checking it.
 
-``SUPPORTED`` model types are those ``tests/test_model_families.py`` finds exact at SP = 2 (loss and every
+Supported model types are those ``tests/test_model_families.py`` finds exact at SP = 2 (loss and every
 parameter gradient against the unpatched model on the whole sequence) when built tiny from their own
 config; that test fails if the table and the sweep disagree. A supported family can still refuse a call at
 run time (``seqpar.models.patch._check_call``: dropout, masks, windows shorter than the sequence, softcap,
@@ -53,7 +55,8 @@ class Family:
 _REGISTRY_SEAM = "`seqpar_attention_forward` registered in `AttentionInterface`"
 _ROUTER = ("MoE router load-balancing loss (`output_router_logits=True`) over local tokens differs from the "
            "whole-sequence value: refused; with it off (the default) the loss is the LM loss only")
-_NEXT = "not supported yet; run it without sequence parallelism (patch_model(..., parallel=None))"
+_NEXT = ("not supported under sequence parallelism yet; run it on one device per sequence "
+         "(patch_model(..., parallel=None))")
 
 FAMILIES: list[Family] = [
     Family("dense decoders", (
@@ -163,22 +166,16 @@ def family_of(model_type: str | None) -> Family | None:
 
 def register_family(family: Family) -> None:
     """Declare a family (e.g. a remote-code model) after checking it is exact under SP, as the sweep does."""
+    taken = {t: _BY_TYPE[t].name for t in family.model_types if t in _BY_TYPE}
+    if taken:
+        raise ValueError(f"model types {taken} are already in the table: register a family for new types only")
     FAMILIES.append(family)
-    try:
-        _index()
-    except ValueError:
-        FAMILIES.pop()
-        _index()
-        raise
-
-
-def _model_type(config) -> str | None:
-    return getattr(config, "model_type", None)
+    _BY_TYPE.update(dict.fromkeys(family.model_types, family))
 
 
 def refusal_for_config(config) -> str | None:
     """Why a model with this config is refused (one line), or None; what can be known without building it."""
-    model_type = _model_type(config)
+    model_type = getattr(config, "model_type", None)
     fam = family_of(model_type)
     if fam is None:
         return (f"model_type={model_type!r} is not in seqpar's model-family table (seqpar.models.families), so "
@@ -202,7 +199,7 @@ def check_model(model: torch.nn.Module, config) -> Family:
     """
     cls = type(model).__name__
     why = refusal_for_config(config)
-    fam = family_of(_model_type(config))
+    fam = family_of(getattr(config, "model_type", None))
     mixer = _unsharded_mixer(model, fam)
     if why is not None:
         named = f", e.g. {mixer}" if mixer else ""
@@ -222,11 +219,10 @@ def _unsharded_mixer(model: torch.nn.Module, fam: Family | None) -> str | None:
     from transformers import PreTrainedModel
 
     skip = fam.exempt if fam else ()
-    classes: dict[str, str] = {}
     skipped: list[str] = []  # module names under an exempt class (audio towers, Linear-Llama's LASP-2 layers)
-    found: str | None = None  # name of the deepest match so far, in the first matching subtree
+    found, found_kind = None, ""  # name and class of the deepest match so far, in the first matching subtree
     for name, module in model.named_modules():
-        kind = classes[name] = type(module).__name__
+        kind = type(module).__name__
         if found is not None and not name.startswith(found + "."):
             break  # left the first mixer's subtree
         if any(name.startswith(p + ".") for p in skipped):
@@ -236,10 +232,11 @@ def _unsharded_mixer(model: torch.nn.Module, fam: Family | None) -> str | None:
         elif isinstance(module, PreTrainedModel):
             continue
         elif _MIXER.search(kind) and not _NOT_MIXER.search(kind):
-            found = name
+            found, found_kind = name, kind
         elif isinstance(module, torch.nn.Conv1d) and found is None:
-            return f"{classes.get(name.rpartition('.')[0], '')}.{name.rpartition('.')[2]} (Conv1d)"
-    return None if found is None else classes[found]
+            owner, _, attr = name.rpartition(".")
+            return f"{type(model.get_submodule(owner)).__name__}.{attr} (Conv1d)"
+    return None if found is None else found_kind
 
 
 def families_markdown() -> str:

@@ -25,8 +25,9 @@ CPU ones at every forward.
 
 Which models: ``seqpar.models.families`` is the table. ``patch_model`` refuses, in one line naming the module
 class, every model whose family the table refuses (hybrids and SSMs whose recurrences and convolutions would
-run on each shard from a zero state, learned sinks, sparse indexers, positions from local lengths) or does
-not know, and any model holding a token-mixing module seqpar does not shard, whatever its family.
+run on each shard from a zero state, sparse indexers, positions from local lengths) or does not know, and
+any model holding a token-mixing module seqpar does not shard, whatever its family. On one device (no SP
+group) nothing is sharded and the table is not consulted.
 
 Refused per call, with an error naming the fix, on every rank before any communication: attention dropout
 > 0, an explicit attention mask, bidirectional layers, softcapping, a ``sliding_window`` shorter than the
@@ -127,10 +128,11 @@ def patch_model(
     if not 0 < group_size_ratio <= 1:
         raise ValueError(f"group_size_ratio={group_size_ratio} must be in (0, 1] (LongLoRA uses 0.25)")
     pretrained = _find_pretrained(model)
-    check_model(pretrained, pretrained.config)  # the family table: exact under SP, or refused here
+    group = sp_group_of(parallel)
+    if comm.group_size(group) > 1:  # only sharding breaks a mixer: the family table refuses here, or not at all
+        check_model(pretrained, pretrained.config)
     if hasattr(pretrained, "_seqpar_patch"):
         unpatch_model(pretrained)  # re-patching starts from the original implementation
-    group = sp_group_of(parallel)
     ulysses_group = ring_group = None
     if spec.subgroups:  # usp: the Ulysses x ring sub-groups of the SP group
         from seqpar.attention.usp import default_ulysses_degree, usp_groups
@@ -261,8 +263,7 @@ def seqpar_attention_forward(
                          f"passes s_aux): use one of {takes}")
     patch.calls[spec.name] += 1
     first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
-    extra = {} if sinks is None else {"sinks": sinks}
-    return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, **extra).contiguous(), None
+    return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, sinks=sinks).contiguous(), None
 
 
 # Keywords of transformers' attention call that do not change softmax(Q K^T) V (or are checked elsewhere:
