@@ -165,3 +165,19 @@ def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor
     device = cu_seqlens.device if device is None else device
     positions = torch.arange(seq_len, device=device) if positions is None else positions.to(device)
     return torch.searchsorted(torch.tensor(cu, device=device), positions, right=True) - 1
+
+
+def local_documents(cu_seqlens: torch.Tensor | None, n: int, world_size: int, rank: int) -> list[tuple[int, int, int]]:
+    """The pieces of documents on a contiguous shard of ``n`` tokens: ``(start, end, doc_start)`` with local
+    ``[start, end)`` and the global position where that piece's document begins (<= the shard's first global
+    position ``rank * n`` for a piece that continues a document of earlier ranks). Without ``cu_seqlens`` the
+    whole sequence is one document. Used by the recurrent layers (``seqpar.attention.gated_delta``,
+    ``seqpar.attention.short_conv``): their state and history reset at every document start."""
+    offset, total = rank * n, n * world_size
+    bounds = (0, total) if cu_seqlens is None else document_bounds(cu_seqlens, total)
+    pieces = []
+    for a, b in itertools.pairwise(bounds):
+        lo, hi = max(a, offset), min(b, offset + n)
+        if lo < hi:
+            pieces.append((lo - offset, hi - offset, a))
+    return pieces

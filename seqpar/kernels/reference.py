@@ -106,3 +106,48 @@ def linear_reference(q, k, v, *, decay=None, causal: bool = True, **_) -> torch.
     if decay is not None and not isinstance(decay, torch.Tensor):
         decay = torch.full((q.shape[2],), float(decay), dtype=torch.float64)
     return linear_attention(q, k, v, decay, causal)
+
+
+def gated_delta_reference(q, k, v, g, beta, *, cu_seqlens=None, use_qk_l2norm: bool = True, **_) -> torch.Tensor:
+    """The gated delta rule token by token in float64 (Gated DeltaNet; transformers' decay-first convention):
+    S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t / sqrt(Dk), S reset to 0 at every
+    document start of ``cu_seqlens``. ``q, k [B, L, Hk, Dk]``, ``v [B, L, Hv, Dv]``, ``g, beta [B, L, Hv]``
+    (Hk divides Hv: each q/k head serves Hv/Hk consecutive value heads). Returns ``[B, L, Hv, Dv]``."""
+    q, k, v, g, beta = (t.double() for t in (q, k, v, g, beta))
+    B, L, Hv, Dv = v.shape
+    rep = Hv // k.shape[2]
+    q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    if use_qk_l2norm:
+        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q / q.shape[-1] ** 0.5
+    starts = set() if cu_seqlens is None else set(torch.as_tensor(cu_seqlens).tolist())
+    S = q.new_zeros(B, Hv, k.shape[-1], Dv)
+    out = []
+    for t in range(L):
+        if t in starts:
+            S = torch.zeros_like(S)
+        kt, bt = k[:, t], beta[:, t, :, None]  # [B, H, Dk], [B, H, 1]
+        S = g[:, t].exp()[..., None, None] * S  # decay first
+        u = bt * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, kt))  # the delta: what S does not yet predict
+        S = S + kt[..., :, None] * u[..., None, :]
+        out.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(out, dim=1)
+
+
+def causal_conv_reference(x, weight, bias=None, *, cu_seqlens=None, activation: str | None = "silu") -> torch.Tensor:
+    """Depthwise causal convolution in float64, y_t = act(b + Σ_j w_j x_{t-K+1+j}) over tokens of t's document
+    only: ``x [B, C, L]``, ``weight [C, K]``. Returns ``[B, C, L]``."""
+    x, w = x.double(), weight.double()
+    B, C, L = x.shape
+    K = w.shape[-1]
+    doc = torch.zeros(L, dtype=torch.long)
+    for start in ([] if cu_seqlens is None else torch.as_tensor(cu_seqlens)[1:-1].tolist()):
+        doc[start:] += 1
+    y = torch.zeros(B, C, L, dtype=torch.float64) + (0 if bias is None else bias.double()[None, :, None])
+    for t in range(L):
+        for j in range(K):
+            s = t - K + 1 + j
+            if s >= 0 and doc[s] == doc[t]:
+                y[:, :, t] += w[:, j] * x[:, :, s]
+    return torch.nn.functional.silu(y) if activation in ("silu", "swish") else y
