@@ -48,6 +48,11 @@ PLAN: dict[str, tuple[str, str]] = {
     "seqpar merge-lora runs/quickstart-cpu runs/quickstart-cpu/merged": ("run", ""),
     "seqpar eval runs/quickstart-cpu/merged --passkey --lengths 256,512": ("run", "--trials 1"),
     "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run": ("run", ""),
+    "seqpar train recipes/hybrid-qwen3next-cpu.yaml --dry-run": ("run", ""),
+    "torchrun --nproc_per_node 2 -m seqpar train recipes/hybrid-qwen3next-cpu.yaml":
+        ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
+    "seqpar train recipes/hybrid-qwen3next-80b-256k.yaml --dry-run --device-memory 80GiB": ("run", ""),
+    "sbatch --nodes 4 slurm/train.sbatch recipes/hybrid-qwen3next-80b-256k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
     "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run --device-memory 80GiB": ("run", ""),
     "seqpar bench fidelity --quick": ("suite", "tests/test_fidelity.py runs the same --quick pipeline"),

@@ -30,7 +30,7 @@ def _one_line(err: Exception) -> str:
 
 
 def _sweep_one(model_type: str, group, world: int) -> dict:
-    from seqpar.models import patch_model, shard_batch, sp_cross_entropy, unpatch_model
+    from seqpar.models import patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
     from tests.causal_lm_zoo import VOCAB, Unbuildable, build
 
     try:
@@ -53,7 +53,7 @@ def _sweep_one(model_type: str, group, world: int) -> dict:
     model.zero_grad(set_to_none=True)
     patch_model(model, "ring", group)
     try:
-        sp = shard_batch({"input_ids": ids}, group, "zigzag")
+        sp = shard_batch({"input_ids": ids}, group, patched_layout(model))
         labels = sp.pop("labels")
         loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
         loss.backward()
@@ -72,7 +72,10 @@ def _sweep_one(model_type: str, group, world: int) -> dict:
     ref_loss, ref_grads = ref
     if sums.keys() != ref_grads.keys():
         return {"kind": "wrong", "why": "different parameters received gradients"}
-    worst = max((((sums[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-6)).item(), n)
+    # each gradient's error relative to its norm, floored at 1e-3 of the largest: a parameter whose gradient is
+    # tiny (Gated DeltaNet's A_log, through float32 casts in the model) measures float32 noise, not its error
+    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
+    worst = max((((sums[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(floor)).item(), n)
                 for n in ref_grads)
     err = abs(loss.item() - ref_loss) / abs(ref_loss)
     kind = "exact" if err <= TOL and worst[0] <= 1e-3 else "wrong"
@@ -124,11 +127,11 @@ def test_family_table_agrees_with_the_sweep(sweep):
 
 def test_refusals_name_the_module_class(sweep):
     """The hybrids the issue names: the error names the mixer class seqpar does not shard."""
-    for t, name in {"qwen3_next": "Qwen3NextGatedDeltaNet", "qwen3_5_text": "Qwen3_5GatedDeltaNet",
-                    "olmo_hybrid": "OlmoHybridGatedDeltaNet", "minimax": "MiniMaxLightningAttention",
-                    "mamba2": "Mamba2Mixer", "nemotron_h": "NemotronHMamba2Mixer",
-                    "recurrent_gemma": "RecurrentGemma"}.items():
+    for t, name in {"kimi_linear": "KimiLinearDeltaAttention", "mamba2": "Mamba2Mixer",
+                    "nemotron_h": "NemotronHMamba2Mixer", "recurrent_gemma": "RecurrentGemma"}.items():
         assert sweep[t]["kind"] == "refused" and name in sweep[t]["why"], (t, sweep[t])
+    for t in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "minimax"):  # LASP-2 hybrids
+        assert sweep[t]["kind"] == "exact", (t, sweep[t])
     for t in ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"):  # learned sinks: exact, and their
         assert sweep[t]["kind"] == "exact", (t, sweep[t])  # gradients reached the sinks (same parameter set)
     for t in ("bart", "mbart", "marian", "pegasus", "blenderbot-small"):
@@ -179,12 +182,12 @@ def test_unknown_types_injected_mixers_and_router_loss_are_refused():
 
 
 def test_refused_family_runs_unsharded_on_one_device():
-    """The refusals' advice holds: with parallel=None a Gated DeltaNet hybrid patches (its softmax layers run
-    seqpar's local kernel) and equals the unpatched model, loss and every gradient."""
+    """The refusals' advice holds: with parallel=None a Mamba2 hybrid (Nemotron-H) patches (its softmax layers
+    run seqpar's local kernel) and equals the unpatched model, loss and every gradient."""
     from seqpar.models import attention_calls, patch_model, shard_batch, sp_cross_entropy, unpatch_model
     from tests.causal_lm_zoo import VOCAB
 
-    model = _tiny("qwen3_next")
+    model = _tiny("nemotron_h")
     ids = torch.randint(0, VOCAB, (1, L), generator=torch.Generator().manual_seed(5))
     labels = shard_batch({"input_ids": ids}, None, "contiguous")["labels"]
     runs = []
@@ -201,7 +204,7 @@ def test_refused_family_runs_unsharded_on_one_device():
     (ref, ref_g), (got, got_g) = runs
     assert abs(got - ref) / ref <= 1e-6
     worst = max(((got_g[n] - ref_g[n]).norm() / ref_g[n].norm().clamp_min(1e-6)).item() for n in ref_g)
-    assert worst <= 1e-3, worst  # the sweep's float32 bound (measured 1.4e-4: the delta rule amplifies 1e-7)
+    assert worst <= 1e-3, worst  # the sweep's float32 bound
 
 
 @pytest.mark.parametrize("keyword", ["sinks", "position_bias", "cu_seq_lens_q", "some_new_keyword"])

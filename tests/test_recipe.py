@@ -40,7 +40,7 @@ BAD = [
     (["data.source=files"], 2, ["data.files=[]", "local jsonl"]),
     (["model.from_config.vocab_size=100"], 2, ["vocab_size=100", "byte tokenizer needs >= 259"]),
     (["model.path=/nowhere"], 2, ["model:", "exactly one of model.path"]),
-    (["model.from_config.model_type=qwen3_next"], 2, ["model_type='qwen3_next'", "Gated DeltaNet", "zero state"]),
+    (["model.from_config.model_type=kimi_linear"], 2, ["model_type='kimi_linear'", "Kimi Delta", "zero state"]),
     (["trainer.betas=[0.9]"], 2, ["trainer.betas=[0.9]", "two numbers"]),
     (["attention.name=s2", "attention.sp_size=2", "attention.layout=zigzag"], 2,
      ["attention.layout='zigzag'", "contiguous"]),

@@ -40,6 +40,7 @@ def _configs(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"seqpar bench: unknown suite(s) {unknown}; choose from {list(SUITES)}")
     only = set(args.methods.split(",")) if args.methods else None
     if only is not None:
+        import seqpar.bench.hybrid  # (registers the gdn_* and lightning_* methods)
         import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
         from seqpar.bench.methods import METHODS
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import seqpar.bench.hybrid  # (registers the gdn_* and lightning_* methods)
 import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
 from seqpar.bench.measure import Measurement, MemoryProbe, TrackedPeak, time_repeats
 from seqpar.bench.methods import METHODS

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 SHAPE = {"batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 64, "dtype": "float32", "causal": True}
 # Rows every ratio is taken against (one process, the whole sequence): attention and model-level.
-BASELINES = ("single_sdpa", "llama_single")
+BASELINES = ("single_sdpa", "llama_single", "gdn_single", "lightning_single")
 
 
 def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict, baseline: str) -> list[dict]:
@@ -134,4 +134,19 @@ def gpu(quick: bool) -> list[dict]:
     return [{**base, "method": m, "seq_len": L, "flops": flops(L)} for L in lengths for m in methods]
 
 
-SUITES = {"softmax": softmax, "linear": linear, "longlora": longlora, "e2e": e2e, "scaling": scaling, "gpu": gpu}
+def hybrid(quick: bool) -> list[dict]:
+    """The linear layers of hybrid models (``seqpar.bench.hybrid``): a Gated DeltaNet rule and a Lightning
+    Attention layer, LASP-2 against the head all-to-all approach, each against one process with N threads."""
+    base = {"batch": 1, "heads": 8, "head_dim": 64, "dtype": "float32"}
+    if quick:
+        return (_grid({2: ["gdn_lasp2", "gdn_a2a"]}, [128], {**base, "model": "gdn"}, "gdn_single")
+                + _grid({2: ["lightning_lasp2"]}, [128], {**base, "model": "lightning"}, "lightning_single"))
+    lengths = [8192, 16384, 32768, 65536]
+    return (_grid({2: ["gdn_lasp2", "gdn_a2a"], 4: ["gdn_lasp2", "gdn_a2a"]}, lengths, {**base, "model": "gdn"},
+                  "gdn_single")
+            + _grid({2: ["lightning_lasp2", "lightning_a2a"], 4: ["lightning_lasp2", "lightning_a2a"]}, lengths,
+                    {**base, "model": "lightning", "decay": 0.99}, "lightning_single"))
+
+
+SUITES = {"softmax": softmax, "linear": linear, "longlora": longlora, "e2e": e2e, "scaling": scaling, "gpu": gpu,
+          "hybrid": hybrid}

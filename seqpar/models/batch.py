@@ -147,7 +147,8 @@ def sp_cross_entropy(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: logits must be "
             "[B, L/N, V] for labels [B, L/N] (call the model with labels=None and use shard_batch's labels)"
         )
-    local = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+    acc = torch.promote_types(logits.dtype, torch.float32)  # float64 models keep a float64 loss
+    local = F.cross_entropy(logits.to(acc).flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return sp_global_mean(local, (labels != IGNORE_INDEX).sum(), group)
 
@@ -155,11 +156,11 @@ def sp_cross_entropy(
 def sp_global_mean(local: torch.Tensor, count: torch.Tensor, group: ParallelState | dist.ProcessGroup | None
                    ) -> torch.Tensor:
     """``sum_r S_r / C`` in value, ``S_r / C`` in gradient, from this rank's summed loss ``local`` (a float32
-    scalar with a graph) and its target count: the reduction ``sp_cross_entropy`` and
-    ``sp_fused_linear_cross_entropy`` share (one all-reduce of 2 float64)."""
+    scalar with a graph, float64 for a float64 model: the result keeps its dtype) and its target count: the
+    reduction ``sp_cross_entropy`` and ``sp_fused_linear_cross_entropy`` share (one all-reduce of 2 float64)."""
     stats = torch.stack([local.detach().double(), count.double()])
     stats = all_reduce_tensor(stats, sp_group_of(group))  # [sum of S_r, C]
     total = stats[1].clamp(min=1)
     # Value: the global mean, bit-identical on every rank (the second term is exactly 0).
     # Gradient: this rank's share S_r / C only.
-    return (stats[0] / total).float() + (local - local.detach()) / total.float()
+    return (stats[0] / total).to(local.dtype) + (local - local.detach()) / total.to(local.dtype)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FAMILIES", "Family", "check_model", "families_markdown", "family_of", "refusal_for_config",
-           "register_family"]
+__all__ = ["FAMILIES", "Family", "check_model", "families_markdown", "family_of", "hybrid_model_types",
+           "layout_for", "refusal_for_config", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ class Family:
     # module classes the mixer scan would flag that seqpar shards itself (Linear-Llama's LASP-2 layers) or
     # that do not mix text tokens (audio towers with a Conv1d); matched as class-name prefixes
     exempt: tuple[str, ...] = ()
+    # (module class, seam) pairs seqpar shards itself outside the attention registry (``seqpar.models.hybrid``);
+    # their subtrees are exempt from the mixer scan, and ``patch_model`` installs the seam in each
+    linear: tuple[tuple[str, str], ...] = ()
 
     @property
     def supported(self) -> bool:
@@ -85,15 +88,27 @@ FAMILIES: list[Family] = [
     Family("Linear-Llama", ("linear_llama",), "linear attention (LASP-2), softmax layers of its hybrid",
            "`LinearLlamaForCausalLM.set_sequence_parallel` (LASP-2 / LASP-2H)", loss_terms="none",
            exempt=("LinearAttention",)),
-    Family("Gated DeltaNet hybrids", (
-        "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini",
-        "bailing_hybrid"),
-        "`*GatedDeltaNet` / `*DeltaAttention` (causal conv1d + gated delta rule) and gated softmax attention",
-        "-", "its linear-attention layers would run on each shard from a zero state and zero conv history",
-        _NEXT, _ROUTER),
+    Family("Gated DeltaNet hybrids", ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
+                                      "olmo_hybrid", "lara_mini"),
+           "`*GatedDeltaNet` (causal conv1d + gated delta rule) and gated softmax attention",
+           "conv1d: `seqpar.attention.short_conv` (halo of K-1 inputs); gated delta rule: "
+           "`seqpar.attention.gated_delta` (LASP-2, one all-gather of affine state maps), both through the "
+           "modeling module's `causal_conv1d_fn` / `torch_chunk_gated_delta_rule`; softmax layers: "
+           + _REGISTRY_SEAM + "; contiguous layout", loss_terms=_ROUTER,
+           linear=(("Qwen3NextGatedDeltaNet", "gated_delta"), ("Qwen3_5GatedDeltaNet", "gated_delta"),
+                   ("Qwen3_5MoeGatedDeltaNet", "gated_delta"), ("OlmoHybridGatedDeltaNet", "gated_delta"),
+                   ("LaraMiniGatedDeltaNet", "gated_delta"))),
+    Family("other delta-rule hybrids", ("bailing_hybrid",),
+           "`BailingHybridDeltaAttention` (causal conv1d + its own delta rule, no `torch_chunk_gated_delta_rule`)",
+           "-", "its delta-rule layers would run on each shard from a zero state and zero conv history (seqpar's "
+           "Gated DeltaNet seam is transformers' `torch_chunk_gated_delta_rule`, which this model does not call)",
+           _NEXT, _ROUTER),
     Family("Lightning Attention hybrids", ("minimax",), "`MiniMaxLightningAttention` and softmax attention",
-           "-", "its Lightning Attention layers would run on each shard from a zero state", _NEXT, _ROUTER),
-    Family("Kimi Delta Attention hybrids", ("kimi_linear",), "`KimiDeltaAttention` (KDA, short conv) and MLA",
+           "Lightning Attention: the layer's forward, its block loop replaced by "
+           "`seqpar.attention.lasp2.lasp2_linear_attention` (one all-gather of states); softmax layers: "
+           + _REGISTRY_SEAM + "; contiguous layout; packed documents refused", loss_terms=_ROUTER,
+           linear=(("MiniMaxLightningAttention", "lightning"),)),
+    Family("Kimi Delta Attention hybrids", ("kimi_linear",), "`KimiLinearDeltaAttention` (KDA, short conv) and MLA",
            "-", "its KDA layers would run on each shard from a zero state", _NEXT, _ROUTER),
     Family("state-space models and Mamba hybrids", (
         "mamba", "mamba2", "falcon_mamba", "bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h",
@@ -156,12 +171,30 @@ _index()
 # whatever its family says (a config can switch a mixer on), unless its family lists it as not a text mixer.
 _MIXER = re.compile(r"Mamba|Mixer|DeltaNet|DeltaAttention|Lightning|Recurrent|Rglru|Rwkv|xLSTM|ShortConv|"
                     r"ShortConvolution|Indexer|Compressor|LinearAttention")
-_NOT_MIXER = re.compile(r"Norm|Embedding|MLP|Rotary|FeedForward|Expert|Router|Moe|MoE")  # per token
+_NOT_MIXER = re.compile(r"Norm|Embedding|MLP|Rotary|FeedForward|Expert|Router|Moe|MoE|DecoderLayer")  # per token,
+# or (DecoderLayer) a container whose mixers are matched themselves
 
 
 def family_of(model_type: str | None) -> Family | None:
     """The family of ``model_type``, or None when the table does not know it."""
     return _BY_TYPE.get(model_type or "")
+
+
+def hybrid_model_types() -> tuple[str, ...]:
+    """Model types whose linear-attention layers seqpar shards itself (``Family.linear``): hybrids."""
+    return tuple(t for fam in FAMILIES if fam.linear for t in fam.model_types)
+
+
+def layout_for(model_type: str | None, layout: str | None) -> str | None:
+    """The layout a model type runs with: a hybrid's linear layers fold states in rank order, so contiguous
+    (``layout`` None or "contiguous"); any other model keeps ``layout`` (None = the primitive's default)."""
+    fam = family_of(model_type)
+    if fam is None or not fam.linear:
+        return layout
+    if layout not in (None, "contiguous"):
+        raise ValueError(f"layout={layout!r} with model_type={model_type!r}: its linear-attention layers run LASP-2 "
+                         "on contiguous shards; pass layout='contiguous' or leave it None")
+    return "contiguous"
 
 
 def register_family(family: Family) -> None:
@@ -218,7 +251,7 @@ def _unsharded_mixer(model: torch.nn.Module, fam: Family | None) -> str | None:
     """
     from transformers import PreTrainedModel
 
-    skip = fam.exempt if fam else ()
+    skip = (*fam.exempt, *(cls for cls, _ in fam.linear)) if fam else ()
     skipped: list[str] = []  # module names under an exempt class (audio towers, Linear-Llama's LASP-2 layers)
     found, found_kind = None, ""  # name and class of the deepest match so far, in the first matching subtree
     for name, module in model.named_modules():

@@ -58,8 +58,9 @@ from seqpar import comm
 from seqpar.attention.local import local_attention
 from seqpar.attention.registry import ATTENTIONS, get_spec, resolve_layout
 from seqpar.comm import Group
+from seqpar.models import hybrid
 from seqpar.models.batch import sp_group_of
-from seqpar.models.families import check_model
+from seqpar.models.families import check_model, family_of, layout_for
 from seqpar.parallel import ParallelState
 from seqpar.sharding import global_index
 
@@ -124,10 +125,16 @@ def patch_model(
 
     Returns the same model, patched in place. ``unpatch_model`` restores it.
     """
-    spec, layout = get_spec(attention), resolve_layout(attention, layout)
+    spec = get_spec(attention)
     if not 0 < group_size_ratio <= 1:
         raise ValueError(f"group_size_ratio={group_size_ratio} must be in (0, 1] (LongLoRA uses 0.25)")
     pretrained = _find_pretrained(model)
+    model_type = getattr(pretrained.config, "model_type", None)
+    fam = family_of(model_type)
+    seams = fam.linear if fam is not None and spec.models != "linear" else ()
+    if seams:  # a hybrid: its linear layers fold states in contiguous order
+        layout = layout_for(model_type, layout)
+    layout = resolve_layout(attention, layout)
     group = sp_group_of(parallel)
     if comm.group_size(group) > 1:  # only sharding breaks a mixer: the family table refuses here, or not at all
         check_model(pretrained, pretrained.config)
@@ -145,6 +152,11 @@ def patch_model(
     patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
                    ring_group, name="", previous=None if linear else pretrained.config._attn_implementation,
                    s2_wrap=s2_wrap)
+    if linear and fam is not None and fam.linear:
+        fits = tuple(n for n, s in ATTENTIONS.items() if s.models != "linear")
+        raise ValueError(f"attention={attention!r} with {type(pretrained).__name__}: its linear-attention layers "
+                         "always run LASP-2; attention= names the primitive of its softmax layers: pick one of "
+                         f"{fits} ('allgather' is LASP-2H)")
     if linear != hasattr(pretrained, "set_sequence_parallel"):
         kind = "linear-attention (Linear-Llama)" if linear else "softmax-attention (Llama, Mistral, Qwen2)"
         fits = tuple(n for n, s in ATTENTIONS.items() if (s.models == "linear") != linear)
@@ -163,6 +175,8 @@ def patch_model(
             f"{type(pretrained).__name__} did not accept attn_implementation={patch.name!r}: its attention "
             "does not dispatch through transformers' AttentionInterface, so seqpar cannot patch it"
         )
+    if seams:
+        hybrid.install(pretrained, seams, group, patch.calls)
     pretrained._seqpar_patch = patch
     return model
 
@@ -178,6 +192,7 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     else:
         pretrained.set_attn_implementation(patch.previous)
         AttentionInterface._global_mapping.pop(patch.name, None)
+        hybrid.remove(pretrained)
     del pretrained._seqpar_patch
     return model
 

@@ -49,10 +49,12 @@ def planned_world(recipe: Recipe, override: int | None) -> int:
 
 def describe_plan(recipe: Recipe, world: int, config) -> str:
     from seqpar.attention.registry import resolve_layout
+    from seqpar.models.families import layout_for
     from seqpar.parallel import group_ranks
     from seqpar.train.model import config_source, rope_factor
 
     a, t, d = recipe.attention, recipe.trainer, recipe.data
+    model_type = getattr(config, "model_type", None)
     sp_groups, dp_groups = group_ranks(world, a.sp_size)
     dp = world // a.sp_size
     lines = [
@@ -63,7 +65,8 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         f"world {world} = {_nodes(recipe, world)}: sp_size {a.sp_size} x dp_size {dp}",
         f"SP groups (consecutive ranks): {sp_groups}",
         f"DP groups (strided ranks): {dp_groups}",
-        f"attention {a.name}, layout {resolve_layout(a.name, a.layout)}: {d.seq_len} tokens per sequence, "
+        f"attention {a.name}, layout {resolve_layout(a.name, layout_for(model_type, a.layout))}: "
+        f"{d.seq_len} tokens per sequence, "
         f"{d.seq_len // a.sp_size} per rank",
         f"global batch {t.micro_batch} x {t.grad_accum} (accum) x {dp} (dp) = "
         f"{t.micro_batch * t.grad_accum * dp} sequences = {t.micro_batch * t.grad_accum * dp * d.seq_len} tokens/step",

@@ -3,7 +3,8 @@
 
 Static state (per rank, W ranks, P parameters of which T trainable, b bytes per element of the model dtype):
 parameters ``P b`` (ZeRO-3: / W), gradients ``T b`` (ZeRO-2/3: / W), Adam ``T x (8 + 4 if b < 4)`` (m, v and a
-float32 master copy; ZeRO-1/2/3: / W; ``deepspeed.offload=cpu``: on the host).
+float32 master copy; ZeRO-1/2/3: / W; ``deepspeed.offload=cpu``: on the host). P is counted on the meta device
+from the config (MoE experts and linear-attention layers included; the dense formula where that fails).
 
 Activations of one micro-batch, ``t = micro_batch x seq_len / sp_size`` tokens per rank (Llama-family
 decoder, HF code, SDPA-style attention that keeps only q, k, v, out and a float32 log-sum-exp):
@@ -28,6 +29,8 @@ against measured peaks of toy runs (within 25%).
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -72,8 +75,31 @@ class ModelShape:
         n, I, V = config.num_hidden_layers, config.intermediate_size, config.vocab_size
         tied = bool(getattr(config, "tie_word_embeddings", False))
         layer = d * (H + 2 * Hkv) * hd + H * hd * d + 3 * d * I + 2 * d
-        params = n * layer + V * d * (1 if tied else 2) + d
+        params = _count_params(config) or n * layer + V * d * (1 if tied else 2) + d
         return cls(n, d, I, H, Hkv, hd, V, params, tied)
+
+
+def _count_params(config: Any) -> int:
+    """The model's exact parameter count, built on the meta device (no memory, MoE experts and linear layers
+    included), or 0 where transformers cannot build it from the config (the dense formula is used then)."""
+    from transformers import PretrainedConfig
+
+    if not isinstance(config, PretrainedConfig):
+        return 0
+    return _count_built(config.to_json_string(use_diff=False), type(config))
+
+
+@functools.lru_cache(maxsize=8)  # longest_seq_len plans one config many times
+def _count_built(config_json: str, config_class: type) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config_class.from_dict(json.loads(config_json)))
+    except Exception:  # any config transformers cannot build falls back to the formula
+        return 0
+    return sum(p.numel() for p in model.parameters())
 
 
 def activation_bytes(s: ModelShape, tokens: int, b: int, *, attention: str = "full", sp: int = 1,

@@ -78,9 +78,10 @@ def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
     return model
 
 
-def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: torch.device) -> dict:
-    """This rank's shard; packed documents become ``seq_lens`` (rows flattened into one sequence if B > 1)."""
-    from seqpar.attention.registry import get_spec, resolve_layout
+def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: torch.device, layout: str) -> dict:
+    """This rank's shard in the patched model's ``layout``; packed documents become ``seq_lens`` (rows
+    flattened into one sequence if B > 1)."""
+    from seqpar.attention.registry import get_spec
     from seqpar.models import shard_batch
     from seqpar.sharding import host_bounds, remember_bounds
 
@@ -89,7 +90,6 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
     if get_spec(recipe.attention.name).varlen and any(len(d) > 1 for d in docs):
         # Row ends are document ends, so one row of B x L tokens with the documents marked is the same batch.
         full = {"input_ids": ids.reshape(1, -1), "seq_lens": [n for d in docs for n in d]}
-    layout = resolve_layout(recipe.attention.name, recipe.attention.layout)
     local = shard_batch(full, parallel, layout)
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in local.items()}
     if "cu_seqlens" in out:  # keep the host ints across the copy: no layer reads the boundaries back
@@ -99,13 +99,13 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
 
 def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: ParallelState) -> float:
     """One optimizer step over grad_accum micro-batches; returns the loss averaged over micro-batches and DP."""
-    from seqpar.models import causal_lm_loss
+    from seqpar.models import causal_lm_loss, patched_layout
     from seqpar.train.memory import loss_chunk
 
     total = 0.0
     for micro in range(recipe.trainer.grad_accum):
         batch = batch_at(samples, recipe, step, micro, parallel.dp_rank, parallel.dp_size)
-        sp = local_batch(batch, recipe, parallel, parallel.device)
+        sp = local_batch(batch, recipe, parallel, parallel.device, patched_layout(engine))
         labels = sp.pop("labels")
         loss = causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe))
         if faults.nan_loss(step + 1):
@@ -129,7 +129,7 @@ def _dp_mean(value: float, parallel: ParallelState) -> float:
 def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState) -> float:
     """Mean loss over ``eval.batches`` fixed held-out batches (``samples``: data.eval_fraction / eval_files; each
     DP rank its own), model in eval mode (s2/sf use full attention)."""
-    from seqpar.models import causal_lm_loss
+    from seqpar.models import causal_lm_loss, patched_layout
     from seqpar.train.memory import loss_chunk
 
     was_training = engine.module.training
@@ -137,7 +137,7 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
     losses = []
     for i in range(recipe.eval.batches):
         batch = eval_batch(samples, recipe, i, parallel.dp_rank, parallel.dp_size)
-        sp = local_batch(batch, recipe, parallel, parallel.device)
+        sp = local_batch(batch, recipe, parallel, parallel.device, patched_layout(engine))
         labels = sp.pop("labels")
         losses.append(causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe)).item())
     engine.module.train(was_training)

@@ -11,7 +11,7 @@ from typing import Any
 
 from seqpar.attention.checks import check_head_split
 from seqpar.attention.registry import ATTENTIONS, head_split_degree, resolve_layout
-from seqpar.models.families import refusal_for_config
+from seqpar.models.families import hybrid_model_types, layout_for, refusal_for_config
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
@@ -54,9 +54,10 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
         ok = [d for d in range(1, world_size + 1) if world_size % d == 0]
         errors.append(f"attention.sp_size={a.sp_size} does not divide the world size {world_size}: use one of {ok} "
                       f"or launch a multiple of {a.sp_size} processes")
+    model_type = getattr(config, "model_type", None)
     if a.sp_size >= 1 and seq_len >= 1:
         try:
-            layout = resolve_layout(a.name, a.layout)
+            layout = resolve_layout(a.name, layout_for(model_type, a.layout))
         except ValueError as err:
             errors.append(f"attention.layout={a.layout!r}: {err}")
         else:
@@ -81,10 +82,13 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
                       "by definition); set attention.s2_wrap=false")
     if a.name in ("s2", "sf") and not (a.sp_size >= 1 and seq_len % a.sp_size):  # else: the split error above
         errors.extend(_group_problems(r, seq_len))
-    model_type = getattr(config, "model_type", None)
     linear = ATTENTIONS[a.name].models == "linear"
     fits = [n for n, s in ATTENTIONS.items() if s.models != "linear"]
-    if linear and model_type not in LINEAR_MODEL_TYPES:
+    if linear and model_type in hybrid_model_types():
+        errors.append(f"attention.name={a.name!r} with model_type={model_type!r}: its linear-attention layers always "
+                      f"run LASP-2; attention.name names its softmax layers' primitive: use one of {fits} "
+                      "('allgather' is LASP-2H)")
+    elif linear and model_type not in LINEAR_MODEL_TYPES:
         errors.append(f"attention.name={a.name!r} needs a linear-attention model (model_type in {LINEAR_MODEL_TYPES}),"
                       f" got model_type={model_type!r}: use one of {fits} for softmax models")
     if model_type in LINEAR_MODEL_TYPES and not linear:
@@ -163,9 +167,12 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
     refused = None if config is None else refusal_for_config(config)  # the model-family table
     if refused is not None:
         errors.append(f"model: {refused}")
-    elif config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES:
+    elif config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES + hybrid_model_types():
         errors.append(f"model.model_type={model_type!r} is not supported: use one of "
-                      f"{SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES}")
+                      f"{SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES + hybrid_model_types()}")
+    if model_type == "minimax" and d.pack:
+        errors.append("data.pack=true with model_type='minimax': packed documents are not implemented for Lightning "
+                      "Attention yet (its state would flow across documents); set data.pack=false")
     if m.from_config is not None and d.tokenizer is None and getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
         errors.append(f"model.from_config.vocab_size={config.vocab_size}: the built-in byte tokenizer needs >= "
                       f"{BYTE_VOCAB}; raise it or set data.tokenizer")

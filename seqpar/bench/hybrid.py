@@ -1,0 +1,89 @@
+"""Bench methods of the ``hybrid`` suite: one Gated DeltaNet layer's rule and one Lightning Attention layer,
+forward + backward, on one rank's shard.
+
+* ``gdn_single`` / ``lightning_single``: one process, the whole sequence (the baselines, N threads);
+* ``gdn_lasp2`` / ``lightning_lasp2``: seqpar's LASP-2 (``seqpar.attention.gated_delta``, one all-gather of
+  affine state maps; ``seqpar.attention.lasp2``, one all-gather of states);
+* ``gdn_a2a`` / ``lightning_a2a``: the head all-to-all approach (PyTorch PR 197487, Megatron): an all-to-all
+  gives each rank H/N heads of the whole sequence, the single-device kernel runs on them, an all-to-all
+  returns the output (and the same twice in backward). Bytes grow with L; seqpar's do not.
+
+Shapes: ``batch`` x ``seq_len`` x ``heads`` x ``head_dim`` (q, k, v of the same head count; g, beta per head
+for the delta rule); float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.bench.methods import _fwd_bwd, method
+from seqpar.comm import all_to_all, group_size
+from seqpar.sharding import shard
+
+
+def _inputs(cfg: dict, group, *, layout: str | None, gated: bool) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    B, L, H, D = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["head_dim"]
+    ts = [torch.randn(B, L, H, D, generator=g) for _ in range(3)]
+    if gated:
+        ts += [-torch.rand(B, L, H, generator=g) * 0.1, torch.rand(B, L, H, generator=g)]
+    if layout is not None:
+        ts = [shard(t, group=group, layout=layout) for t in ts]
+    return [t.requires_grad_() for t in ts]
+
+
+def _heads_a2a(fn, group):
+    """Sequence-sharded inputs -> H/N heads of the whole sequence -> ``fn`` -> back to sequence shards."""
+
+    def run(*ts):
+        whole = [all_to_all(t.contiguous(), group=group, scatter_dim=2, gather_dim=1) for t in ts]
+        return all_to_all(fn(*whole).contiguous(), group=group, scatter_dim=1, gather_dim=2)
+
+    return run
+
+
+def _gdn(group):
+    from seqpar.attention.gated_delta import gated_delta_rule
+
+    return lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, group=group)
+
+
+def _lightning(cfg, group):
+    from seqpar.attention.lasp2 import lasp2_linear_attention
+
+    decay = torch.full((cfg["heads"],), cfg.get("decay", 0.99), dtype=torch.float64)
+    return lambda q, k, v: lasp2_linear_attention(q, k, v, group=group, decay=decay)
+
+
+@method("gdn_single")
+def _gdn_single(cfg: dict, group):
+    return _fwd_bwd(_gdn(None), _inputs(cfg, None, layout=None, gated=True), None)
+
+
+@method("gdn_lasp2")
+def _gdn_lasp2(cfg: dict, group):
+    return _fwd_bwd(_gdn(group), _inputs(cfg, group, layout="contiguous", gated=True), "contiguous")
+
+
+@method("gdn_a2a")
+def _gdn_a2a(cfg: dict, group):
+    if cfg["heads"] % group_size(group):
+        raise ValueError(f"gdn_a2a: {cfg['heads']} heads do not split over {group_size(group)} ranks")
+    fn = _heads_a2a(_gdn(None), group)
+    return _fwd_bwd(fn, _inputs(cfg, group, layout="contiguous", gated=True), "contiguous")
+
+
+@method("lightning_single")
+def _lightning_single(cfg: dict, group):
+    return _fwd_bwd(_lightning(cfg, None), _inputs(cfg, None, layout=None, gated=False), None)
+
+
+@method("lightning_lasp2")
+def _lightning_lasp2(cfg: dict, group):
+    return _fwd_bwd(_lightning(cfg, group), _inputs(cfg, group, layout="contiguous", gated=False), "contiguous")
+
+
+@method("lightning_a2a")
+def _lightning_a2a(cfg: dict, group):
+    fn = _heads_a2a(_lightning(cfg, None), group)
+    return _fwd_bwd(fn, _inputs(cfg, group, layout="contiguous", gated=False), "contiguous")

@@ -1,0 +1,202 @@
+"""The linear-attention layers of hybrid models, run by seqpar's sequence-parallel primitives in place.
+
+The family table (``seqpar.models.families``) names, per family, the module classes seqpar shards and the seam
+it patches in each (``Family.linear``); ``patch_model`` calls ``install`` with it, ``unpatch_model`` calls
+``remove``. The softmax layers of the same models go through the attention registry as every other model's.
+
+Seams, the narrowest each model offers:
+
+* ``"gated_delta"`` (Qwen3-Next, Qwen3.5, OLMo-hybrid ``*GatedDeltaNet``): the layer's forward calls its
+  modeling module's ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule`` (transformers' pure-PyTorch
+  fallbacks of the causal-conv1d and flash-linear-attention kernels). seqpar wraps each of those two
+  module functions once with a dispatcher that runs ``seqpar.attention.short_conv.causal_conv1d`` (halo
+  exchange) and ``seqpar.attention.gated_delta.gated_delta_rule`` (LASP-2 with affine maps) while a patched
+  layer's forward is running (a context variable set by the layer's instance ``forward``), and the original
+  functions otherwise: an unpatched model in the same process is untouched. No model code is copied: the
+  projections, gates, norms and output projection are the model's own.
+* ``"lightning"`` (MiniMax ``MiniMaxLightningAttention``): the recurrence is written inline in the layer's
+  forward (no function to wrap), so the seam is the forward itself: seqpar's forward keeps the model's
+  projections and modules (``qkv_proj``, ``act_fn``, ``norm``, ``output_gate``, ``out_proj``) and replaces
+  only the block loop with ``seqpar.attention.lasp2.lasp2_linear_attention`` (decay λ_h = exp(-slope_h), the
+  layer's own block size).
+
+The patched layers run seqpar's kernels on one device too (float64 stays float64, packed documents reset the
+state); a call with a cache or a padding mask there runs the model's own code (generation is
+single-device). Under SP (group size > 1) both are refused, as is anything else a seam does not implement,
+with one line and on every rank before a collective: a KV/recurrent cache, a padding mask, HF's own varlen
+keywords, packed documents for Lightning Attention (not implemented yet).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from seqpar import comm
+from seqpar.comm import Group
+
+_ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("seqpar_linear_layer", default=None)
+_WRAPPED = "_seqpar_dispatch"  # marks a module function already replaced by its dispatcher
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What the dispatchers need while a patched layer runs."""
+
+    group: Group
+    cu_seqlens: torch.Tensor | None
+    layer: str
+
+
+def install(model: torch.nn.Module, seams: tuple[tuple[str, str], ...], group: Group, calls: Counter) -> int:
+    """Patch every module of ``model`` whose class is named in ``seams`` (class name -> seam); returns how many.
+    Each layer call that runs seqpar's primitive counts once in ``calls`` under the seam's name
+    (``attention_calls``)."""
+    kinds = dict(seams)
+    count = 0
+    for module in model.modules():
+        seam = kinds.get(type(module).__name__)
+        if seam is None:
+            continue
+        _SEAMS[seam](module, group, calls)
+        count += 1
+    return count
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Undo ``install`` (the module-function dispatchers stay: without a patched layer they call the originals)."""
+    for module in model.modules():
+        if "_seqpar_linear" in vars(module):
+            del module.forward, module._seqpar_linear
+
+
+def _refuse_unsharded(layer: str, group: Group, cache, attention_mask, kwargs: dict) -> bool:
+    """True when the model's own code must run (one device, with a cache or padding mask); raises under SP."""
+    n = comm.group_size(group)
+    own = cache is not None or attention_mask is not None
+    if own and n > 1:
+        what = "a KV/recurrent cache" if cache is not None else "a padding attention_mask"
+        raise ValueError(f"{layer} got {what} under sequence parallelism (SP size {n}): seqpar trains without a cache "
+                         "and without padding masks; pass use_cache=False and right-pad or pack documents with "
+                         "cu_seqlens (seqpar.models.shard_batch)")
+    varlen = sorted(k for k in ("cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(k) is not None)
+    if varlen:
+        raise ValueError(f"{varlen} reached {layer}: HF's flash-attention packing is not seqpar's; pass cu_seqlens "
+                         "(seqpar.models.shard_batch builds it) instead")
+    return own
+
+
+# ---------------------------------------------------------------------------------------------- gated delta
+
+
+def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
+    mod = sys.modules[type(layer).__module__]
+    for name, make in (("causal_conv1d_fn", _conv_dispatcher), ("torch_chunk_gated_delta_rule", _rule_dispatcher)):
+        fn = getattr(mod, name, None)
+        if fn is None:
+            raise ValueError(f"{type(layer).__name__}: transformers' {mod.__name__} has no {name}, the seam seqpar "
+                             "patches: this transformers version is not supported for this family")
+        if not getattr(fn, _WRAPPED, False):
+            setattr(mod, name, make(fn))
+    original = layer.forward
+    name = type(layer).__name__
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        cu = kwargs.pop("cu_seqlens", None)
+        cache = kwargs.get("cache", kwargs.get("cache_params", args[1] if len(args) > 1 else None))
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if _refuse_unsharded(name, group, cache, mask, kwargs):
+            if cu is not None:
+                raise ValueError(f"{name}: packed documents (cu_seqlens) with a cache or padding mask: pass one")
+            return original(*args, **kwargs)
+        calls["gated_delta"] += 1
+        token = _ACTIVE.set(_Call(group, cu, name))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    layer.forward, layer._seqpar_linear = forward, "gated_delta"
+
+
+def _conv_dispatcher(original):
+    from seqpar.attention.short_conv import causal_conv1d
+
+    @functools.wraps(original)
+    def dispatch(hidden_states, weight, bias=None, activation=None, **kwargs):
+        call = _ACTIVE.get()
+        if call is None:
+            return original(hidden_states, weight, bias, activation, **kwargs)
+        return causal_conv1d(hidden_states, weight, bias, activation, group=call.group, cu_seqlens=call.cu_seqlens)
+
+    setattr(dispatch, _WRAPPED, True)
+    return dispatch
+
+
+def _rule_dispatcher(original):
+    from seqpar.attention.gated_delta import gated_delta_rule
+
+    @functools.wraps(original)
+    def dispatch(query, key, value, g, beta, chunk_size=64, initial_state=None, output_final_state=False,
+                 use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+        call = _ACTIVE.get()
+        if call is None:
+            return original(query, key, value, g, beta, chunk_size=chunk_size, initial_state=initial_state,
+                            output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                            cu_seqlens=cu_seqlens, **kwargs)
+        if initial_state is not None or output_final_state or cu_seqlens is not None:
+            raise ValueError(f"{call.layer}: a recurrent state or HF's varlen cu_seqlens reached the gated delta rule "
+                             "under seqpar: train with use_cache=False and seqpar's cu_seqlens (shard_batch)")
+        out = gated_delta_rule(query, key, value, g, beta, group=call.group, cu_seqlens=call.cu_seqlens,
+                               use_qk_l2norm=use_qk_l2norm_in_kernel, chunk_size=chunk_size)
+        return out, None
+
+    setattr(dispatch, _WRAPPED, True)
+    return dispatch
+
+
+# ---------------------------------------------------------------------------------------------- lightning
+
+
+def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
+    original = layer.forward
+    name = type(layer).__name__
+
+    @functools.wraps(original)
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        cu = kwargs.pop("cu_seqlens", None)
+        if _refuse_unsharded(name, group, cache, attention_mask, kwargs):
+            return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        if cu is not None:
+            raise ValueError(f"{name}: packed documents (cu_seqlens) are not implemented for Lightning Attention yet "
+                             "(its state would flow across documents): pass unpacked sequences")
+        calls["lightning"] += 1
+        return _lightning(layer, hidden_states, group), None
+
+    layer.forward, layer._seqpar_linear = forward, "lightning"
+
+
+def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group) -> torch.Tensor:
+    """MiniMaxLightningAttention.forward without a cache: o_t = Σ_{s<=t} λ^(t-s) (q_t·k_s) v_s per head, then
+    the layer's RMSNorm, sigmoid output gate and output projection."""
+    from seqpar.attention.lasp2 import lasp2_linear_attention
+
+    B, n, _ = hidden_states.shape
+    H, D = layer.num_attention_heads, layer.head_dim
+    qkv = layer.act_fn(layer.qkv_proj(hidden_states)).reshape(B, n, H, 3 * D)
+    q, k, v = torch.split(qkv, D, dim=3)
+    decay = torch.exp(-layer.slope_rate.reshape(H).to(torch.float64))
+    out = lasp2_linear_attention(q, k, v, group=group, decay=decay, block_size=layer.block_size)
+    out = layer.norm(out.reshape(B, n, H * D))
+    out = F.sigmoid(layer.output_gate(hidden_states)) * out
+    return layer.out_proj(out)
+
+
+_SEAMS = {"gated_delta": _install_gated_delta, "lightning": _install_lightning}

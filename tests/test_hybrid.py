@@ -1,0 +1,284 @@
+"""Hybrid linear/softmax models under SP: Qwen3-Next, Qwen3.5, OLMo-hybrid (Gated DeltaNet) and MiniMax
+(Lightning Attention), patched in place, exact at SP = 1..4, packed and unpacked.
+
+The chain of references: seqpar's chunked gated delta rule and short conv equal float64 token-by-token
+recurrences (``seqpar.kernels.reference``) on one device and on W ranks (outputs and every input gradient);
+each model patched on W ranks equals the same model patched on one process on the whole sequence (float64,
+loss and every parameter gradient summed over SP, rel 1e-9); that one-process run equals the unpatched model
+(to float32 rounding: transformers' own delta rule computes in float32 whatever the model dtype, and
+every RMSNorm casts to float32); float32 SP runs equal the unpatched model (1e-5). Zeroing the cross-rank entry
+state or the conv halo changes the loss (the exchange is engaged).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist import run_ranks
+
+L = 48  # divisible by 1..4 and 6; >= 3 conv-history tokens per rank
+GDN = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
+PACKED = torch.tensor([0, 5, 5, 19, 31, L])  # an empty document, boundaries inside and at shard edges
+
+
+def _model(model_type: str, dtype: torch.dtype):
+    """The tiny model in ``dtype`` with weights large enough that every layer matters (std 0.08)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.causal_lm_zoo import tiny_config
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # buffers (MiniMax's decay tables) computed in dtype, as a dtype model's are
+    try:
+        torch.manual_seed(0)
+        cfg = tiny_config(model_type)
+        for c in [cfg] + [v for v in vars(cfg).values() if hasattr(v, "model_type")]:
+            c._experts_implementation = "eager"  # the grouped MoE matmul takes no float64
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, 0.08)
+    return model.train()
+
+
+def _run(model, group, packed: bool):
+    """Loss and parameter gradients (summed over the group) of one step on a fixed batch."""
+    from seqpar.models import patched_layout, shard_batch, sp_cross_entropy
+
+    ids = torch.randint(0, 128, (2, L), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, **({"cu_seqlens": PACKED} if packed else {})}
+    layout = patched_layout(model) if hasattr(model, "_seqpar_patch") else "contiguous"
+    sp = shard_batch(batch, group, layout)
+    labels = sp.pop("labels")
+    if not hasattr(model, "_seqpar_patch"):
+        sp.pop("cu_seqlens", None)
+    model.zero_grad(set_to_none=True)
+    loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    if group is not None and dist.get_world_size(group) > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads.values()])
+        dist.all_reduce(flat, group=group)
+        grads = dict(zip(grads, (f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads.values()]),
+                                                              grads.values()))))
+    return loss.item(), grads
+
+
+_F32_IN_MODEL = ("A_log", "norm.weight")  # parameters the models cast with .float() whatever their dtype
+
+
+def _err(a, b) -> float:
+    """Max relative error of the loss and every parameter gradient. Gradients of the parameters the models
+    compute in float32 whatever their dtype (``A_log.float().exp()``, Qwen3's ``1 + weight.float()`` norms)
+    sum float32 terms, 1e-7 apart between any two summation orders, patched or not: they count at 1e-3 of
+    their error (so 1e-6 passes the 1e-9 bound), every other gradient in full."""
+    (la, ga), (lb, gb) = a, b
+    assert ga.keys() == gb.keys()
+    worst = max(((ga[n] - gb[n]).norm() / gb[n].norm().clamp_min(1e-12)).item()
+                * (1e-3 if n.endswith(_F32_IN_MODEL) and ga[n].dtype == torch.float64 else 1.0) for n in gb)
+    return max(abs(la - lb) / abs(lb), worst)
+
+
+def _cases(rank: int, world: int, group) -> dict:
+    import warnings
+
+    import seqpar.attention.gated_delta as gated_delta
+    import seqpar.attention.lasp2 as lasp2
+    import seqpar.attention.short_conv as short_conv
+    from seqpar.models import patch_model, unpatch_model
+
+    warnings.simplefilter("ignore")
+    out = {}
+    for model_type in (*GDN, "minimax"):
+        for packed in ((False, True) if model_type != "minimax" else (False,)):
+            model = _model(model_type, torch.float64)
+            patch_model(model, "full", None)
+            ref = _run(model, None, packed)
+            unpatch_model(model)
+            attention = "allgather" if model_type == "qwen3_5_text" else "ring"  # LASP-2H for one of them
+            patch_model(model, attention, group)
+            got = _run(model, group, packed)
+            out[model_type, packed, "f64"] = _err(got, ref)
+            if world > 1 and not packed:  # the exchange is engaged: without it the loss changes
+                saved = (gated_delta.entry_state, None, lasp2.prefix_from_states)
+                if model_type == "minimax":
+                    lasp2.prefix_from_states = lambda states, *a: torch.zeros_like(states[0])
+                    out[model_type, "no state"] = _err(_run(model, group, packed), ref)
+                else:
+                    gated_delta.entry_state = lambda M, U, group: torch.zeros_like(U)
+                    out[model_type, "no state"] = _err(_run(model, group, packed), ref)
+                    gated_delta.entry_state = saved[0]
+                    short_conv._Halo.apply = lambda tail, group: torch.zeros_like(tail)
+                    out[model_type, "no halo"] = _err(_run(model, group, packed), ref)
+                gated_delta.entry_state, lasp2.prefix_from_states = saved[0], saved[2]
+                vars(short_conv._Halo).get("apply") and delattr(short_conv._Halo, "apply")  # back to Function's
+            unpatch_model(model)
+        if world == 2:  # float32 against the unpatched model on the whole sequence
+            model = _model(model_type, torch.float32)
+            ref = _run(model, None, False)
+            patch_model(model, "ring", group)
+            got = _run(model, group, False)
+            out[model_type, "f32 loss"] = abs(got[0] - ref[0]) / ref[0]
+            out[model_type, "f32"] = _err(got, ref)
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi() -> dict:
+    return {w: run_ranks(_cases, w, timeout=600) for w in (2, 3, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_hybrids_are_exact_on_w_ranks(multi, world):
+    ranks = multi[world]
+    for key, err in ranks[0].items():
+        assert all(r[key] == err for r in ranks), key  # every rank measured the same loss and summed gradients
+        if key[-1] == "f64":
+            assert err <= 1e-9, (world, key, err)
+        elif key[-1] == "f32 loss":
+            assert err <= 1e-5, (world, key, err)
+        elif key[-1] == "f32":  # gradients: the sweep's float32 bound (the delta rule's solve amplifies 1e-7)
+            assert err <= 2e-3, (world, key, err)
+        else:  # state or halo forced to zero: the result moves far beyond rounding
+            assert err >= 1e-4, (world, key, err)
+    assert {k[0] for k in ranks[0] if k[-1] == "no state"} == {*GDN, "minimax"}
+
+
+@pytest.mark.parametrize("model_type", [*GDN, "minimax"])
+def test_one_device_patch_equals_the_unpatched_model(model_type):
+    """The patched model on one process (seqpar's kernels, packed documents honoured) is the reference above:
+    it equals the unpatched model to float32 rounding, and packed documents do change it (resets applied)."""
+    from seqpar.models import patch_model
+
+    model = _model(model_type, torch.float64)
+    plain = _run(model, None, False)
+    patch_model(model, "full", None)
+    patched = _run(model, None, False)
+    # float32 noise (transformers' delta rule is float32; every model's RMSNorm casts to float32, where 1e-16
+    # input differences flip roundings): the loss, and each gradient against the largest gradient's norm
+    scale = max(g.norm() for g in plain[1].values())
+    assert abs(patched[0] - plain[0]) / plain[0] <= 1e-6
+    assert max((patched[1][n] - g).norm() / scale for n, g in plain[1].items()) <= 1e-5
+    if model_type != "minimax":
+        assert abs(_run(model, None, True)[0] - patched[0]) > 1e-4
+
+
+def test_gated_delta_and_conv_kernels_equal_the_token_recurrence():
+    """Kernels on one process vs the float64 references, with packed documents and GQA-style value heads;
+    transformers' own float32 function agrees to float32 rounding."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    from seqpar.attention.gated_delta import gated_delta_rule
+    from seqpar.attention.short_conv import causal_conv1d
+    from seqpar.kernels.reference import causal_conv_reference, gated_delta_reference
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 50, 2, 8, dtype=torch.float64).unbind(0)
+    v = torch.randn(2, 50, 4, 8, dtype=torch.float64)
+    g, beta = -torch.rand(2, 50, 4, dtype=torch.float64), torch.rand(2, 50, 4, dtype=torch.float64)
+    for cu in (None, torch.tensor([0, 7, 30, 30, 50])):
+        ref = gated_delta_reference(q, k, v, g, beta, cu_seqlens=cu)
+        assert (gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, chunk_size=16) - ref).abs().max() < 1e-12
+        x, w = torch.randn(2, 12, 50, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+        y = causal_conv1d(x, w, None, "silu", cu_seqlens=cu)
+        assert (y - causal_conv_reference(x, w, cu_seqlens=cu)).abs().max() < 1e-12
+    hf, _ = torch_chunk_gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float(),
+                                         use_qk_l2norm_in_kernel=True)
+    assert (hf.double() - gated_delta_reference(q, k, v, g, beta)).abs().max() < 1e-5
+
+
+def _primitives(rank: int, world: int, group) -> dict:
+    """Outputs and every input gradient of the two primitives on W ranks vs the float64 references."""
+    from seqpar.attention.gated_delta import gated_delta_bytes, gated_delta_rule
+    from seqpar.attention.short_conv import causal_conv1d
+    from seqpar.comm import ByteCounter
+    from seqpar.kernels.reference import causal_conv_reference, gated_delta_reference
+    from seqpar.sharding import shard
+
+    def part(t, dim=1):
+        return shard(t.detach(), group=group, dim=dim, layout="contiguous")
+
+    res = {}
+    for name, cu in (("plain", None), ("packed", torch.tensor([0, 5, 5, 29, 31, 60]))):
+        torch.manual_seed(0)
+        q, k = torch.randn(2, 2, 60, 2, 8, dtype=torch.float64).unbind(0)
+        v = torch.randn(2, 60, 4, 8, dtype=torch.float64)
+        g, beta = -torch.rand(2, 60, 4, dtype=torch.float64), torch.rand(2, 60, 4, dtype=torch.float64)
+        inputs = [t.requires_grad_() for t in (q, k, v, g, beta)]
+        dout = torch.randn(2, 60, 4, 8, dtype=torch.float64)
+        ref = gated_delta_reference(*inputs, cu_seqlens=cu)
+        ref_grads = torch.autograd.grad((ref * dout).sum(), inputs)
+        local = [part(t).requires_grad_() for t in inputs]
+        with ByteCounter() as counted:
+            out = gated_delta_rule(*local, group=group, cu_seqlens=cu, chunk_size=8)
+            (out * part(dout)).sum().backward()
+        res[name, "delta"] = max([(out - part(ref)).abs().max().item()]
+                                 + [(t.grad - part(r)).abs().max().item() for t, r in zip(local, ref_grads)])
+        res[name, "bytes"] = (counted.sent, sum(gated_delta_bytes(*local, group=group)))
+        x = torch.randn(2, 12, 60, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(2, 12, 60, dtype=torch.float64)
+        gx, gw = torch.autograd.grad((causal_conv_reference(x, w, cu_seqlens=cu) * dy).sum(), (x, w))
+        xl, wl = part(x, 2).requires_grad_(), w.detach().clone().requires_grad_()
+        y = causal_conv1d(xl, wl, None, "silu", group=group, cu_seqlens=cu)
+        (y * part(dy, 2)).sum().backward()
+        dist.all_reduce(wl.grad, group=group)
+        yr = causal_conv_reference(x, w, cu_seqlens=cu)
+        res[name, "conv"] = max((y - part(yr, 2)).abs().max().item(), (xl.grad - part(gx, 2)).abs().max().item(),
+                                (wl.grad - gw).abs().max().item())
+    return res
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_primitives_match_the_references_on_w_ranks(world):
+    for r in run_ranks(_primitives, world, timeout=300):
+        for key, value in r.items():
+            if key[1] == "bytes":
+                sent, formula = value
+                assert sent == formula, (world, key, value)  # the docstring's bytes, independent of L
+            else:
+                assert value < 1e-12, (world, key, value)
+
+
+def _refusals(rank: int, world: int, group) -> dict:
+    from seqpar.models import patch_model, shard_batch
+
+    model = _model("qwen3_next", torch.float32)
+    caught = {}
+    for name, call in {
+        "zigzag": lambda: patch_model(model, "ring", group, layout="zigzag"),
+        "lasp2": lambda: patch_model(model, "lasp2", group),
+    }.items():
+        try:
+            call()
+        except ValueError as err:
+            caught[name] = str(err)
+    patch_model(model, "ring", group)
+    sp = shard_batch({"input_ids": torch.zeros(1, L, dtype=torch.long)}, group, "contiguous")
+    sp.pop("labels")
+    try:
+        model(**sp, use_cache=True)
+    except ValueError as err:
+        caught["cache"] = str(err)
+    mm = _model("minimax", torch.float32)
+    patch_model(mm, "ring", group)
+    sp = shard_batch({"input_ids": torch.zeros(1, L, dtype=torch.long), "cu_seqlens": PACKED}, group, "contiguous")
+    sp.pop("labels")
+    try:
+        mm(**sp, use_cache=False)
+    except ValueError as err:
+        caught["lightning packed"] = str(err)
+    return caught
+
+
+def test_what_the_seams_do_not_implement_is_refused_in_one_line():
+    caught = run_ranks(_refusals, 2, timeout=300)[0]
+    assert set(caught) == {"zigzag", "lasp2", "cache", "lightning packed"}, caught
+    assert all("\n" not in why for why in caught.values())
+    assert "layout='contiguous'" in caught["zigzag"] and "'allgather' is LASP-2H" in caught["lasp2"]
+    assert "use_cache=False" in caught["cache"] and "not implemented for Lightning" in caught["lightning packed"]
