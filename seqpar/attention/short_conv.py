@@ -3,18 +3,18 @@ Mamba's), exact across shard edges by a halo of the previous rank's last K-1 inp
 
     y_t = act(b + Σ_{j<K} w_j x_{t-K+1+j})        (depthwise; x_s = 0 before the document of t)
 
-On a contiguous shard the first K-1 outputs read K-1 inputs of the previous rank: one all-gather of every
-rank's last K-1 inputs gives each rank its halo (tokens of an earlier document are zeroed, so document
-boundaries cut it; rank 0 gets zeros). Backward returns the halo's gradient to its owner, one all-gather of
-the same size, which rank r adds to its last K-1 inputs' gradient: the boundary gradient that
-flash-linear-attention's conv drops under context parallelism (DeepSpeed PR 8114 works around it). A
-gather rather than a send to the neighbour: the message is K-1 tokens, and a collective cannot leave a send
-pending on gloo when a rank fails.
+On a contiguous shard the first K-1 outputs read K-1 inputs of the previous rank: each rank sends its last
+K-1 inputs one hop along an open ring (``seqpar.comm.RingComm(wrap=False)``, S2-Attn's halo chain; rank 0
+receives nothing and uses zeros); tokens of an earlier document are zeroed, so document boundaries cut it.
+Backward sends the halo's gradient one hop back to its owner, which adds it to its last K-1 inputs'
+gradient: the boundary gradient that flash-linear-attention's conv drops under context parallelism
+(DeepSpeed PR 8114 works around it).
 
 Shapes: ``x [B, C, n]`` (transformers' channels-first layout), ``weight [C, K]``, ``bias [C]`` or None;
 output ``[B, C, n]`` in x's dtype. Needs n >= K-1 on an SP group.
 
-Bytes per call, per rank: forward (N-1)·B·C·(K-1)·itemsize sent and received, backward the same.
+Bytes per call, per rank (op ``"halo"``): forward B·C·(K-1)·itemsize sent to r+1 (not by the last rank),
+backward the same sent to r-1 (not by rank 0); itemsize of the conv weight's dtype.
 """
 
 from __future__ import annotations
@@ -22,25 +22,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqpar.comm import Group, all_gather_tensor, group_rank, group_size
+from seqpar.comm import Group, RingComm, group_rank, group_size
 from seqpar.sharding import local_documents
 
 
 class _Halo(torch.autograd.Function):
-    """The previous rank's tail (``[B, C, K-1]``; zeros on rank 0); backward sends its gradient back."""
+    """The previous rank's last K-1 inputs (``[B, C, K-1]``; zeros on rank 0); backward sends their gradient
+    back to the owner."""
 
     @staticmethod
     def forward(ctx, tail, group):
-        N, rank = group_size(group), group_rank(group)
-        tails = all_gather_tensor(tail.contiguous(), group).view(N, *tail.shape)
         ctx.group = group
-        return tails[rank - 1].clone() if rank > 0 else torch.zeros_like(tail)
+        ring = RingComm(group, wrap=False, op="halo")
+        halo = ring.send_recv(tail)
+        ring.wait()
+        return torch.zeros_like(tail) if halo is None else halo
 
     @staticmethod
     def backward(ctx, d_halo):
-        N, rank = group_size(ctx.group), group_rank(ctx.group)
-        grads = all_gather_tensor(d_halo.contiguous(), ctx.group).view(N, *d_halo.shape)
-        return (grads[rank + 1].clone() if rank < N - 1 else torch.zeros_like(d_halo)), None
+        ring = RingComm(ctx.group, reverse=True, wrap=False, op="halo")
+        back = ring.send_recv(d_halo)
+        ring.wait()
+        return (torch.zeros_like(d_halo) if back is None else back), None
 
 
 def causal_conv1d(
@@ -78,7 +81,7 @@ def causal_conv1d(
 
 
 def causal_conv1d_bytes(x: torch.Tensor, weight: torch.Tensor, *, group: Group = None, **_) -> tuple[int, int]:
-    """(forward, backward) bytes this rank sends in one call."""
-    B, C, _ = x.shape
-    b = (group_size(group) - 1) * B * C * (weight.shape[-1] - 1) * weight.element_size()
-    return b, b
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
+    N, rank = group_size(group), group_rank(group)
+    h = x.shape[0] * x.shape[1] * (weight.shape[-1] - 1) * weight.element_size()
+    return (h if rank < N - 1 else 0), (h if rank > 0 else 0)
