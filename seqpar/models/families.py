@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FAMILIES", "Family", "check_model", "families_markdown", "family_of", "hybrid_model_types",
-           "layout_for", "refusal_for_config", "register_family"]
+__all__ = ["FAMILIES", "SEAM_LIMITS", "Family", "check_model", "families_markdown", "family_of", "hybrid_model_types",
+           "layout_for", "linear_primitive_refusal", "packing_refusal", "refusal_for_config", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,28 @@ def family_of(model_type: str | None) -> Family | None:
 def hybrid_model_types() -> tuple[str, ...]:
     """Model types whose linear-attention layers seqpar shards itself (``Family.linear``): hybrids."""
     return tuple(t for fam in FAMILIES if fam.linear for t in fam.model_types)
+
+
+# What a seam of ``seqpar.models.hybrid`` does not implement yet: refused by it at run time and by the recipe
+# validator before launch, with this reason.
+SEAM_LIMITS = {"lightning": "packed documents (cu_seqlens) are not implemented for Lightning Attention yet (its "
+                            "state would flow across documents)"}
+
+
+def packing_refusal(model_type: str | None) -> str | None:
+    """Why packed documents are refused for ``model_type`` (a seam in ``SEAM_LIMITS``), or None."""
+    fam = family_of(model_type)
+    return next((SEAM_LIMITS[s] for _, s in (fam.linear if fam else ()) if s in SEAM_LIMITS), None)
+
+
+def linear_primitive_refusal(model_type: str | None, fits: tuple[str, ...]) -> str | None:
+    """Why a linear-attention primitive (``attention="lasp2"``) is refused for ``model_type``: a hybrid's linear
+    layers always run LASP-2 and ``attention`` names its softmax layers' primitive (``fits``); None otherwise."""
+    fam = family_of(model_type)
+    if fam is None or not fam.linear:
+        return None
+    return (f"model_type={model_type!r}: its linear-attention layers always run LASP-2; attention names the primitive "
+            f"of its softmax layers: pick one of {fits} ('allgather' is LASP-2H)")
 
 
 def layout_for(model_type: str | None, layout: str | None) -> str | None:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from seqpar import comm
 from seqpar.comm import Group
+from seqpar.models.families import SEAM_LIMITS
 
 _ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("seqpar_linear_layer", default=None)
 _WRAPPED = "_seqpar_dispatch"  # marks a module function already replaced by its dispatcher
@@ -108,22 +109,33 @@ def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter) -
     name = type(layer).__name__
 
     @functools.wraps(original)
-    def forward(*args, **kwargs):
+    def forward(hidden_states, cache=None, attention_mask=None, **kwargs):  # every *GatedDeltaNet.forward's
         cu = kwargs.pop("cu_seqlens", None)
-        cache = kwargs.get("cache", kwargs.get("cache_params", args[1] if len(args) > 1 else None))
-        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        if _refuse_unsharded(name, group, cache, mask, kwargs):
+        if _refuse_unsharded(name, group, cache, attention_mask, kwargs):
             if cu is not None:
                 raise ValueError(f"{name}: packed documents (cu_seqlens) with a cache or padding mask: pass one")
-            return original(*args, **kwargs)
+            return original(hidden_states, cache, attention_mask, **kwargs)
         calls["gated_delta"] += 1
         token = _ACTIVE.set(_Call(group, cu, name))
         try:
-            return original(*args, **kwargs)
+            return original(hidden_states, cache, attention_mask, **kwargs)
         finally:
             _ACTIVE.reset(token)
 
     layer.forward, layer._seqpar_linear = forward, "gated_delta"
+
+
+# Keywords transformers' layers pass down to the two functions that change nothing in them (the torch fallbacks
+# ignore them too; the router loss is refused by the family table). Any other keyword with a value is refused:
+# seqpar would drop it.
+_IGNORED = frozenset({"use_cache", "output_router_logits", "output_attentions", "output_hidden_states", "return_dict"})
+
+
+def _refuse_keywords(call: _Call, fn: str, kwargs: dict) -> None:
+    extra = sorted(k for k, v in kwargs.items() if k not in _IGNORED and v is not None)
+    if extra:
+        raise ValueError(f"{call.layer} passed {extra} to {fn}, which seqpar's sequence-parallel version does not "
+                         "implement: drop them (seqpar's packing is cu_seqlens from seqpar.models.shard_batch)")
 
 
 def _conv_dispatcher(original):
@@ -134,6 +146,7 @@ def _conv_dispatcher(original):
         call = _ACTIVE.get()
         if call is None:
             return original(hidden_states, weight, bias, activation, **kwargs)
+        _refuse_keywords(call, "causal_conv1d_fn", kwargs)
         return causal_conv1d(hidden_states, weight, bias, activation, group=call.group, cu_seqlens=call.cu_seqlens)
 
     setattr(dispatch, _WRAPPED, True)
@@ -154,6 +167,7 @@ def _rule_dispatcher(original):
         if initial_state is not None or output_final_state or cu_seqlens is not None:
             raise ValueError(f"{call.layer}: a recurrent state or HF's varlen cu_seqlens reached the gated delta rule "
                              "under seqpar: train with use_cache=False and seqpar's cu_seqlens (shard_batch)")
+        _refuse_keywords(call, "torch_chunk_gated_delta_rule", kwargs)
         out = gated_delta_rule(query, key, value, g, beta, group=call.group, cu_seqlens=call.cu_seqlens,
                                use_qk_l2norm=use_qk_l2norm_in_kernel, chunk_size=chunk_size)
         return out, None
@@ -175,8 +189,7 @@ def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter) -> 
         if _refuse_unsharded(name, group, cache, attention_mask, kwargs):
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         if cu is not None:
-            raise ValueError(f"{name}: packed documents (cu_seqlens) are not implemented for Lightning Attention yet "
-                             "(its state would flow across documents): pass unpacked sequences")
+            raise ValueError(f"{name}: {SEAM_LIMITS['lightning']}: pass unpacked sequences")
         calls["lightning"] += 1
         return _lightning(layer, hidden_states, group), None
 

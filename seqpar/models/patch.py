@@ -60,7 +60,7 @@ from seqpar.attention.registry import ATTENTIONS, get_spec, resolve_layout
 from seqpar.comm import Group
 from seqpar.models import hybrid
 from seqpar.models.batch import sp_group_of
-from seqpar.models.families import check_model, family_of, layout_for
+from seqpar.models.families import check_model, family_of, layout_for, linear_primitive_refusal
 from seqpar.parallel import ParallelState
 from seqpar.sharding import global_index
 
@@ -130,11 +130,13 @@ def patch_model(
         raise ValueError(f"group_size_ratio={group_size_ratio} must be in (0, 1] (LongLoRA uses 0.25)")
     pretrained = _find_pretrained(model)
     model_type = getattr(pretrained.config, "model_type", None)
+    linear = spec.models == "linear"
+    softmax_primitives = tuple(n for n, s in ATTENTIONS.items() if s.models != "linear")
+    if linear and (why := linear_primitive_refusal(model_type, softmax_primitives)):
+        raise ValueError(f"attention={attention!r} with {type(pretrained).__name__}, {why}")
     fam = family_of(model_type)
-    seams = fam.linear if fam is not None and spec.models != "linear" else ()
-    if seams:  # a hybrid: its linear layers fold states in contiguous order
-        layout = layout_for(model_type, layout)
-    layout = resolve_layout(attention, layout)
+    seams = fam.linear if fam is not None else ()
+    layout = resolve_layout(attention, layout_for(model_type, layout))  # hybrids: contiguous (states fold in order)
     group = sp_group_of(parallel)
     if comm.group_size(group) > 1:  # only sharding breaks a mixer: the family table refuses here, or not at all
         check_model(pretrained, pretrained.config)
@@ -148,15 +150,9 @@ def patch_model(
             ulysses_degree = default_ulysses_degree(comm.group_size(group), pretrained.config.num_key_value_heads)
         # made once per SP group and degree (ParallelState or bare group alike): re-patching reuses them
         ulysses_group, ring_group = usp_groups(group, ulysses_degree)
-    linear = spec.models == "linear"
     patch = _Patch(attention, group, layout, group_size_ratio, group_size, num_sink_tokens, ulysses_group,
                    ring_group, name="", previous=None if linear else pretrained.config._attn_implementation,
                    s2_wrap=s2_wrap)
-    if linear and fam is not None and fam.linear:
-        fits = tuple(n for n, s in ATTENTIONS.items() if s.models != "linear")
-        raise ValueError(f"attention={attention!r} with {type(pretrained).__name__}: its linear-attention layers "
-                         "always run LASP-2; attention= names the primitive of its softmax layers: pick one of "
-                         f"{fits} ('allgather' is LASP-2H)")
     if linear != hasattr(pretrained, "set_sequence_parallel"):
         kind = "linear-attention (Linear-Llama)" if linear else "softmax-attention (Llama, Mistral, Qwen2)"
         fits = tuple(n for n, s in ATTENTIONS.items() if (s.models == "linear") != linear)

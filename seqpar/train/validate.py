@@ -11,7 +11,13 @@ from typing import Any
 
 from seqpar.attention.checks import check_head_split
 from seqpar.attention.registry import ATTENTIONS, head_split_degree, resolve_layout
-from seqpar.models.families import hybrid_model_types, layout_for, refusal_for_config
+from seqpar.models.families import (
+    hybrid_model_types,
+    layout_for,
+    linear_primitive_refusal,
+    packing_refusal,
+    refusal_for_config,
+)
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
@@ -84,10 +90,8 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
         errors.extend(_group_problems(r, seq_len))
     linear = ATTENTIONS[a.name].models == "linear"
     fits = [n for n, s in ATTENTIONS.items() if s.models != "linear"]
-    if linear and model_type in hybrid_model_types():
-        errors.append(f"attention.name={a.name!r} with model_type={model_type!r}: its linear-attention layers always "
-                      f"run LASP-2; attention.name names its softmax layers' primitive: use one of {fits} "
-                      "('allgather' is LASP-2H)")
+    if linear and (why := linear_primitive_refusal(model_type, tuple(fits))):
+        errors.append(f"attention.name={a.name!r} with {why}")
     elif linear and model_type not in LINEAR_MODEL_TYPES:
         errors.append(f"attention.name={a.name!r} needs a linear-attention model (model_type in {LINEAR_MODEL_TYPES}),"
                       f" got model_type={model_type!r}: use one of {fits} for softmax models")
@@ -170,9 +174,8 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
     elif config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES + hybrid_model_types():
         errors.append(f"model.model_type={model_type!r} is not supported: use one of "
                       f"{SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES + hybrid_model_types()}")
-    if model_type == "minimax" and d.pack:
-        errors.append("data.pack=true with model_type='minimax': packed documents are not implemented for Lightning "
-                      "Attention yet (its state would flow across documents); set data.pack=false")
+    if d.pack and (why := packing_refusal(model_type)):
+        errors.append(f"data.pack=true with model_type={model_type!r}: {why}; set data.pack=false")
     if m.from_config is not None and d.tokenizer is None and getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
         errors.append(f"model.from_config.vocab_size={config.vocab_size}: the built-in byte tokenizer needs >= "
                       f"{BYTE_VOCAB}; raise it or set data.tokenizer")
