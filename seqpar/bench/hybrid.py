@@ -48,10 +48,11 @@ def _gdn(group):
     return lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, group=group)
 
 
-def _lightning(cfg, group):
+def _lightning(cfg, group, heads: int | None = None):
+    """``heads``: the heads one call sees (H/N after the head all-to-all); one decay per head, as MiniMax's."""
     from seqpar.attention.lasp2 import lasp2_linear_attention
 
-    decay = torch.full((cfg["heads"],), cfg.get("decay", 0.99), dtype=torch.float64)
+    decay = torch.full((heads or cfg["heads"],), cfg.get("decay", 0.99), dtype=torch.float64)
     return lambda q, k, v: lasp2_linear_attention(q, k, v, group=group, decay=decay)
 
 
@@ -85,5 +86,7 @@ def _lightning_lasp2(cfg: dict, group):
 
 @method("lightning_a2a")
 def _lightning_a2a(cfg: dict, group):
-    fn = _heads_a2a(_lightning(cfg, None), group)
+    if cfg["heads"] % group_size(group):
+        raise ValueError(f"lightning_a2a: {cfg['heads']} heads do not split over {group_size(group)} ranks")
+    fn = _heads_a2a(_lightning(cfg, None, cfg["heads"] // group_size(group)), group)
     return _fwd_bwd(fn, _inputs(cfg, group, layout="contiguous", gated=False), "contiguous")
