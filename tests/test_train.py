@@ -23,6 +23,8 @@ import torch
 from seqpar.launcher import free_port
 from tests.test_recipe import QUICK, ROOT
 
+HYBRID = ROOT / "recipes" / "hybrid-qwen3next-cpu.yaml"
+
 STEPS = 20  # the issue asks for equal SP / one-process losses over the first 20 steps
 CKPT = STEPS // 2
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.num_samples=16"]
@@ -35,13 +37,13 @@ MEMORY = ["memory.fused_loss=true", "memory.loss_chunk_size=100", "memory.tiled_
           "memory.offload_checkpoints=true", "trainer.gradient_checkpointing=true"]
 
 
-def launch(nproc: int, out: Path, overrides: list[str], *extra: str, ok: bool = True):
-    """Run ``seqpar train`` under torchrun (or as one plain process) and return its metrics records
-    (or, with ``ok=False``, the finished process)."""
+def launch(nproc: int, out: Path, overrides: list[str], *extra: str, ok: bool = True, recipe: Path = QUICK):
+    """Run ``seqpar train`` on ``recipe`` under torchrun (or as one plain process) and return its metrics
+    records (or, with ``ok=False``, the finished process)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "seqpar", "train", str(QUICK), f"trainer.output_dir={out}", *overrides, *extra]
+    cmd = [sys.executable, "-m", "seqpar", "train", str(recipe), f"trainer.output_dir={out}", *overrides, *extra]
     if nproc > 1:
         cmd[1:3] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                     str(free_port()), "-m", "seqpar"]
@@ -96,6 +98,11 @@ def runs(tmp_path_factory):
            "trainer.max_steps=4", "trainer.lr=1e-3", "data.passkey.num_samples=16", "logging.wandb=false"]
     out["lasp2"] = launch(2, tmp / "lasp2", lin)
     out["lasp2_sp1"] = launch(1, tmp / "lasp2_sp1", [*lin, "attention.sp_size=1"])
+    # 10. a Gated DeltaNet hybrid (Qwen3-Next, MoE) on packed documents, sp_size 2; 11. its sp_size 1 twin
+    hyb = ["data.source=files", f"data.files=[{docs}]", "data.seq_len=256", "data.pack=true", "trainer.max_steps=4",
+           "checkpoint.every=0"]
+    out["hybrid"] = launch(2, tmp / "hybrid", hyb, recipe=HYBRID)
+    out["hybrid_sp1"] = launch(1, tmp / "hybrid_sp1", [*hyb, "attention.sp_size=1"], recipe=HYBRID)
     return out
 
 
@@ -132,7 +139,7 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
 
 
 @pytest.mark.parametrize(("sp", "one"), [("sp2", "sp1"), ("ring", "full"), ("sp2dp2", "accum2"),
-                                               ("lasp2", "lasp2_sp1")])
+                                               ("lasp2", "lasp2_sp1"), ("hybrid", "hybrid_sp1")])
 def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
     a, b = losses(runs[sp][: len(runs[one])]), losses(runs[one])
     assert len(a) == len(b) >= 4
@@ -140,6 +147,8 @@ def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
         ea, eb = [r["eval_loss"] for r in runs[sp] if "eval_loss" in r], [r["eval_loss"] for r in runs[one]
                                                                            if "eval_loss" in r]
         assert len(ea) == len(eb) == 2 and max(abs(x - y) for x, y in zip(ea, eb)) <= 1e-4
+    if sp == "hybrid":  # the Gated DeltaNet layers ran seqpar's LASP-2 (3 per step), the softmax layer ring
+        assert all(r["attention_calls"] == {"ring": 1, "gated_delta": 3} for r in runs[sp]), runs[sp][0]
     worst = max(abs(x - y) for x, y in zip(a, b))
     print(f"{sp} vs {one}: max |loss difference| over {len(a)} steps = {worst:.2e}")
     assert worst <= 1e-4, (a, b)
