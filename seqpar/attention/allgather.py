@@ -17,6 +17,9 @@ Bytes per call, per rank (``b_kv`` = bytes of the local k; ``a`` = 1 for float32
     forward:  all-gather of K and V packed in one buffer: (N-1) * 2 b_kv sent and received
     backward: reduce-scatter of dK and dV in one buffer:  (N-1) * 2 a b_kv sent and received
 
+Sliding windows shorter than L gather only the keys each window reaches (``seqpar.attention.window``, a halo
+all-to-all with its own bytes formula ``window_bytes``).
+
 Memory: the gathered K, V (``2 b_kv N``) are kept for the backward instead of gathered again.
 """
 
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.checks import check_options, check_qkv, check_sinks
+from seqpar.attention.checks import check_options, check_qkv, check_sinks, effective_window
+from seqpar.attention.window import window_attention, window_bytes
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
 from seqpar.kernels import block_attention, block_attention_backward, merge_sink, sink_grad
 from seqpar.sharding import Layout, document_bounds, local_chunks
@@ -71,9 +75,13 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, ds
 
 
-def allgather_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
+def allgather_bytes(q, k, v, *, group: Group = None, layout: Layout = "zigzag", cu_seqlens=None, window=None,
+                    causal: bool = True, **_) -> tuple[int, int]:
     """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
     n, b_kv = group_size(group), k.numel() * k.element_size()
+    if effective_window(window, q.shape[1] * n, causal) is not None:
+        cu = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1] * n)
+        return window_bytes(q, k, v, group=group, layout=layout, cu_seqlens=cu, window=window)
     a = 2 if k.element_size() == 2 else 1  # 16-bit dK, dV are reduced in float32
     return (n - 1) * 2 * b_kv, (n - 1) * 2 * a * b_kv
 
@@ -90,6 +98,7 @@ def allgather_attention(
     cu_seqlens: torch.Tensor | None = None,
     validate: bool = True,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-gather K, V; attend with global positions.
 
@@ -106,6 +115,8 @@ def allgather_attention(
             did in this forward (``patch_model`` validates at the first layer only).
         sinks: optional ``[H]`` learned sink logit per query head (gpt-oss), merged once per row; its gradient
             covers this rank's rows.
+        window: sliding window (causal only; the query at global position p sees keys ``p - window < k <= p``).
+            Shorter than L, only the keys the window reaches are gathered (``seqpar.attention.window``'s halo).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
@@ -121,6 +132,10 @@ def allgather_attention(
     seq_len = q.shape[1] * n
     if cu_seqlens is not None:
         cu_seqlens = document_bounds(cu_seqlens, seq_len)  # host ints from here on (same error on every rank)
+    window = effective_window(window, seq_len, causal)
+    if window is not None:  # gather only the keys the window reaches: the halo before each local run
+        return window_attention(q, k, v, group=group, layout=layout, cu_seqlens=cu_seqlens, window=window,
+                                softmax_scale=softmax_scale, sinks=sinks)
     return _AllGatherAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), group, causal, softmax_scale, layout, cu_seqlens, sinks
     )

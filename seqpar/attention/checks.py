@@ -87,6 +87,20 @@ def check_sinks(sinks, heads: int) -> None:
         raise ValueError(f"sinks={got}: pass a floating tensor of shape ({heads},), one logit per query head")
 
 
+def effective_window(window, seq_len: int, causal: object) -> int | None:
+    """A sliding window (transformers' ``sliding_window``: query p sees keys ``p - window < k <= p``) as the
+    kernels take it: None when absent or when it covers all ``seq_len`` keys (no effect), else the int."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be None or a positive int (tokens a query sees, itself included)")
+    if window >= seq_len:
+        return None
+    if causal is False:
+        raise ValueError(f"window={window} needs causal attention (a sliding window looks back only)")
+    return window
+
+
 def check_options(*, layout: str, causal: object, softmax_scale: float | None) -> None:
     """Arguments that are the same on every rank."""
     chunks_per_rank(layout)  # raises ShardingError naming the valid layouts

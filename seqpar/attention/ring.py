@@ -29,6 +29,10 @@ Learned sinks (``sinks [H]``, gpt-oss's ``s_aux``): one logit per head in every 
 merged into the final ``(out, lse)`` once per row after the last ring step (``kernels.merge_sink``), not once
 per step; the backward runs unchanged on the merged ``(out, lse)`` and d sinks is a local row sum (no bytes).
 
+Sliding windows (``window`` < L, transformers' ``sliding_window``) do not ring: ``seqpar.attention.window``
+fetches only the ``window - 1`` keys before each local run from their owners (one all-to-all), with its own
+bytes formula (``window_bytes``).
+
 Varlen: ``cu_seqlens`` (GLOBAL document boundaries of the packed sequence, same on every rank) gives every
 token a document id; tokens attend only within their document (causally when ``causal``). Each block is cut
 on the host into per-document fused pieces (kernels/plan.py); pieces of documents a block does not share are
@@ -47,7 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.attention.checks import check_options, check_qkv, check_sinks
+from seqpar.attention.checks import check_options, check_qkv, check_sinks, effective_window
+from seqpar.attention.window import window_attention, window_bytes
 from seqpar.comm import Group, group_rank, group_size, ring_visit
 from seqpar.kernels import (
     acc_dtype,
@@ -186,10 +191,13 @@ def _docs_stay_in_shards(cu: tuple[int, ...] | None, seq_len: int, world: int, l
     return all(a // chunk == (b - 1) // chunk for a, b in itertools.pairwise(cu) if b > a)
 
 
-def ring_bytes(q, k, v, *, group: Group = None, layout: Layout = "zigzag", cu_seqlens=None, **_) -> tuple[int, int]:
+def ring_bytes(q, k, v, *, group: Group = None, layout: Layout = "zigzag", cu_seqlens=None, window=None,
+               causal: bool = True, **_) -> tuple[int, int]:
     """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
     world, b = group_size(group), 2 * k.numel()  # K and V of the kv heads
     cu = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1] * world)
+    if effective_window(window, q.shape[1] * world, causal) is not None:
+        return window_bytes(q, k, v, group=group, layout=layout, cu_seqlens=cu, window=window)
     if world == 1 or _docs_stay_in_shards(cu, q.shape[1] * world, world, layout):
         return 0, 0
     fwd = (world - 1) * b * k.element_size()
@@ -211,6 +219,7 @@ def ring_attention(
     cu_seqlens: torch.Tensor | None = None,
     validate: bool = True,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole sharded sequence, K/V travelling on a ring.
 
@@ -227,6 +236,9 @@ def ring_attention(
             did in this forward (``patch_model`` validates at the first layer only).
         sinks: optional ``[H]`` learned sink logit per query head (gpt-oss ``s_aux``), differentiable; its
             gradient covers this rank's rows (sum it over the SP group like any parameter's).
+        window: sliding window (causal only, transformers' ``sliding_window``: the query at global position p
+            sees keys ``p - window < k <= p``). Shorter than L, the call is a halo exchange instead of a ring
+            (``seqpar.attention.window``: only the ``window - 1`` keys before each local run travel).
 
     Returns:
         ``[B, L/N, H, D]`` in q's dtype, sharded like q (partials accumulated in float32).
@@ -240,6 +252,10 @@ def ring_attention(
     world = group_size(group)
     cu = None if cu_seqlens is None else document_bounds(cu_seqlens, q.shape[1] * world)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    window = effective_window(window, q.shape[1] * world, causal)
+    if window is not None:  # only the keys the window reaches travel, never whole shards
+        return window_attention(q, k, v, group=group, layout=layout, cu_seqlens=cu, window=window,
+                                softmax_scale=scale, sinks=sinks)
     # One device, or packed documents that never cross a shard: the local block is the whole product (no ring
     # buffers, no float32 dQ/dK/dV accumulators: issue 14 measured them at the peak of a one-process step).
     local = world == 1 or _docs_stay_in_shards(cu, q.shape[1] * world, world, layout)

@@ -81,11 +81,15 @@ def s2_mask(L: int, H: int, G: int, *, wrap: bool = False, num_sink_tokens: int 
 
 
 def softmax_reference(q, k, v, *, causal: bool = True, softmax_scale=None, cu_seqlens=None, sinks=None,
-                      **_) -> torch.Tensor:
+                      window=None, **_) -> torch.Tensor:
     """Dense softmax attention, causal and/or within the documents of ``cu_seqlens`` (global boundaries), with
-    optional learned ``sinks`` (one extra logit per head)."""
+    optional learned ``sinks`` (one extra logit per head) and sliding ``window`` (query i sees keys j with
+    ``i - window < j <= i``, transformers' ``sliding_window_overlay``)."""
     L = q.shape[1]
     mask = causal_mask(L, L) if causal else torch.ones(L, L, dtype=torch.bool)
+    if window is not None:
+        pos = torch.arange(L)
+        mask = mask & (pos[None, :] > pos[:, None] - window)
     if cu_seqlens is not None:
         doc = torch.zeros(L, dtype=torch.long)
         for start in torch.as_tensor(cu_seqlens)[1:-1].tolist():  # document id: boundaries at or before

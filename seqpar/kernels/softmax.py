@@ -19,10 +19,11 @@ ids) forbid attention across documents (packed varlen sequences). Rows that see 
 lse = -inf.
 
 Host-side masks (what the primitives pass; see ``kernels/plan.py``): ``q_spans``/``k_spans`` (contiguous runs
-``(start, stop)`` of global positions in local order, Python ints) and ``cu_seqlens`` (Python-int document
-boundaries), or a ready ``plan``. The block is then cut into full rectangles and square causal diagonals,
-each computed by a fused kernel and merged by log-sum-exp; pieces sharing no document are skipped. Rectangular
-causal blocks (``Lq != Lk``, either alignment) take the same route. The tensor masks above have no fused
+``(start, stop)`` of global positions in local order, Python ints), ``cu_seqlens`` (Python-int document
+boundaries) and ``window`` (a sliding window, transformers' ``q - w < k <= q``), or a ready ``plan``. The
+block is then cut into full rectangles, square causal diagonals and (windows) anti-diagonal squares, each
+computed by a fused kernel and merged by log-sum-exp; pieces sharing no document are skipped. Rectangular causal
+blocks (``Lq != Lk``, either alignment) take the same route. The tensor masks above have no fused
 kernel: they run the tiled kernel.
 
 Backends (``backend="auto"`` picks the first that supports the call):
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.kernels.merge import merge_partials
-from seqpar.kernels.plan import BlockPlan, aligned_plan, spans_plan
+from seqpar.kernels.plan import ANTI, BlockPlan, aligned_plan, spans_plan
 
 BACKENDS = ("auto", "torch", "sdpa", "flash_attn")
 DEFAULT_BLOCK = 512
@@ -357,14 +358,23 @@ def _piece_forward(name: str, q, k, v, scale, causal: bool, block: int):
                                                       q.device), block)
 
 
+def _flip(*xs: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, ...]:
+    """Reverse the sequence axis: an anti-diagonal square (row i sees keys j >= i) becomes a causal one."""
+    return tuple(x.flip(dim) for x in xs)
+
+
 def _plan_forward(q, k, v, scale, plan: BlockPlan, name: str, block: int):
     acc = acc_dtype(q.dtype)
     B, Lq, H, D = q.shape
     out = q.new_zeros((B, Lq, H, D), dtype=acc)
     lse = q.new_full((B, H, Lq), float("-inf"), dtype=acc)
     qc, kc, vc, _ = _plan_inputs(q, k, v, name)
-    for (q0, q1, k0, k1, causal), first in zip(plan.pieces, plan.first):
-        o, l = _piece_forward(name, qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], scale, causal, block)
+    for (q0, q1, k0, k1, kind), first in zip(plan.pieces, plan.first):
+        if kind == ANTI:  # the window's far edge: the causal kernel on the reversed square
+            o, l = _piece_forward(name, *_flip(qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1]), scale, True, block)
+            o, l = o.flip(1), l.flip(2)
+        else:
+            o, l = _piece_forward(name, qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], scale, kind, block)
         if first:  # rows no earlier piece touched: store
             out[:, q0:q1], lse[:, :, q0:q1] = o, l
         else:
@@ -378,13 +388,18 @@ def _plan_backward(dout, q, k, v, out, lse, scale, plan: BlockPlan, name: str, b
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(kc.shape, dtype=acc, device=q.device)
     dv = torch.zeros(kc.shape, dtype=acc, device=q.device)
-    for q0, q1, k0, k1, causal in plan.pieces:
-        args = (dout[:, q0:q1], qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], out[:, q0:q1], lse[:, :, q0:q1], scale)
+    for q0, q1, k0, k1, kind in plan.pieces:
+        args = (dout[:, q0:q1], qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], out[:, q0:q1])
+        anti = kind == ANTI
+        args = (*_flip(*args), lse[:, :, q0:q1].flip(2)) if anti else (*args, lse[:, :, q0:q1])
+        causal = True if anti else kind
         if name == "torch":
             mask = _make_mask(q1 - q0, k1 - k0, causal, None, None, None, None, q.device)
-            gq, gk, gv = _torch_backward(*args, mask, block)
+            gq, gk, gv = _torch_backward(*args, scale, mask, block)
         else:  # flash-attn's forward saves what PyTorch's flash backward reads (lse [B, H, L])
-            gq, gk, gv = _sdpa_backward(*args, causal)
+            gq, gk, gv = _sdpa_backward(*args, scale, causal)
+        if anti:
+            gq, gk, gv = _flip(gq, gk, gv)
         dq[:, q0:q1] += gq
         dk[:, k0:k1] += gk
         dv[:, k0:k1] += gv
@@ -395,11 +410,13 @@ def _plan_backward(dout, q, k, v, out, lse, scale, plan: BlockPlan, name: str, b
     return dq, dk, dv
 
 
-def _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan) -> BlockPlan | None:
+def _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan, window=None) -> BlockPlan | None:
     """The host-side plan of this call, or None for the plain fused path / tensor masks."""
     if causal not in (False, True, "top_left", "bottom_right"):
         raise ValueError(f"causal={causal!r}: use False, True/'top_left' or 'bottom_right'")
-    hosted = q_spans is not None or k_spans is not None or cu_seqlens is not None
+    if window is not None and plan is not None:
+        raise ValueError("pass a window through spans_plan(..., window=) when giving a ready plan")
+    hosted = q_spans is not None or k_spans is not None or cu_seqlens is not None or window is not None
     if (q_spans is None) != (k_spans is None):
         raise ValueError("q_spans and k_spans must be given together")
     if (plan is not None or hosted) and (q_pos is not None or q_seg is not None):
@@ -410,7 +427,7 @@ def _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan
         if q_spans is None:  # documents over the aligned positions
             shift = Lk - Lq if causal == "bottom_right" else 0
             q_spans, k_spans = [(shift, shift + Lq)], [(0, Lk)]
-        plan = spans_plan(q_spans, k_spans, causal=bool(causal), cu_seqlens=cu_seqlens)
+        plan = spans_plan(q_spans, k_spans, causal=bool(causal), cu_seqlens=cu_seqlens, window=window)
     if plan is None and q_pos is None and q_seg is None and causal and Lq != Lk:
         plan = aligned_plan(Lq, Lk, causal)  # rectangular causal: a full rectangle + a square diagonal
     if plan is not None and (plan.lq, plan.lk) != (Lq, Lk):
@@ -436,7 +453,7 @@ def _choose(q, k, causal, explicit_mask: bool, backend: str) -> str:
 
 def _pick(q, k, causal, explicit: bool, plan: BlockPlan | None, backend: str) -> str:
     """Kernel of this call; counts and warns about every fallback to the tiled kernel under "auto"."""
-    if plan is not None:  # pieces are full rectangles and square diagonals: what fused kernels compute
+    if plan is not None:  # pieces are full rectangles and square (anti-)diagonals: what fused kernels compute
         name = _choose(q, k, False, False, backend)
         if name == "torch" and backend == "auto":
             _fallback(f"no fused kernel for {q.dtype} head_dim={q.shape[-1]} on {q.device.type}")
@@ -465,6 +482,7 @@ def block_attention(
     k_spans: list[tuple[int, int]] | None = None,
     cu_seqlens: list[int] | None = None,
     plan: BlockPlan | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, Hkv, D]``: ``(out [B, Lq, H, D], lse [B, H, Lq])``.
 
@@ -477,10 +495,12 @@ def block_attention(
         cu_seqlens: document boundaries ``[0, l1, ..., L]`` (Python ints) over those positions (over the
             aligned positions when no spans are given).
         plan: a ready ``kernels.plan.BlockPlan`` (e.g. ``prefix_plan`` for sinks) instead of spans.
+        window: sliding window (causal only): a query at position p sees keys at positions ``p - window < k <= p``
+            (transformers' ``sliding_window``); cut into full, causal and anti-diagonal fused pieces.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     _split_heads(q, k, v)  # validates shapes for every backend
-    plan = _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan)
+    plan = _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan, window)
     # Explicit position/segment tensors are a mask the fused kernels cannot express, even on square blocks.
     name = _pick(q, k, causal, q_pos is not None or q_seg is not None, plan, backend)
     if plan is not None:
@@ -513,6 +533,7 @@ def block_attention_backward(
     k_spans: list[tuple[int, int]] | None = None,
     cu_seqlens: list[int] | None = None,
     plan: BlockPlan | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of this block's contribution, given the *final* ``out``/``lse`` of the rows.
 
@@ -521,7 +542,7 @@ def block_attention_backward(
     mask arguments as ``block_attention``.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    plan = _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan)
+    plan = _resolve_plan(q, k, causal, q_pos, q_seg, q_spans, k_spans, cu_seqlens, plan, window)
     explicit = q_pos is not None or q_seg is not None
     name = _pick(q, k, causal, explicit, plan, backend)
     fused_bwd = name in ("sdpa", "flash_attn") and _fused_ok(q, k, False if plan else causal, explicit, "sdpa")
