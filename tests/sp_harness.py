@@ -31,10 +31,10 @@ def full_inputs(B, L, H, Hkv, D, dtype, seed):
     return [torch.randn(s, generator=g, dtype=F64).to(dtype) for s in shapes]
 
 
-def reference(q, k, v, dout, causal, cu_seqlens=None, scale=None):
-    """float64 dense attention of the (rounded) inputs, with its gradients."""
+def reference(q, k, v, dout, causal, cu_seqlens=None, scale=None, window=None):
+    """float64 dense attention of the (rounded) inputs (optional sliding ``window``), with its gradients."""
     qr, kr, vr = (t.to(F64, copy=True).requires_grad_() for t in (q, k, v))
-    out = softmax_reference(qr, kr, vr, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens)
+    out = softmax_reference(qr, kr, vr, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens, window=window)
     out.backward(dout.double())
     return out.detach(), qr.grad, kr.grad, vr.grad
 
@@ -46,7 +46,7 @@ def compare_case(fn, rank, world, group, *, B=2, Lq=16, H=4, Hkv=4, D=16, dtype=
     projection and transpose); the leaves must come back unmodified."""
     L = Lq * world
     q, k, v, dout = full_inputs(B, L, H, Hkv, D, dtype, seed)
-    ref = reference(q, k, v, dout, causal, cu_seqlens, kw.get("softmax_scale"))
+    ref = reference(q, k, v, dout, causal, cu_seqlens, kw.get("softmax_scale"), kw.get("window"))
     local = [shard(t, layout=shard_layout, rank=rank, world_size=world).requires_grad_() for t in (q, k, v)]
     extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     before = [t.detach().clone() for t in local]

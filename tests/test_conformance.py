@@ -6,7 +6,8 @@ W=3 on {0, 1, 2} while rank 3 runs W=1 with group=None), every case the spec's `
 * exactness: out, dq, dk, dv vs the spec's float64 ``reference`` (seqpar/kernels/reference.py) of the
   rounded global inputs; float64 1e-12, float32 1e-5, bfloat16 2e-2 of the output scale (GQA, MHA with
   head_dim 80, non-contiguous inputs, every layout and option value the spec lists; inputs never modified,
-  no block falls back to the tiled kernel);
+  no block falls back to the tiled kernel; options that change the math, learned sinks and sliding windows,
+  are checked to be engaged: the float64 reference without them differs by far more than the tolerance);
 * bytes: ``ByteCounter``'s forward and backward bytes sent by each rank equal the spec's ``comm_bytes``
   formula (written next to the primitive, as its docstring states it), exactly;
 * errors: a bad input on ONE rank (a longer shard, other document boundaries, another shift-group size) and
@@ -38,14 +39,22 @@ B, N_LOCAL, D, HKV = 2, 16, 16, 2  # batch, tokens per rank, head dim, kv heads 
 
 # A value for every option a spec may list (cu_seqlens: packed documents crossing shards, one empty).
 DEFAULTS = {"causal": True, "softmax_scale": None, "validate": True, "group_size": 8, "wrap": False,
-            "num_sink_tokens": 3, "decay": None, "block_size": 16, "cu_seqlens": None, "sinks": None}
+            "num_sink_tokens": 3, "decay": None, "block_size": 16, "cu_seqlens": None, "sinks": None,
+            "window": None}
 # (name, dtype, option overrides, input changes): a case runs where the spec takes every overridden option;
-# the spec's default layout runs them all, its other layouts the first four.
+# the spec's default layout runs them all, its other layouts the first OTHER_LAYOUTS. Windows (transformers'
+# sliding window, query p sees keys p - w < k <= p) of 5, 9 and 20 tokens cross one or two shards of N_LOCAL =
+# 16 tokens; 20 covers the whole sequence at W = 1 (no effect, the window is dropped).
 VARIANTS = [
     ("f64", F64, {}, {}),
     ("f64-noncausal", F64, {"causal": False}, {}),
     ("f64-docs", F64, {"cu_seqlens": "docs"}, {}),
     ("f64-docs-noncausal", F64, {"cu_seqlens": "docs", "causal": False}, {}),
+    ("f64-window", F64, {"window": 5}, {}),
+    ("f64-docs-window", F64, {"cu_seqlens": "docs", "window": 9}, {}),
+    ("f64-window-sinks", F64, {"window": 20, "sinks": "heads"}, {}),
+    ("f32-window", F32, {"window": 9}, {}),
+    ("bf16-window", BF16, {"window": 9}, {}),
     ("f64-wrap", F64, {"wrap": True}, {}),
     ("f64-decay", F64, {"decay": 0.9}, {}),
     ("f64-sinks", F64, {"sinks": "heads"}, {}),  # learned sink logits (gpt-oss), N(0, 2) per head
@@ -55,12 +64,13 @@ VARIANTS = [
     ("f32-d80-mha", F32, {}, {"D": 80, "Hkv": None}),
     ("bf16", BF16, {}, {}),
 ]
+OTHER_LAYOUTS = 5  # the variants a spec's non-default layouts run (one window case among them)
 # Invalid values of each option, and what the error must name.
 BAD_OPTIONS = {"causal": ("yes", "causal='yes'"), "softmax_scale": (-1.0, "softmax_scale=-1.0"),
                "layout": ("striped", "layout='striped'"), "group_size": (5, "group_size=5"),
                "num_sink_tokens": (-1, "num_sink_tokens=-1"), "block_size": (0, "block_size=0"),
                "decay": (1.5, "decay=1.5"), "cu_seqlens": ("list", "integer tensor"),
-               "sinks": ("three", "sinks=(3,)")}
+               "sinks": ("three", "sinks=(3,)"), "window": (0, "window=0")}
 
 
 def _cu(world: int) -> torch.Tensor:
@@ -82,7 +92,7 @@ def cases(name: str, world: int) -> dict[str, tuple]:
     out = {}
     for layout in spec.layouts if "layout" in spec.options else spec.layouts[:1]:
         lay = {"layout": layout} if "layout" in spec.options else {}
-        for case, dtype, over, inputs in VARIANTS if layout == spec.default_layout else VARIANTS[:4]:
+        for case, dtype, over, inputs in VARIANTS if layout == spec.default_layout else VARIANTS[:OTHER_LAYOUTS]:
             if set(over) <= set(spec.options):
                 opts = {**base, **lay, **over}
                 if opts.get("cu_seqlens") == "docs":
@@ -128,19 +138,24 @@ def _run_case(name, rank, world, group, sub, layout, dtype, opts, inputs, seed) 
     got = [out, *(t.grad for t in local)]
     assert all(t.dtype == dtype and t.shape == x.shape for t, x in zip(got, [local[0], *local])), name
     ref_in = [t.to(F64, copy=True).requires_grad_() for t in (q, k, v)]
-    ref_out = spec.load("reference")(*ref_in, **{**opts, "sinks": ref_sinks} if sinks is not None else opts)
+    ref_opts = {**opts, "sinks": ref_sinks} if sinks is not None else opts
+    ref_out = spec.load("reference")(*ref_in, **ref_opts)
     ref_out.backward(dout.double())
     ref = [ref_out.detach(), *(t.grad for t in ref_in)]
     formula = spec.load("comm_bytes")(*local, group=group, **kwargs)
     errors = {w: rel_err(g, mine(r)) for w, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+
+    def without(**off) -> float:  # the float64 reference with options turned off, against the one with them
+        return rel_err(spec.load("reference")(*(t.detach() for t in ref_in), **{**ref_opts, **off}), ref_out.detach())
+
     if sinks is not None:  # each rank's gradient covers its rows (heads): summed over the group, as the trainer does
         ds = sinks.grad.detach().clone()
         if group is not None:
             dist.all_reduce(ds, group=group)
         errors["dsinks"] = rel_err(ds, ref_sinks.grad)
-        # engaged: without the sinks the float64 reference differs by far more than the tolerance
-        errors["engaged"] = rel_err(spec.load("reference")(*(t.detach() for t in ref_in), **{**opts, "sinks": None}),
-                                    ref_out.detach())
+        errors["engaged_sinks"] = without(sinks=None)  # see test_matches_float64_reference
+    if opts.get("window") is not None:
+        errors["engaged_window"] = without(window=None)
     return {"errors": errors, "bytes": ((fwd.sent, bwd.sent), tuple(formula))}
 
 
@@ -273,16 +288,34 @@ def _per_world(worlds, name):
         yield world, [r["specs"][name] for r in results]
 
 
+def engaged(dtype) -> float:
+    """How far the float64 reference without an option (sinks, window) must be from the one with it, so that a
+    primitive ignoring the option fails: 100x the tolerance; bfloat16's 100x (2.0) is beyond an output's
+    scale, so 10x."""
+    return (10 if dtype == BF16 else 100) * TOL[dtype]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_float64_reference(worlds, name):
     for world, results in _per_world(worlds, name):
         assert results[0]["cases"], (name, world)
-        for case, (_, dtype, _, _) in cases(name, world).items():
+        for case, (_, dtype, opts, _) in cases(name, world).items():
             errors = results[0]["cases"][case]["errors"]
-            worst = {w: max(r["cases"][case]["errors"][w] for r in results) for w in errors if w != "engaged"}
+            worst = {w: max(r["cases"][case]["errors"][w] for r in results) for w in errors
+                     if not w.startswith("engaged")}
             assert max(worst.values()) <= TOL[dtype], (name, world, case, worst)
             if "sinks" in case:
-                assert "dsinks" in worst and errors["engaged"] > 100 * TOL[dtype], (name, world, case, errors)
+                assert "dsinks" in worst and errors["engaged_sinks"] > engaged(dtype), (name, world, case, errors)
+            if "window" in case:
+                assert (errors["engaged_window"] > engaged(dtype)) == _window_cuts(opts, world), (name, world, case)
+
+
+def _window_cuts(opts: dict, world: int) -> bool:
+    """Whether the case's window is shorter than its longest document (else it changes nothing: a window of 20
+    at W = 1, or of 9 over the documents of ``_cu(1)``)."""
+    cu = opts.get("cu_seqlens")
+    longest = N_LOCAL * world if cu is None else int(torch.diff(cu).max())
+    return opts["window"] < longest
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,6 +1,7 @@
-"""Decompose, then fuse (kernels/plan.py): host-side spans and documents cut a block into full rectangles and
-square causal diagonals that the fused kernel computes; results vs the float64 dense reference, and the
-fallback counter shows the tiled kernel never runs for these masks."""
+"""Decompose, then fuse (kernels/plan.py): host-side spans, documents and sliding windows cut a block into full
+rectangles, square causal diagonals and (windows) anti-diagonal squares that the fused kernel computes; plans
+checked cell by cell against the dense mask, results vs the float64 dense reference, and the fallback counter
+shows the tiled kernel never runs for these masks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from seqpar.kernels import (
     reset_fallbacks,
     spans_plan,
 )
+from seqpar.kernels.plan import ANTI, WINDOW_CHUNK
 from seqpar.kernels.reference import dense_attention, rel_err
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -31,11 +33,13 @@ def _doc_ids(pos, cu):
     return torch.searchsorted(torch.tensor(cu), pos, right=True) - 1
 
 
-def _mask(q_spans, k_spans, causal, cu):
+def _mask(q_spans, k_spans, causal, cu, window=None):
     qp, kp = _positions(q_spans), _positions(k_spans)
     m = torch.ones(len(qp), len(kp), dtype=torch.bool)
     if causal:
         m &= kp[None] <= qp[:, None]
+    if window is not None:  # transformers' sliding window: q - window < k <= q
+        m &= kp[None] > qp[:, None] - window
     if cu is not None:
         m &= _doc_ids(qp, cu)[:, None] == _doc_ids(kp, cu)[None]
     return m
@@ -141,3 +145,101 @@ def test_tensor_masks_count_a_fallback_and_bad_spans_raise():
         block_attention(q, k, v, causal=True, q_spans=[(0, 4)], k_spans=[(0, 8)])
     with pytest.raises(ValueError, match="not both"):
         block_attention(q, k, v, causal=True, q_spans=[(0, 8)], k_spans=[(0, 8)], q_pos=pos, k_pos=pos)
+
+
+# ----------------------------------------------------------------------------------------- sliding windows
+
+
+def _coverage(plan) -> torch.Tensor:
+    """How many pieces of ``plan`` compute each ``[Lq, Lk]`` cell: a full piece its rectangle, a causal piece
+    its lower triangle (diagonal included), an anti piece its upper triangle (diagonal included)."""
+    count = torch.zeros(plan.lq, plan.lk, dtype=torch.long)
+    for q0, q1, k0, k1, kind in plan.pieces:
+        if kind:
+            assert q1 - q0 == k1 - k0, f"{kind} piece {(q0, q1, k0, k1)} is not square"
+        i, j = torch.arange(q1 - q0)[:, None], torch.arange(k1 - k0)[None]
+        cells = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        if kind == ANTI:
+            cells = j >= i
+        elif kind:
+            assert kind is True, kind
+            cells = j <= i
+        count[q0:q1, k0:k1] += cells
+    return count
+
+
+def _window_cases(seed: int = 5):
+    """(q_spans, k_spans, cu, window): zigzag/all-gather-like runs with windows of 1, 2, small, larger than a
+    chunk, larger than the sequence, plus long aligned blocks whose windows need several WINDOW_CHUNK chunks."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(24):
+        q_spans, k_spans, _, cu = _random_case(rng)
+        L = max(b for _, b in q_spans + k_spans)
+        window = rng.choice([1, 2, rng.randint(3, 12), rng.randint(13, L), WINDOW_CHUNK + 44])
+        out.append((q_spans, k_spans, cu, window))
+    L = 640  # rows 0..639: a window of 300 cuts them into chunks of 256, 256 and 128 rows
+    out += [([(0, L)], [(0, L)], None, 300), ([(0, L)], [(0, L)], [0, 100, 517, L], 300),
+            ([(0, L)], [(0, L)], None, 97), ([(320, L), (0, 320)], [(0, L)], [0, 333, L], WINDOW_CHUNK + 2)]
+    return out
+
+
+def test_window_plans_cover_every_visible_cell_once():
+    """Every cell of the dense mask (causal, same document, q - w < k <= q) is computed by exactly one piece,
+    and no other cell by any."""
+    chunked = 0
+    for q_spans, k_spans, cu, window in _window_cases():
+        plan = spans_plan(q_spans, k_spans, causal=True, cu_seqlens=cu, window=window)
+        want = _mask(q_spans, k_spans, True, cu, window).long()
+        got = _coverage(plan)
+        assert torch.equal(got, want), (q_spans, k_spans, cu, window, (got != want).nonzero()[:5].tolist())
+        chunked += any(q1 - q0 == WINDOW_CHUNK for q0, q1, *_ in plan.pieces)
+    assert chunked >= 2  # the long windows ran the WINDOW_CHUNK cut
+    # cells computed stay within (w - 1 + c) / w of the band's (c = the chunk's rows), not the causal triangle
+    plan = spans_plan([(0, 640)], [(0, 640)], causal=True, window=97)
+    band = _mask([(0, 640)], [(0, 640)], True, None, 97).sum().item() / 640**2
+    assert plan.flops_fraction < band * (96 + 96) / 97
+    assert any(kind == ANTI for *_, kind in plan.pieces)
+
+
+def _window_kw(q_spans, k_spans, cu, window):
+    aligned = q_spans == k_spans == [(0, q_spans[0][1])]
+    spans = {} if aligned else {"q_spans": q_spans, "k_spans": k_spans}  # aligned blocks: window alone
+    return {"causal": True, "cu_seqlens": cu, "window": window, **spans}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_window_block_attention_matches_dense(dtype):
+    """Forward and backward of windowed blocks (spans, documents, aligned blocks) vs float64, all fused."""
+    cases = [c for c in _window_cases() if _mask(*c[:2], True, *c[2:]).any()]  # some row sees some key
+    cases = cases[:10] + cases[-2:] if dtype == torch.float64 else cases[::6] + cases[-1:]
+    for i, (q_spans, k_spans, cu, window) in enumerate(cases):
+        Lq, Lk = sum(b - a for a, b in q_spans), sum(b - a for a, b in k_spans)
+        q, k, v = _qkv(Lq, Lk, dtype, seed=i, D=8 if Lq > 256 else 16)
+        _check(q, k, v, _mask(q_spans, k_spans, True, cu, window), TOL[dtype],
+               **_window_kw(q_spans, k_spans, cu, window))
+
+
+@pytest.mark.parametrize("window", [1, 3, 10])
+def test_window_on_aligned_blocks_and_kv_cache(window):
+    """``aligned_plan(..., window=)``: square blocks, and bottom-right rectangles (decoding with a KV cache:
+    query i of Lq is at position i + Lk - Lq), including rows whose window holds one key."""
+    for Lq, Lk, align in ((24, 24, True), (5, 30, "bottom_right"), (12, 12, "bottom_right"), (20, 9, "top_left")):
+        shift = Lk - Lq if align == "bottom_right" else 0
+        plan = aligned_plan(Lq, Lk, align, window=window)
+        want = _mask([(shift, shift + Lq)], [(0, Lk)], True, None, window)
+        assert torch.equal(_coverage(plan), want.long()), (Lq, Lk, align)
+        q, k, v = _qkv(Lq, Lk, torch.float64, seed=window)
+        _check(q, k, v, want, 1e-12, causal=align, window=window)
+
+
+def test_window_needs_causal_attention():
+    q, k, v = _qkv(16, 16, torch.float32)
+    with pytest.raises(ValueError, match="window=4 needs causal"):
+        spans_plan([(0, 16)], [(0, 16)], causal=False, window=4)
+    with pytest.raises(ValueError, match="window=4 needs causal"):
+        aligned_plan(16, 16, False, window=4)
+    with pytest.raises(ValueError, match="window=4 needs causal"):
+        block_attention(q, k, v, causal=False, window=4)
+    with pytest.raises(ValueError, match="window=0"):
+        spans_plan([(0, 16)], [(0, 16)], causal=True, window=0)

@@ -1,7 +1,8 @@
 """usp_attention (Ulysses x ring): what the registry's conformance tests (tests/test_conformance.py, which run
 USP at patch_model's default degree u = gcd(N, kv heads)) do not cover: the other degrees of W = 4, u = 4
-(all Ulysses, kv heads replicated) and u = 1 (all ring), with their bytes, and sub-groups that are missing or
-do not split the group as make_usp_groups does (every rank must raise).
+(all Ulysses, kv heads replicated) and u = 1 (all ring), with their bytes, with and without a sliding window
+(the ring then exchanges the window's halo), and sub-groups that are missing or do not split the group as
+make_usp_groups does (every rank must raise).
 
 One spawn of 4 ranks runs everything.
 """
@@ -25,6 +26,8 @@ def _cases(u: int) -> dict:
         "zigzag-f64": dict(layout="zigzag", causal=True, H=8, Hkv=few_kv, dtype=F64),
         "contiguous-noncausal-f32": dict(layout="contiguous", causal=False, H=8, Hkv=2, dtype=F32),
         "zigzag-bf16": dict(layout="zigzag", causal=True, H=8, Hkv=few_kv, dtype=BF16),
+        "zigzag-window-f64": dict(layout="zigzag", causal=True, H=8, Hkv=few_kv, dtype=F64, window=20),
+        "contiguous-window-f32": dict(layout="contiguous", causal=True, H=8, Hkv=2, dtype=F32, window=5),
     }
 
 
@@ -41,12 +44,13 @@ def _all_checks(rank, world, group) -> dict:
         for name, c in _cases(u).items():
             errs = compare_case(fn, rank, world, group, shard_layout=c["layout"], **c)
             out["cases"][f"u{u}r{r}-{name}"] = {**errs, "tol": TOL[c["dtype"]]}
-        q, k, v = (torch.randn(2, 8, h, 16, requires_grad=True) for h in (8, 1, 1))
-        with ByteCounter() as fwd:
-            o = fn(q, k, v, group=group)
-        with ByteCounter() as bwd:
-            o.sum().backward()
-        out["bytes"][(u, r)] = ((fwd.sent, bwd.sent), usp_bytes(q, k, v, group=group, **sub))
+        for window in (None, 3):
+            q, k, v = (torch.randn(2, 8, h, 16, requires_grad=True) for h in (8, 1, 1))
+            with ByteCounter() as fwd:
+                o = fn(q, k, v, group=group, window=window)
+            with ByteCounter() as bwd:
+                o.sum().backward()
+            out["bytes"][(u, r, window)] = ((fwd.sent, bwd.sent), usp_bytes(q, k, v, group=group, window=window, **sub))
     pair = usp_groups(group, 2)
     q, k, v = (torch.randn(2, 8, h, 16) for h in (8, 2, 2))
     call = lambda ug, rg: lambda: usp_attention(q, k, v, group=group, ulysses_group=ug, ring_group=rg)  # noqa: E731
@@ -71,6 +75,8 @@ def test_bytes_match_formula(results):
     for rank, r in enumerate(results):
         for degrees, (measured, formula) in r["bytes"].items():
             assert measured == formula and measured[0] > 0, (rank, degrees, measured, formula)
+        # all ring (u = 1): a window of 3 tokens sends its halo, not the (N-1) whole K/V shards of the ring
+        assert r["bytes"][1, 4, 3][0][0] < r["bytes"][1, 4, None][0][0] / 4, (rank, r["bytes"])
 
 
 def test_bad_sub_groups_raise_on_every_rank(results):

@@ -10,7 +10,10 @@ For the conformance tests (tests/test_conformance.py) a spec also names the keyw
 takes (``options``), the float64 definition it computes (``reference``, in ``seqpar/kernels/reference.py``),
 the formula of the bytes it sends (``comm_bytes``, next to the primitive, as its docstring states it), the
 sub-groups it needs made (``make_subgroups``) and, for Ulysses-style head splits, which group's size must
-divide the heads (``heads_split``).
+divide the heads (``heads_split``). ``options`` also says which layer features ``patch_model`` may hand the
+primitive through ``call``: ``"sinks"`` (learned per-head sink logits, gpt-oss) and ``"window"`` (a sliding
+window, Mistral/Gemma/gpt-oss layers: query p sees keys ``p - window < k <= p``); a model layer that needs one
+the spec lacks is refused.
 
 Adding a primitive: write ``seqpar/attention/<name>.py`` (one function ``q, k, v [B, L/N, H, D] -> out``, exact
 backward, errors raised on every rank, and a ``<name>_bytes`` function giving the forward and backward bytes
@@ -44,11 +47,13 @@ class AttentionSpec:
     eval_fallback: str | None = None  # the attention used when the model is in eval() mode
     subgroups: tuple[str, ...] = ()  # SP sub-groups patch_model creates (usp: Ulysses x ring)
     models: str = "softmax"  # "softmax": transformers models; "linear": seqpar's Linear-Llama (and hybrid)
-    # (patch, q, k, v, scale, cu_seqlens, validate) -> out [B, L/N, H, D]; validate: the primitive's cross-rank
-    # shape check (patch_model runs it at the first layer of a forward only)
+    # (patch, q, k, v, scale, cu_seqlens, validate=, sinks=, window=) -> out [B, L/N, H, D]; validate: the
+    # primitive's cross-rank shape check (patch_model runs it at the first layer of a forward only); sinks, window:
+    # the layer's learned sink logits and sliding window (None: none), given only where ``options`` lists them
     call: Callable[..., torch.Tensor] | None = None
     why_layout: str = ""  # why the layouts are restricted (said in the error)
-    # keyword arguments the primitive takes besides q, k, v and group ("sinks": learned per-head sink logits)
+    # keyword arguments the primitive takes besides q, k, v and group ("sinks": learned per-head sink logits;
+    # "window": transformers' sliding window, query p sees keys p - window < k <= p)
     options: tuple[str, ...] = ("causal", "softmax_scale", "layout", "validate")
     reference: str = "seqpar.kernels.reference:softmax_reference"  # the float64 definition it computes
     # (q, k, v, *, group, **options) -> (forward, backward) bytes this rank sends: the docstring's formula
@@ -69,13 +74,17 @@ class AttentionSpec:
 
 
 def _softmax_call(spec_name: str) -> Callable:
-    """Causal call of a softmax primitive with the patch's group and layout (varlen ones get cu_seqlens)."""
+    """Causal call of a softmax primitive with the patch's group and layout (varlen ones get cu_seqlens; sinks
+    and a sliding window are passed when given)."""
 
-    def call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None) -> torch.Tensor:
+    def call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None,
+             window: int | None = None) -> torch.Tensor:
         spec = ATTENTIONS[spec_name]
         extra = {"cu_seqlens": cu_seqlens} if spec.varlen else {}
         if sinks is not None:  # patch_model refuses sinks for a primitive without the option
             extra["sinks"] = sinks
+        if window is not None:  # likewise a window
+            extra["window"] = window
         if "ulysses" in spec.subgroups:
             extra.update(ulysses_group=patch.ulysses_group, ring_group=patch.ring_group)
         return spec.load()(q, k, v, group=patch.group, causal=True, softmax_scale=scale, layout=patch.layout,
@@ -84,22 +93,28 @@ def _softmax_call(spec_name: str) -> Callable:
     return call
 
 
-def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None) -> torch.Tensor:
-    """S2/SF: shift groups of size ``patch.shift_size(L)`` (L global)."""
+def _shifted_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None,
+                  window: int | None = None) -> torch.Tensor:
+    """S2/SF: shift groups of size ``patch.shift_size(L)`` (L global); they take neither sinks nor a window."""
     spec = ATTENTIONS[patch.attention]
+    for option, value in (("sinks", sinks), ("window", window)):
+        if value is not None:
+            raise ValueError(f"{option}= is given but attention={patch.attention!r} (shifted groups) takes no "
+                             f"{option}: use one of {[n for n, s in ATTENTIONS.items() if option in s.options]}")
     size = patch.shift_size(q.shape[1] * _world(patch.group))
     extra = {"num_sink_tokens": patch.num_sink_tokens} if patch.attention == "sf" else {"wrap": patch.s2_wrap}
     return spec.load()(q, k, v, group_size=size, group=patch.group, softmax_scale=scale, validate=validate,
                        **extra)
 
 
-def _full_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None) -> torch.Tensor:
+def _full_call(patch: Any, q, k, v, scale, cu_seqlens, validate: bool = True, sinks=None,
+               window: int | None = None) -> torch.Tensor:
     """Exact causal attention: the local kernel on one device, ring attention over an SP group."""
     if _world(patch.group) == 1:
         from seqpar.attention.local import local_attention
 
-        return local_attention(q, k, v, scale, cu_seqlens=cu_seqlens, sinks=sinks)
-    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens, validate, sinks)
+        return local_attention(q, k, v, scale, cu_seqlens=cu_seqlens, sinks=sinks, window=window)
+    return _softmax_call("ring")(patch, q, k, v, scale, cu_seqlens, validate, sinks, window)
 
 
 def _world(group) -> int:
@@ -109,14 +124,15 @@ def _world(group) -> int:
 
 
 _SHIFT_WHY = "shifted-group attention needs the contiguous layout (its groups are runs of consecutive tokens)"
-_VARLEN = ("causal", "softmax_scale", "layout", "cu_seqlens", "validate", "sinks")
-_HEADS = ("causal", "softmax_scale", "layout", "validate", "sinks")  # Ulysses, USP: no packed documents
+_VARLEN = ("causal", "softmax_scale", "layout", "cu_seqlens", "validate", "sinks", "window")
+_HEADS = ("causal", "softmax_scale", "layout", "validate", "sinks", "window")  # Ulysses, USP: no packed documents
 _SHIFTED = "seqpar.kernels.reference:shifted_reference"
 ATTENTIONS: dict[str, AttentionSpec] = {s.name: s for s in (
     AttentionSpec("ring", "seqpar.attention.ring:ring_attention", LAYOUTS, varlen=True, call=_softmax_call("ring"),
                   options=_VARLEN, comm_bytes="seqpar.attention.ring:ring_bytes"),
     AttentionSpec("rsa", "seqpar.attention.rsa:ring_self_attention", ("contiguous",), call=_softmax_call("rsa"),
                   why_layout="ring self-attention (Li et al. 2021) runs the contiguous layout only",
+                  options=("causal", "softmax_scale", "layout", "validate", "window"),
                   comm_bytes="seqpar.attention.rsa:rsa_bytes"),
     AttentionSpec("ulysses", "seqpar.attention.ulysses:ulysses_attention", ("contiguous", "zigzag"),
                   call=_softmax_call("ulysses"), comm_bytes="seqpar.attention.ulysses:ulysses_bytes", options=_HEADS,

@@ -18,6 +18,11 @@ A partial gradient travels around the ring with its block and reaches the block'
 hop overlaps with the block computation (``comm.RingComm``). Under a causal mask blocks of later ranks are all
 masked: their products are skipped, but the ring still makes every hop (the paper's fixed schedule).
 
+Sliding window (``window=w``, transformers' rule: the query at global position p sees the keys at
+``p - w < k <= p``): one more term of the score masks, on global positions (rank r holds [r L/N, (r+1) L/N)).
+Blocks wholly before every row's window are skipped like the causal ones; the rings, and so the bytes, stay
+the paper's fixed schedule (``ring_attention`` sends only the window's halo instead).
+
 Communication per call, with b = B·(L/N)·Hkv·D (one of K or V, kv heads only):
   * forward:  2·(N-1) · b · itemsize             bytes sent (and received) per rank (2(N-1) P2P steps);
   * backward: 2·(N-1) · b · itemsize + 2·N · b · acc   when N > 1 (0 when N = 1), acc = 4 (float32
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.attention.checks import check_options, check_qkv
+from seqpar.attention.checks import check_options, check_qkv, effective_window
 from seqpar.comm import Group, group_rank, group_size, ring_visit
 from seqpar.kernels import acc_dtype
 
@@ -46,15 +51,27 @@ class _RSAPlan:
     world: int
     causal: bool
     scale: float
+    n: int  # tokens per rank: rank r holds global positions [r n, (r+1) n)
+    window: int | None = None  # sliding window (causal only): p - window < k <= p
 
     def visible(self, src: int) -> bool:
-        return not self.causal or src <= self.rank
+        """Whether any row of this rank sees any key of rank ``src`` (else the block's products are skipped)."""
+        if not self.causal:
+            return True
+        # the last key of src against the first row's window: (src + 1) n - 1 > r n - window
+        return src <= self.rank and (self.window is None or (src + 1) * self.n - 1 > self.rank * self.n - self.window)
 
-    def mask(self, src: int, n: int, device) -> torch.Tensor | None:
-        """Causal mask of the diagonal block (True = visible); other visible blocks are unmasked."""
-        if self.causal and src == self.rank:
-            return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        return None
+    def mask(self, src: int, device) -> torch.Tensor | None:
+        """Mask of a visible block on global positions (True = visible); None when every cell is visible."""
+        n, w = self.n, self.window
+        diagonal = self.causal and src == self.rank
+        cut = w is not None and src * n <= (self.rank + 1) * n - 1 - w  # the block's first key is outside a window
+        if not (diagonal or cut):
+            return None
+        q_pos = self.rank * n + torch.arange(n, device=device)[:, None]
+        k_pos = src * n + torch.arange(n, device=device)[None, :]
+        visible = k_pos <= q_pos
+        return visible if w is None else visible & (k_pos > q_pos - w)
 
 
 def _heads(q: torch.Tensor, hkv: int, acc) -> torch.Tensor:
@@ -71,7 +88,7 @@ def _rsa_forward(q, k, v, plan: _RSAPlan) -> tuple[torch.Tensor, torch.Tensor]:
     def scores(src: int, k_src: torch.Tensor) -> None:  # ring 1: K
         if plan.visible(src):
             blk = torch.einsum("bqhgd,bkhd->bhgqk", qh, k_src.to(acc)) * plan.scale
-            mask = plan.mask(src, n, q.device)
+            mask = plan.mask(src, q.device)
             s[..., src * n : (src + 1) * n] = blk if mask is None else blk.masked_fill(~mask, float("-inf"))
 
     ring_visit(k, plan.group, scores)
@@ -149,6 +166,7 @@ def ring_self_attention(
     softmax_scale: float | None = None,
     layout: str = "contiguous",
     validate: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Ring Self-Attention (Li et al. 2021): full score rows from a K ring, softmax, output from a V ring.
 
@@ -161,6 +179,9 @@ def ring_self_attention(
         layout: must be ``"contiguous"`` (the paper's layout).
         validate: compare shapes across ranks (one small collective); False skips it when the caller already
             did in this forward (``patch_model`` validates at the first layer only).
+        window: optional sliding window (causal only; transformers' ``sliding_window``): the query at global
+            position p sees the keys at ``p - window < k <= p``; applied in the score masks, blocks wholly
+            outside every row's window skip their products, the rings (and bytes) are unchanged.
 
     Returns:
         ``[B, L/N, H, D]`` in q's dtype. Memory O(B·H·L²/N) for the score rows (the paper's baseline).
@@ -173,6 +194,8 @@ def ring_self_attention(
         raise ValueError(f"layout={layout!r}: ring_self_attention (Li et al. 2021) supports only "
                          "layout='contiguous': shard with it, or use ring_attention for the zigzag layout")
     check_qkv(q, k, v, group=group, layout=layout, validate=validate)
+    world = group_size(group)
+    window = effective_window(window, q.shape[1] * world, causal)  # raises on every rank before any exchange
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = _RSAPlan(group, group_rank(group), group_size(group), causal, scale)
+    plan = _RSAPlan(group, group_rank(group), world, causal, scale, q.shape[1], window)
     return RingSelfAttentionFunc.apply(q, k, v, plan)

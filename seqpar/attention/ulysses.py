@@ -8,7 +8,8 @@ returns the output to sequence shards:
 
 Layouts: gathered contiguous shards are already in global order. Gathered zigzag shards are permuted into
 global order (and back) under a causal mask, so the local attention stays one plain causal kernel call
-(fused flash kernels apply); without a mask the order does not matter and nothing is permuted.
+(fused flash kernels apply); without a mask the order does not matter and nothing is permuted. A sliding
+``window`` is therefore one more argument of the local kernel (its plan cuts the band into fused pieces).
 
 GQA: rank r needs the kv heads of its q heads [r H/N, (r+1) H/N). When N does not divide the kv heads
 Hkv, every kv head is repeated ``rep = N / gcd(N, Hkv)`` times (the least that makes Hkv * rep a multiple
@@ -29,7 +30,7 @@ import math
 
 import torch
 
-from seqpar.attention.checks import check_head_split, check_options, check_qkv, check_sinks
+from seqpar.attention.checks import check_head_split, check_options, check_qkv, check_sinks, effective_window
 from seqpar.attention.local import local_attention
 from seqpar.comm import Group, all_to_all, group_rank, group_size
 from seqpar.sharding import Layout, layout_order
@@ -96,6 +97,7 @@ def ulysses_attention(
     layout: Layout = "contiguous",
     validate: bool = True,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``, by two all-to-alls (DeepSpeed-Ulysses).
 
@@ -110,19 +112,24 @@ def ulysses_attention(
             did in this forward (``patch_model`` validates at the first layer only).
         sinks: optional ``[H]`` learned sink logit per query head (gpt-oss); each rank's local attention takes
             the sinks of its H/N heads, so the gradient is this rank's heads' share (sum it over the SP group).
+        window: optional sliding window (causal only; transformers' ``sliding_window``): the query at global
+            position p sees the keys at ``p - window < k <= p``. After the all-to-all every rank holds whole
+            sequences in global order, so the window is applied by the local kernel's plan; bytes are unchanged.
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
 
     Raises:
         ValueError on every rank: heads not divisible by N, kv heads not dividing heads, shapes differing
-        across ranks, a sequence that the layout cannot split.
+        across ranks, a sequence that the layout cannot split, a window that is not a positive int or comes
+        with ``causal=False``.
     """
     n = group_size(group)
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     check_sinks(sinks, q.shape[2])
     seq_len = q.shape[1] * n
+    window = effective_window(window, seq_len, causal)  # raises on every rank before the all-to-all
     qh, kh, vh = seq_to_heads(q, k, v, group=group)
     sinks = head_share(sinks, group)
     if layout == "zigzag" and n > 1 and causal:
@@ -132,9 +139,9 @@ def ulysses_attention(
         to_global = torch.argsort(order)
         qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
         out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=True,
-                              sinks=sinks)
+                              sinks=sinks, window=window)
         out = out.index_select(1, order)
-    else:  # contiguous is already in global order; without a mask the order does not matter
+    else:  # contiguous is already in global order; without a mask (and so no window) the order does not matter
         out = local_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), softmax_scale, causal=causal,
-                              sinks=sinks)
+                              sinks=sinks, window=window)
     return heads_to_seq(out, group=group)

@@ -25,6 +25,13 @@ Bytes per call, per rank (``b_q``, ``b_kv`` = bytes of the local q and k; itemsi
               + (r-1) 2 rep b_kv                               ring_attention's K/V ring
     backward: (u-1)/u (2 b_q + 2 rep b_kv)
               + (r-1) 2 rep b_kv + [r > 1] r 2 rep b_kv acc / s    ring_attention's K/V and dK/dV rings
+
+The ring terms are ``ring_bytes`` of the ring's shard ``[B, L/r, H/u, D]`` (``rep Hkv/u`` kv heads) over r ranks.
+
+Sliding window (``window=w``, transformers' ``p - w < k <= p``): the permuted ring shard keeps the global
+positions of the ring's layout (the composition argument above), so the window is passed to ``ring_attention``
+as is; its ring terms become ``ring_bytes(..., window=w)`` (the halo of w - 1 keys, see ``window.py``); the
+all-to-all terms are unchanged.
 """
 
 from __future__ import annotations
@@ -34,11 +41,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from seqpar.attention.checks import check_options, check_qkv, check_sinks
-from seqpar.attention.ring import ring_attention
+from seqpar.attention.checks import check_options, check_qkv, check_sinks, effective_window
+from seqpar.attention.ring import ring_attention, ring_bytes
 from seqpar.attention.ulysses import head_share, heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
-from seqpar.kernels import acc_dtype
 from seqpar.sharding import Layout, global_index
 
 
@@ -96,15 +102,17 @@ def usp_subgroups(group: Group, kv_heads: int) -> dict[str, Group]:
 
 
 def usp_bytes(q, k, v, *, group: Group = None, ulysses_group: Group = None, ring_group: Group = None,
-              **_) -> tuple[int, int]:
-    """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
-    u, r, e = group_size(ulysses_group), group_size(ring_group), k.element_size()
+              layout: Layout = "zigzag", causal: bool = True, window: int | None = None, **_) -> tuple[int, int]:
+    """(forward, backward) bytes this rank sends in one call: the module docstring's formula (the ring's
+    terms from ``ring_bytes`` of the ring shard's shapes)."""
+    u, e = group_size(ulysses_group), k.element_size()
     rep = u // math.gcd(u, k.shape[2])
-    b_q, b_kv = q.numel() * e, k.numel() * e
-    a2a = (u - 1) * (2 * b_q + 2 * rep * b_kv) // u
-    ring = (r - 1) * 2 * rep * b_kv
-    grads = r * 2 * rep * k.numel() * acc_dtype(k.dtype).itemsize if r > 1 else 0
-    return a2a + ring, a2a + ring + grads
+    a2a = (u - 1) * (2 * q.numel() + 2 * rep * k.numel()) * e // u
+    B, n, H, D = q.shape
+    qh = torch.empty(B, n * u, H // u, D, dtype=q.dtype, device="meta")  # the ring's shard after the all-to-all
+    kh = torch.empty(B, n * u, k.shape[2] * rep // u, D, dtype=k.dtype, device="meta")
+    ring_fwd, ring_bwd = ring_bytes(qh, kh, kh, group=ring_group, layout=layout, causal=causal, window=window)
+    return a2a + ring_fwd, a2a + ring_bwd
 
 
 def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str, device=None) -> torch.Tensor | None:
@@ -158,6 +166,7 @@ def usp_attention(
     layout: Layout = "zigzag",
     validate: bool = True,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention of a sequence sharded over ``group``: all-to-all over ``ulysses_group``, ring
     attention over ``ring_group``, all-to-all back.
@@ -175,19 +184,24 @@ def usp_attention(
             did in this forward (``patch_model`` validates at the first layer only).
         sinks: optional ``[H]`` learned sink logit per query head (gpt-oss): the ring over ``ring_group``
             takes this rank's H/u heads' sinks (gradient: this rank's heads and rows; sum it over the group).
+        window: optional sliding window (causal only; transformers' ``sliding_window``): the query at global
+            position p sees the keys at ``p - window < k <= p``; passed to the ring, whose shard keeps global
+            positions (its K/V ring then carries only the window's halo, see ``usp_bytes``).
 
     Returns:
         ``[B, L/N, H, D]`` this rank's shard of the output, in q's dtype; differentiable in q, k, v.
 
     Raises:
         ValueError on every rank: missing or mismatched sub-groups, heads not divisible by u, kv heads not
-        dividing heads, shapes differing across ranks, a sequence the layout cannot split.
+        dividing heads, shapes differing across ranks, a sequence the layout cannot split, a window that is not
+        a positive int or comes with ``causal=False``.
     """
     check_options(layout=layout, causal=causal, softmax_scale=softmax_scale)
     u, r = _check_groups(group, ulysses_group, ring_group, validate)
     check_qkv(q, k, v, group=group, layout=layout, validate=validate)
     check_sinks(sinks, q.shape[2])
     seq_len = q.shape[1] * u * r
+    window = effective_window(window, seq_len, causal)  # raises on every rank before the all-to-all
     # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
     qh, kh, vh = seq_to_heads(q, k, v, group=ulysses_group, what="the Ulysses degree u")
     perm = ring_order(seq_len, u, r, group_rank(ring_group), layout, device=q.device)
@@ -197,7 +211,7 @@ def usp_attention(
     # compared over the whole group above: no second cross-rank check).
     out = ring_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), group=ring_group, causal=causal,
                          softmax_scale=softmax_scale, layout=layout, validate=False,
-                         sinks=head_share(sinks, ulysses_group))
+                         sinks=head_share(sinks, ulysses_group), window=window)
     # Step 3: undo the permutation, back to sequence shards of all heads.
     if perm is not None:
         out = out.index_select(1, torch.argsort(perm))
