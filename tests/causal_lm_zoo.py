@@ -2,8 +2,10 @@
 
 ``tiny_config(model_type)`` shrinks the class's default config (and its text sub-configs) to a few layers of
 width 64 and a vocabulary of 128, keeping what makes the family what it is (its layer types, windows, sinks,
-experts, convolutions). ``build(model_type)`` returns the float32 model, or raises ``Unbuildable`` for a
-class whose tiny config does not build (the sweep reports those separately; they are not silently skipped).
+experts, convolutions); sliding windows (24 tokens) and attention chunks (16) are set wherever the config
+has them, so that the 64-token sweep engages them. ``build(model_type)`` returns the float32 model, or raises
+``Unbuildable`` for a class whose tiny config does not build (the sweep reports those separately; they are
+not silently skipped).
 Used by ``tests/test_model_families.py``, which runs each one patched at SP = 2 against the unpatched model.
 """
 
@@ -48,6 +50,10 @@ _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_tok
               "cls_token_id", "mask_token_id", "unk_token_id", "image_token_id", "image_token_index",
               "video_token_id", "audio_token_id", "boi_token_id", "eoi_token_id", "eod_token_id")
 N_LAYERS = 4  # enough for a hybrid's pattern (linear, attention) to show both kinds
+# Windows and chunks shorter than the sweep's 64 tokens, wherever a config has them: a model whose window
+# seqpar dropped (one kept only in transformers' mask, say) shows up as accepted and wrong.
+WINDOW, CHUNK = 24, 16
+_ENGAGE = {"sliding_window": WINDOW, "use_sliding_window": True, "attention_chunk_size": CHUNK}
 
 
 class Unbuildable(Exception):
@@ -61,6 +67,9 @@ def _shrink(cfg, seen: set) -> None:
     for name, value in _SET.items():
         if name in vars(cfg) and (vars(cfg)[name] is None or isinstance(vars(cfg)[name], type(value))):
             setattr(cfg, name, value)
+    for name in ("sliding_window", "attention_chunk_size"):  # sub-configs too (their layer types are set)
+        if name in vars(cfg):
+            setattr(cfg, name, _ENGAGE[name])
     for name, value in list(vars(cfg).items()):  # the sweep compares deterministic runs: no dropout, no jitter
         if isinstance(value, float) and any(w in name for w in ("dropout", "pdrop", "jitter", "drop_path")):
             setattr(cfg, name, 0.0)
@@ -104,6 +113,9 @@ def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
+    engage = {k: v for k, v in _ENGAGE.items() if k in vars(cfg)}
+    if engage:  # rebuilt, so that __post_init__ derives the layer types from the window (Qwen2, Qwen3...)
+        cfg = AutoConfig.for_model(model_type, **engage)
     _shrink(cfg, set())
     kda = vars(cfg).get("linear_attn_config")
     if isinstance(kda, dict):  # Kimi Linear: which layers are KDA, head sizes

@@ -207,7 +207,7 @@ def test_fault_hooks_are_parsed_once(monkeypatch):
         faults.hooks.cache_clear()
 
 
-# -- sink tokens: validator and primitive agree; KV-cache window vs the key length ---------------------------
+# -- sink tokens: validator and primitive agree; KV-cache window applied to the keys ----------------------------
 
 
 def test_sink_token_bound_is_the_primitives():
@@ -226,24 +226,34 @@ def test_sink_token_bound_is_the_primitives():
         check_shift_args(q, k, k, shift_size=128, num_sink_tokens=257, world=2, caller="sf")
 
 
-def test_kv_cache_decoding_checks_the_window_against_the_keys():
+def test_kv_cache_decoding_applies_the_window_to_the_keys():
+    """Past the window, a cache that keeps every key decodes as the unpatched model (was: refused, and before
+    that accepted while attending beyond the window); tests/test_windows.py covers the sliding cache."""
     from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
-    from seqpar.models import patch_model
+    from seqpar.models import attention_calls, patch_model, unpatch_model
 
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
-    model = patch_model(MistralForCausalLM(cfg).eval(), "ring", None)
-    ids = torch.randint(0, 50, (1, 6))
+    model = MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 12))
+
+    def decode() -> torch.Tensor:
+        out = model(ids[:, :6], cache=DynamicCache(), use_cache=True)  # keeps every key
+        logits = [out.logits]
+        for n in range(6, 12):  # 7 to 12 keys: the window of 8 engages from the 9th
+            out = model(ids[:, n : n + 1], cache=out.past_key_values, use_cache=True, position_ids=torch.tensor([[n]]))
+            logits.append(out.logits)
+        return torch.cat(logits, 1)
+
     with torch.no_grad():
-        out = model(ids, past_key_values=DynamicCache(), use_cache=True)  # keeps every key; 6 <= window 8: fine
-        step = lambda past, n: model(torch.randint(0, 50, (1, 1)), past_key_values=past, use_cache=True,  # noqa: E731
-                                     position_ids=torch.tensor([[n]]))
-        out = step(out.past_key_values, 6)
-        out = step(out.past_key_values, 7)  # 8 keys
-        with pytest.raises(ValueError, match="sliding_window=8, shorter than the global sequence length 9"):
-            step(out.past_key_values, 8)  # 9 keys: was accepted (1 query) and attended beyond the window
+        plain = decode()
+        patch_model(model, "ring", None)
+        got = decode()
+    assert attention_calls(model).get("window", 0) == 4  # keys 9..12 exceed the window
+    unpatch_model(model)
+    assert (got - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
 # -- smaller items -------------------------------------------------------------------------------------------

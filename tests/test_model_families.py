@@ -1,8 +1,9 @@
 """Every causal LM class of the installed transformers is exact under SP = 2 or refused in one line.
 
 The sweep builds each class of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` tiny from its own config
-(``tests/causal_lm_zoo.py``), runs it unpatched on the whole 64-token sequence (eager attention) and patched
-with ring attention on two gloo ranks (``shard_batch`` shards, ``sp_cross_entropy``, parameter gradients
+(``tests/causal_lm_zoo.py``; 24-token sliding windows and 16-token attention chunks wherever the config has
+them, so a dropped window shows as wrong), runs it unpatched on the whole 64-token sequence (eager attention)
+and patched with ring attention on two gloo ranks (``shard_batch`` shards, ``sp_cross_entropy``, parameter gradients
 summed over the ranks), and sorts it into: exact (loss and every gradient within float32 tolerance),
 refused (a one-line ``ValueError`` from ``patch_model`` or the patched forward, on both ranks), or
 unbuildable (its tiny config does not build or its unpatched forward fails; listed by name). Accepted and
@@ -30,7 +31,7 @@ def _one_line(err: Exception) -> str:
 
 
 def _sweep_one(model_type: str, group, world: int) -> dict:
-    from seqpar.models import patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
+    from seqpar.models import attention_calls, patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
     from tests.causal_lm_zoo import VOCAB, Unbuildable, build
 
     try:
@@ -57,6 +58,7 @@ def _sweep_one(model_type: str, group, world: int) -> dict:
         labels = sp.pop("labels")
         loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
         loss.backward()
+        calls = attention_calls(model)  # "window" / "chunk": layer calls that applied one
     except ValueError as err:
         return {"kind": "refused", "why": str(err), "at": "forward"}
     except Exception as err:  # a patched forward that breaks (not a refusal) is a failure
@@ -79,7 +81,7 @@ def _sweep_one(model_type: str, group, world: int) -> dict:
                 for n in ref_grads)
     err = abs(loss.item() - ref_loss) / abs(ref_loss)
     kind = "exact" if err <= TOL and worst[0] <= 1e-3 else "wrong"
-    return {"kind": kind, "loss": err, "grad": worst[0], "param": worst[1]}
+    return {"kind": kind, "loss": err, "grad": worst[0], "param": worst[1], "calls": calls}
 
 
 def _sweep_ranks(rank: int, world: int, group, model_types: list[str]) -> dict:
@@ -123,6 +125,18 @@ def test_family_table_agrees_with_the_sweep(sweep):
             assert r["kind"] in ("refused", "unbuildable"), (t, fam.name, r)
             if r["kind"] == "refused":
                 assert r["at"] == "patch" and "\n" not in r["why"] and fam.refused in r["why"], (t, r)
+
+
+def test_windows_and_chunks_are_engaged(sweep):
+    """The tiny configs carry 24-token windows and 16-token chunks (``tests/causal_lm_zoo.py``) on 64 tokens:
+    the windowed families are exact with the window applied, the mask-only ones included (MASK_WINDOWS)."""
+    from seqpar.models.families import MASK_WINDOWS
+
+    windowed = {t: "window" for t in ("mistral", "qwen2", "qwen3", "gemma3_text", "gpt_oss", "cohere2", "olmo3",
+                                      "phimoe", "qwen2_moe")}
+    for t, kind in {**windowed, "llama4_text": "chunk"}.items():
+        assert sweep[t]["kind"] == "exact" and sweep[t]["calls"].get(kind, 0) > 0, (t, sweep[t])
+    assert {"phimoe", "qwen2_moe", "llama4_text"} <= set(MASK_WINDOWS)
 
 
 def test_refusals_name_the_module_class(sweep):

@@ -37,7 +37,7 @@ def _config(name: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[name]
-    extra = {"sliding_window": 4096} if name == "mistral" else {}  # longer than L: must be accepted
+    extra = {"sliding_window": 4096} if name == "mistral" else {}  # longer than L: no window (tests/test_windows.py)
     return cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, attention_dropout=0.0,
                tie_word_embeddings=False, **extra)
@@ -368,11 +368,9 @@ def test_single_device_errors(model_dir):
     from seqpar.models import patch_model, sp_cross_entropy, unpatch_model
 
     model = _load(model_dir, "mistral")
-    model.config.sliding_window = 16  # shorter than L: seqpar attention would silently differ
-    for layer in model.model.layers:
-        layer.self_attn.config.sliding_window = 16
-    patch_model(model, "full")
-    with pytest.raises(ValueError, match="sliding_window=16"):
+    model.config.sliding_window = 16  # shorter than L: applied by "full", refused by s2 in training
+    patch_model(model, "s2", None, group_size=16)
+    with pytest.raises(ValueError, match=r"attention='s2' does not implement sliding windows \(MistralAttention"):
         _sp_forward(model, None, _batch())
     unpatch_model(model)
     model.config.sliding_window = None

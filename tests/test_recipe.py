@@ -47,6 +47,12 @@ BAD = [
      ["attention.layout='zigzag'", "model_type='qwen3_next'", "contiguous"]),
     (["model.from_config.model_type=minimax", "attention.name=ring", "data.pack=true"], 2,
      ["data.pack=true", "model_type='minimax'", "Lightning Attention", "set data.pack=false"]),
+    (["model.from_config.model_type=mistral", "model.from_config.sliding_window=128"], 2,
+     ["attention.name='s2'", "model_type='mistral'", "sliding window of 128 tokens", "data.seq_len=512", "'ring'"]),
+    (["model.from_config.model_type=gpt_oss", "model.from_config.num_local_experts=4", "attention.name=rsa",
+      "attention.layout=contiguous"], 2, ["attention.name='rsa'", "model_type='gpt_oss'", "sinks", "'ring'"]),
+    (["model.from_config.model_type=llama4_text", "model.from_config.attention_chunk_size=64",
+      "attention.name=ulysses"], 2, ["attention.name='ulysses'", "chunks of 64 tokens", "['ring', 'allgather'"]),
     (["trainer.betas=[0.9]"], 2, ["trainer.betas=[0.9]", "two numbers"]),
     (["attention.name=s2", "attention.sp_size=2", "attention.layout=zigzag"], 2,
      ["attention.layout='zigzag'", "contiguous"]),
@@ -75,6 +81,30 @@ def test_bad_recipe_is_rejected_with_key_value_and_fix(overrides, world, needles
     message = str(err.value)
     for needle in needles:
         assert needle in message, f"{needle!r} missing from:\n{message}"
+
+
+WINDOWED = {  # sliding windows of 128 tokens on the quick start's 512 (issue 24)
+    "mistral": ["model.from_config.sliding_window=128"],
+    "qwen3": ["model.from_config.use_sliding_window=true", "model.from_config.sliding_window=128",
+              "model.from_config.layer_types=[sliding_attention,full_attention]"],
+    "gemma3_text": ["model.from_config.sliding_window=128", "model.from_config.head_dim=16"],
+    "gpt_oss": ["model.from_config.sliding_window=128", "model.from_config.head_dim=16",
+                "model.from_config.num_local_experts=4"],
+}
+
+
+@pytest.mark.parametrize("model_type", list(WINDOWED))
+def test_windowed_models_validate_with_primitives_that_take_windows(model_type):
+    """Accepted with ring, ulysses and allgather (they apply the window); s2 refuses a window shorter than
+    data.seq_len in one line, and accepts one at least as long."""
+    base = [f"model.from_config.model_type={model_type}", *WINDOWED[model_type]]
+    for name in ("ring", "ulysses", "allgather"):
+        validate(load_recipe(QUICK, [*base, f"attention.name={name}"]), 2)
+    with pytest.raises(RecipeError, match=r"attention.name='s2' with model_type=.*sliding window of 128 tokens"):
+        validate(load_recipe(QUICK, base), 2)
+    if model_type != "gpt_oss":  # gpt-oss's sinks: s2 refuses them at any length
+        long = [o.replace("=128", "=4096") for o in base]
+        validate(load_recipe(QUICK, long), 2)
 
 
 def test_every_error_is_listed_at_once():

@@ -17,8 +17,10 @@ checking it.
 Supported model types are those ``tests/test_model_families.py`` finds exact at SP = 2 (loss and every
 parameter gradient against the unpatched model on the whole sequence) when built tiny from their own
 config; that test fails if the table and the sweep disagree. A supported family can still refuse a call at
-run time (``seqpar.models.patch._check_call``: dropout, masks, windows shorter than the sequence, softcap,
-any attention keyword it does not implement).
+run time (``seqpar.models.patch``: dropout, masks, softcap, a sliding window or chunk the chosen primitive
+cannot apply, any attention keyword it does not implement). Sliding windows are exact: the window a layer
+passes to its attention call, or the one its family keeps only in transformers' mask (``MASK_WINDOWS``),
+is handed to the primitive.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FAMILIES", "SEAM_LIMITS", "Family", "check_model", "families_markdown", "family_of", "hybrid_model_types",
-           "layout_for", "linear_primitive_refusal", "packing_refusal", "refusal_for_config", "register_family"]
+__all__ = ["FAMILIES", "MASK_WINDOWS", "SEAM_LIMITS", "Family", "check_model", "families_markdown", "family_of",
+           "hybrid_model_types", "layout_for", "linear_primitive_refusal", "mask_window", "packing_refusal",
+           "refusal_for_config", "register_family", "shortest_window"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Family:
     # (module class, seam) pairs seqpar shards itself outside the attention registry (``seqpar.models.hybrid``);
     # their subtrees are exempt from the mixer scan, and ``patch_model`` installs the seam in each
     linear: tuple[tuple[str, str], ...] = ()
+    sinks: bool = False  # its attention passes learned per-head sink logits (``s_aux``): primitives need "sinks"
 
     @property
     def supported(self) -> bool:
@@ -73,14 +77,18 @@ FAMILIES: list[Family] = [
         "olmo", "olmo2", "olmo3", "opt", "persimmon", "phi", "phi3", "phi4_multimodal", "qwen2", "qwen3",
         "seed_oss", "smollm3", "stablelm", "starcoder2", "whisper"),
         "softmax attention (causal, RoPE or learned absolute positions from global position_ids); sliding "
-        "windows at least as long as the sequence", _REGISTRY_SEAM,
+        "windows per layer (Mistral, Qwen2/3, Gemma 3, Cohere2...)", _REGISTRY_SEAM + "; a layer's "
+        "`sliding_window` goes to the primitive as `window=` (s2 and sf refuse windows shorter than the sequence)",
         loss_terms="none", exempt=("Phi4MultimodalAudio", "MossTranscribeDiarizeAudio", "WhisperEncoder")),
     Family("MoE decoders", (
-        "afmoe", "aria_text", "cohere2_moe", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+        "afmoe", "aria_text", "cohere2_moe", "dots1", "ergo", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
         "granitemoe", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "jetmoe", "laguna", "llama4",
-        "llama4_text", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "phimoe", "qwen2_moe",
-        "qwen3_moe", "sarvam_moe", "solar_open"),
-        "softmax attention; token-choice MoE MLPs (per token, no mixing)", _REGISTRY_SEAM, loss_terms=_ROUTER),
+        "llama4_text", "minicpm5_moe", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "param2moe",
+        "phimoe", "qwen2_moe", "qwen3_moe", "sarvam_moe", "solar_open"),
+        "softmax attention, sliding windows, Llama 4's chunked attention; token-choice MoE MLPs (per token, no "
+        "mixing)", _REGISTRY_SEAM + "; windows kept only in the mask (Phi-MoE, Qwen2-MoE) and Llama 4's chunks "
+        "are read from `MASK_WINDOWS`; chunks run as documents (ring, allgather, full; the others refuse them)",
+        loss_terms=_ROUTER),
     Family("multi-head latent attention", (
         "deepseek_v2", "deepseek_v3", "minicpm3", "sarvam_mla", "youtu", "axk1"),
         "MLA (latent K/V, q/k head dim != v head dim) through the attention registry; MoE MLPs",
@@ -122,11 +130,11 @@ FAMILIES: list[Family] = [
         "its recurrent or convolutional token mixers would run on each shard without the previous shard's "
         "state", _NEXT),
     Family("learned attention sinks", ("gpt_oss", "flint", "granite_swa", "granitemoe_swa", "mimo_v2_flash"),
-           "softmax attention with a learned per-head sink logit (`s_aux`); sliding windows at least as long as "
-           "the sequence", _REGISTRY_SEAM + "; `s_aux` merged into each row's log-sum-exp by ring, allgather, "
-           "ulysses, usp and full (s2, sf and rsa refuse it)", loss_terms=_ROUTER),
+           "softmax attention with a learned per-head sink logit (`s_aux`) and sliding windows",
+           _REGISTRY_SEAM + "; `s_aux` merged into each row's log-sum-exp by ring, allgather, ulysses, usp and "
+           "full (s2, sf and rsa refuse it); windows as for dense decoders", loss_terms=_ROUTER, sinks=True),
     Family("sparse and compressed attention", ("deepseek_v32", "deepseek_v4", "glm_moe_dsa", "axk2", "hy_v4",
-                                               "dots3_note", "dots3_note_text"),
+                                               "dots3_note", "dots3_note_text", "kolibri1_1"),
            "a key indexer (DSA top-k) or compressed K/V chosen from the local shard", "-",
            "its indexer / KV compressor would select keys from the local shard only", _NEXT, _ROUTER),
     Family("softcapped attention", ("gemma2", "vaultgemma"), "softmax attention with logit softcapping", "-",
@@ -189,6 +197,60 @@ def hybrid_model_types() -> tuple[str, ...]:
 # validator before launch, with this reason.
 SEAM_LIMITS = {"lightning": "packed documents (cu_seqlens) are not implemented for Lightning Attention yet (its "
                             "state would flow across documents)"}
+
+
+def _sliding_layer(config, layer_idx) -> tuple[str, int] | None:
+    """``config.sliding_window`` on the layers ``config.layer_types`` calls sliding (Qwen2-MoE)."""
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    if window and layer_idx is not None and layer_idx < len(types) and types[layer_idx] == "sliding_attention":
+        return "window", int(window)
+    return None
+
+
+def _every_layer(config, layer_idx) -> tuple[str, int] | None:
+    """``config.sliding_window`` on every layer (Phi-MoE: None is no window)."""
+    window = getattr(config, "sliding_window", None)
+    return ("window", int(window)) if window else None
+
+
+def _chunked_layer(config, layer_idx) -> tuple[str, int] | None:
+    """Llama 4: the layers ``config.layer_types`` calls chunked attend inside chunks of ``attention_chunk_size``."""
+    types = getattr(config, "layer_types", None) or ()
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and layer_idx is not None and layer_idx < len(types) and types[layer_idx] == "chunked_attention":
+        return "chunk", int(chunk)
+    return None
+
+
+# Families whose window lives only in transformers' MASK (``create_sliding_window_causal_mask`` /
+# ``create_chunked_causal_mask``), not in the attention call: seqpar's attention name makes transformers build
+# no mask, so ``patch_model`` reads the window from here at call time (module.config, module.layer_idx) and
+# applies it as a passed one. Found by reading every modeling file that builds such a mask and checking that
+# its attention call passes ``sliding_window=`` (transformers 5.x); the sweep engages them (window 24, chunk 16).
+MASK_WINDOWS = {"phimoe": _every_layer, "qwen2_moe": _sliding_layer, "llama4_text": _chunked_layer}
+
+
+def mask_window(config, layer_idx: int | None) -> tuple[str, int] | None:
+    """``("window", w)`` or ``("chunk", c)`` a layer of ``config`` gets from its mask only (``MASK_WINDOWS``)."""
+    rule = MASK_WINDOWS.get(getattr(config, "model_type", None) or "")
+    return None if rule is None else rule(config, layer_idx)
+
+
+def shortest_window(config) -> tuple[str, int] | None:
+    """The shortest window or chunk any layer of ``config`` (or its text config) applies, or None: what the
+    recipe validator checks before launch (``patch_model`` checks each layer's own at run time)."""
+    configs = [config] + [c for c in vars(config).values() if hasattr(c, "to_dict") and hasattr(c, "model_type")]
+    found = []
+    for cfg in configs:
+        layers = range(getattr(cfg, "num_hidden_layers", 0) or 0)
+        if (getattr(cfg, "model_type", None) or "") in MASK_WINDOWS:
+            found += [w for i in layers if (w := mask_window(cfg, i)) is not None]
+            continue
+        window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+        if isinstance(window, int) and window > 0 and (types is None or "sliding_attention" in types):
+            found.append(("window", window))
+    return min(found, key=lambda w: w[1]) if found else None
 
 
 def packing_refusal(model_type: str | None) -> str | None:

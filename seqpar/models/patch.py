@@ -29,13 +29,24 @@ run on each shard from a zero state, sparse indexers, positions from local lengt
 any model holding a token-mixing module seqpar does not shard, whatever its family. On one device (no SP
 group) nothing is sharded and the table is not consulted.
 
+Sliding windows and chunked attention: the window a layer passes (``sliding_window``: Mistral, Qwen2/3,
+Gemma 3, gpt-oss, Cohere2... per layer, None on full layers) or the one its family keeps only in the mask
+(``seqpar.models.families.MASK_WINDOWS``: Phi-MoE, Qwen2-MoE, Llama 4's chunked layers) is applied by the
+primitive: ``window=w`` (key k visible from query q iff ``q - w < k <= q``, transformers' rule) for every
+primitive listing the ``window`` option, when w is shorter than the global length (local length x SP size;
+with a KV cache, the key length); the others (s2, sf at training time) refuse it in one line. A chunk of c
+tokens (Llama 4: tokens attend only inside their chunk) is a document: the varlen primitives get the union
+of the document boundaries and each document's chunk starts as ``cu_seqlens``; the others refuse it, as does
+a KV cache reaching past the first chunk. Layer calls that ran a window (or chunks) are counted in
+``attention_calls`` under ``"window"`` (``"chunk"``) besides the primitive's own count.
+
 Refused per call, with an error naming the fix, on every rank before any communication: attention dropout
-> 0, an explicit attention mask, bidirectional layers, softcapping, a ``sliding_window`` shorter than the
-global sequence (a window at least that long has no effect and is accepted), and every keyword of the
-attention call that seqpar does not implement (``position_bias``, a ``sinks`` tensor, HF's flash varlen
-``cu_seq_lens_q``...): a keyword is either used, known to be inert (``_INERT``) or refused, never dropped.
-``s_aux`` (gpt-oss, Flint, Granite-SWA: one learned sink logit per head) is used: the primitives that list
-the ``sinks`` option merge it into each row's log-sum-exp (``seqpar.kernels.merge_sink``); the others refuse.
+> 0, an explicit attention mask, bidirectional layers, softcapping, a window or chunk the chosen primitive
+cannot apply, and every keyword of the attention call that seqpar does not implement (``position_bias``, a
+``sinks`` tensor, HF's flash varlen ``cu_seq_lens_q``...): a keyword is either used, known to be inert
+(``_INERT``) or refused, never dropped. ``s_aux`` (gpt-oss, Flint, Granite-SWA: one learned sink logit per
+head) is used: the primitives that list the ``sinks`` option merge it into each row's log-sum-exp
+(``seqpar.kernels.merge_sink``); the others refuse.
 
 Training-time only attentions (LongLoRA S2-Attn ``"s2"`` and SinkLoRA SF-Attn ``"sf"``, Chen et al. 2023;
 Zhang 2024) use full causal attention when the model is in ``eval()`` mode, as LongLoRA does: the fine-tuned
@@ -46,6 +57,7 @@ model is evaluated and served with ordinary attention. Their group size is ``gro
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,9 +72,9 @@ from seqpar.attention.registry import ATTENTIONS, get_spec, resolve_layout
 from seqpar.comm import Group
 from seqpar.models import hybrid
 from seqpar.models.batch import sp_group_of
-from seqpar.models.families import check_model, family_of, layout_for, linear_primitive_refusal
+from seqpar.models.families import check_model, family_of, layout_for, linear_primitive_refusal, mask_window
 from seqpar.parallel import ParallelState
-from seqpar.sharding import global_index
+from seqpar.sharding import document_bounds, global_index, remember_bounds
 
 __all__ = ["ATTENTIONS", "patch_model", "patched_layout", "resolve_layout", "unpatch_model"]
 
@@ -84,6 +96,7 @@ class _Patch:
     calls: Counter = field(default_factory=Counter)  # attention actually run, per layer call (attention_calls)
     s2_wrap: bool = False  # s2: LongLoRA's pseudocode roll instead of half groups at the ends
     positions_checked: bool = False  # device (CUDA) position ids were checked once: later forwards skip the sync
+    chunk_cuts: tuple | None = None  # ((cuts, device), cu_seqlens tensor) of the last chunked forward
 
     def shift_size(self, seq_len: int) -> int:
         """S2/SF shift-group size G: explicit, or ratio x global length; G tiles the sequence and shifts by G/2."""
@@ -246,22 +259,90 @@ def seqpar_attention_forward(
     n = comm.group_size(patch.group)
     q_len, k_len = query.shape[2], key.shape[2]
     sinks = kwargs.pop("s_aux", None)  # gpt-oss, Flint, Granite-SWA: learned per-head sink logits
-    # the window covers the keys: with a KV cache k_len (cached + new) exceeds q_len (n is 1 then)
-    _check_call(patch, module, attention_mask, dropout, sliding_window, max(q_len, k_len) * n, kwargs)
+    _check_call(patch, module, attention_mask, dropout, kwargs)
+    _check_local_positions(module, n, q_len * n, cu_seqlens)
+    limit = _layer_limit(module, sliding_window)  # ("window", w) | ("chunk", c) | None
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> [B, L, H, D]
     if k_len != q_len:  # decoding with a KV cache: new queries attend to the cached keys (one device only)
-        if n > 1 or cu_seqlens is not None:
-            raise ValueError(
-                f"query length {q_len} != key length {k_len} (a KV cache) under seqpar attention with SP size "
-                f"{n}: generation is single-device; unpatch_model(model) or patch with parallel=None"
-            )
-        patch.calls["full"] += 1
-        return local_attention(q, k, v, scaling, causal="bottom_right", sinks=sinks), None
+        return _decode(patch, module, q, k, v, scaling, sinks, limit, cu_seqlens, kwargs), None
+    total = q_len * n
+    if limit is not None and limit[1] >= total:
+        limit = None  # a window or chunk covering the whole sequence has no effect
     spec = get_spec(patch.attention)
     if cu_seqlens is None:
         _check_positions(patch, module, kwargs.get("position_ids"), q_len, query.device)
     if spec.eval_fallback and not module.training:
         spec = get_spec(spec.eval_fallback)  # LongLoRA: shifted groups at training time, full attention at inference
+    _check_spec(spec, module, cu_seqlens, sinks, limit, total)
+    extra = {}
+    if limit is not None:
+        patch.calls[limit[0]] += 1  # attention_calls shows the windows (chunks) engaged
+        if limit[0] == "window":
+            extra["window"] = limit[1]
+        else:  # chunks are documents: each document's chunk starts join its boundaries
+            cu_seqlens = _chunk_bounds(patch, cu_seqlens, limit[1], total, query.device)
+    patch.calls[spec.name] += 1
+    first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
+    out = spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, sinks=sinks, **extra)
+    return out.contiguous(), None
+
+
+def _layer_limit(module: torch.nn.Module, sliding_window: int | None) -> tuple[str, int] | None:
+    """The layer's window: the one transformers passes, else the one its family keeps in the mask only."""
+    if sliding_window is not None:
+        return "window", int(sliding_window)
+    return mask_window(getattr(module, "config", None), getattr(module, "layer_idx", None))
+
+
+def _decode(patch, module, q, k, v, scale, sinks, limit, cu_seqlens, kwargs) -> torch.Tensor:
+    """KV-cache attention on one device: the new queries are the last rows (bottom-right causal); a window
+    counts back from each query over the keys held (a sliding cache keeps the window's last keys)."""
+    q_len, k_len = q.shape[1], k.shape[1]
+    if comm.group_size(patch.group) > 1 or cu_seqlens is not None:
+        raise ValueError(
+            f"query length {q_len} != key length {k_len} (a KV cache) under seqpar attention with SP size "
+            f"{comm.group_size(patch.group)}: generation is single-device; unpatch_model(model) or patch with "
+            "parallel=None"
+        )
+    extra = {}
+    if limit is not None and limit[0] == "chunk":
+        end = _absolute_end(kwargs, k_len)
+        if limit[1] < end:  # a chunked cache forgets the chunk's start: seqpar cannot place the chunk edges
+            raise ValueError(f"{type(module).__name__} attends inside chunks of {limit[1]} tokens and the KV cache "
+                             f"reaches position {end}: seqpar decodes chunked attention within the first chunk "
+                             "only; unpatch_model(model) to generate longer")
+    elif limit is not None and limit[1] < k_len:
+        extra["window"] = limit[1]
+        patch.calls["window"] += 1
+    patch.calls["full"] += 1
+    return local_attention(q, k, v, scale, causal="bottom_right", sinks=sinks, **extra)
+
+
+def _absolute_end(kwargs: dict, k_len: int) -> int:
+    """One past the last position the cache holds (a sliding cache holds fewer keys than positions)."""
+    ends = [k_len]
+    for name in ("position_ids", "cache_position"):
+        pos = kwargs.get(name)
+        if isinstance(pos, torch.Tensor) and pos.numel():
+            ends.append(int(pos.max()) + 1)
+    return max(ends)
+
+
+def _chunk_bounds(patch: _Patch, cu_seqlens, chunk: int, total: int, device) -> torch.Tensor:
+    """Document boundaries joined with every ``chunk``-th position of each document (a document run alone
+    starts its chunks at its first token), as a ``cu_seqlens`` tensor with its host ints remembered."""
+    docs = (0, total) if cu_seqlens is None else document_bounds(cu_seqlens, total)
+    cuts = tuple(sorted({*docs, *(c for a, b in itertools.pairwise(docs) for c in range(a, b, chunk))}))
+    cached = patch.chunk_cuts
+    if cached is None or cached[0] != (cuts, device):  # every chunked layer of a forward shares the tensor
+        tensor = remember_bounds(torch.tensor(cuts, dtype=torch.int32, device=device), cuts)
+        cached = patch.chunk_cuts = ((cuts, device), tensor)
+    return cached[1]
+
+
+def _check_spec(spec, module, cu_seqlens, sinks, limit, total: int) -> None:
+    """Refuse what the chosen primitive does not implement: documents, sinks, windows, chunks (one line)."""
+    layer = type(module).__name__
     if cu_seqlens is not None and not spec.varlen:
         varlen = tuple(name for name, s in ATTENTIONS.items() if s.varlen)
         raise ValueError(
@@ -270,11 +351,31 @@ def seqpar_attention_forward(
         )
     if sinks is not None and "sinks" not in spec.options:
         takes = tuple(name for name, s in ATTENTIONS.items() if "sinks" in s.options)
-        raise ValueError(f"attention={spec.name!r} does not implement learned attention sinks ({type(module).__name__} "
+        raise ValueError(f"attention={spec.name!r} does not implement learned attention sinks ({layer} "
                          f"passes s_aux): use one of {takes}")
-    patch.calls[spec.name] += 1
-    first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
-    return spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, sinks=sinks).contiguous(), None
+    if limit is not None and limit[0] == "window" and "window" not in spec.options:
+        takes = tuple(name for name, s in ATTENTIONS.items() if "window" in s.options)
+        raise ValueError(f"attention={spec.name!r} does not implement sliding windows ({layer} has a window of "
+                         f"{limit[1]} tokens, shorter than the global sequence of {total}): use one of {takes}")
+    if limit is not None and limit[0] == "chunk" and not spec.varlen:
+        varlen = tuple(name for name, s in ATTENTIONS.items() if s.varlen)
+        raise ValueError(f"attention={spec.name!r} cannot run chunked attention ({layer} attends inside chunks of "
+                         f"{limit[1]} tokens, shorter than the global sequence of {total}; seqpar runs chunks as "
+                         f"packed documents): use one of {varlen}")
+
+
+def _check_local_positions(module, n: int, total: int, cu_seqlens) -> None:
+    """Llama 4's attention temperature on its NoPE layers reads positions from the local length
+    (``arange(L/N)``), not the global position ids: exact only while every global position gives the same
+    scale (``floor((p + 1) / floor_scale) == 0``, i.e. fewer than ``floor_scale`` tokens)."""
+    sharded = n > 1 or cu_seqlens is not None  # packed documents restart positions the layer does not see
+    if not (sharded and getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", 1)):
+        return
+    if total >= module.floor_scale:
+        raise ValueError(f"{type(module).__name__} scales its NoPE queries by a temperature of positions it counts "
+                         f"from the local length ({total} tokens >= floor_scale={module.floor_scale}): seqpar "
+                         "would give each shard or document the wrong scales; set config.attn_temperature_tuning "
+                         "= False or train shorter sequences")
 
 
 # Keywords of transformers' attention call that do not change softmax(Q K^T) V (or are checked elsewhere:
@@ -286,7 +387,7 @@ _INERT = frozenset({"position_ids", "is_causal", "output_attentions", "output_hi
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len, kwargs) -> None:
+def _check_call(patch, module, attention_mask, dropout, kwargs) -> None:
     """Refuse what the primitives cannot do exactly; identical on every rank, so no rank hangs."""
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _INERT)
     if unknown:
@@ -313,13 +414,6 @@ def _check_call(patch, module, attention_mask, dropout, sliding_window, seq_len,
         )
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         raise ValueError("seqpar attention is causal-only: this layer asked for bidirectional attention")
-    if sliding_window is not None and sliding_window < seq_len:
-        raise ValueError(
-            f"{type(module).__name__} has sliding_window={sliding_window}, shorter than the global sequence "
-            f"length {seq_len}: seqpar's primitives do not implement sliding windows yet and would attend "
-            f"beyond it; train on sequences of at most {sliding_window} tokens, or without sequence parallelism "
-            "(removing the window would change the model you are fine-tuning)"
-        )
     if kwargs.get("softcap") is not None:
         raise ValueError(f"softcap={kwargs['softcap']} is not supported by seqpar attention")
     if kwargs.get("output_attentions"):

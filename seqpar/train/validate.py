@@ -12,17 +12,21 @@ from typing import Any
 from seqpar.attention.checks import check_head_split
 from seqpar.attention.registry import ATTENTIONS, head_split_degree, resolve_layout
 from seqpar.models.families import (
+    family_of,
     hybrid_model_types,
     layout_for,
     linear_primitive_refusal,
     packing_refusal,
     refusal_for_config,
+    shortest_window,
 )
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
 from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
 
+# softmax models whose layers carry sliding windows, trained by recipes besides SOFTMAX_MODEL_TYPES (issue 24)
+WINDOWED_MODEL_TYPES = ("qwen3", "gemma3_text", "gpt_oss")
 TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}
 BYTE_VOCAB = 259  # 256 bytes + <pad>, <s>, </s> (seqpar.train.data.byte_tokenizer)
 
@@ -88,6 +92,8 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
                       "by definition); set attention.s2_wrap=false")
     if a.name in ("s2", "sf") and not (a.sp_size >= 1 and seq_len % a.sp_size):  # else: the split error above
         errors.extend(_group_problems(r, seq_len))
+    if config is not None and seq_len >= 1:
+        _check_window(a.name, config, seq_len, errors)
     linear = ATTENTIONS[a.name].models == "linear"
     fits = [n for n, s in ATTENTIONS.items() if s.models != "linear"]
     if linear and (why := linear_primitive_refusal(model_type, tuple(fits))):
@@ -99,6 +105,31 @@ def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: lis
         fits = [n for n, s in ATTENTIONS.items() if s.models == "linear"]
         errors.append(f"attention.name={a.name!r}: model_type={model_type!r} is a linear-attention model; "
                       f"use attention.name in {fits} (the softmax layers of a hybrid use all-gather attention)")
+
+
+def _check_window(name: str, config: Any, seq_len: int, errors: list[str]) -> None:
+    """Learned sinks, and a sliding window (or Llama 4 chunk) shorter than data.seq_len, need a primitive that
+    applies them (``seqpar.models.patch`` refuses the same at the first layer call otherwise)."""
+    model_type = getattr(config, "model_type", None)
+    fam = family_of(model_type)
+    if fam is not None and fam.sinks and "sinks" not in ATTENTIONS[name].options:
+        takes = [n for n, s in ATTENTIONS.items() if "sinks" in s.options]
+        errors.append(f"attention.name={name!r} with model_type={model_type!r}: its layers add learned attention "
+                      f"sinks (s_aux), which {name} does not implement: use attention.name in {takes}")
+    found = shortest_window(config)
+    if found is None or found[1] >= seq_len or ATTENTIONS[name].models == "linear":
+        return
+    kind, size = found
+    if kind == "window" and "window" not in ATTENTIONS[name].options:
+        takes = [n for n, s in ATTENTIONS.items() if "window" in s.options]
+        errors.append(f"attention.name={name!r} with model_type={model_type!r}: its sliding window of {size} tokens "
+                      f"is shorter than data.seq_len={seq_len} and {name} does not implement windows (it would attend "
+                      f"beyond them): use attention.name in {takes}")
+    elif kind == "chunk" and not ATTENTIONS[name].varlen:
+        takes = [n for n, s in ATTENTIONS.items() if s.varlen]
+        errors.append(f"attention.name={name!r} with model_type={model_type!r}: its attention chunks of {size} tokens "
+                      f"are shorter than data.seq_len={seq_len} and seqpar runs them as packed documents, which "
+                      f"{name} does not take: use attention.name in {takes}")
 
 
 def _group_problems(r: Recipe, seq_len: int) -> list[str]:
@@ -171,9 +202,9 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
     refused = None if config is None else refusal_for_config(config)  # the model-family table
     if refused is not None:
         errors.append(f"model: {refused}")
-    elif config is not None and model_type not in SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES + hybrid_model_types():
-        errors.append(f"model.model_type={model_type!r} is not supported: use one of "
-                      f"{SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES + hybrid_model_types()}")
+    elif config is not None and model_type not in (trained := SOFTMAX_MODEL_TYPES + WINDOWED_MODEL_TYPES
+                                                   + LINEAR_MODEL_TYPES + hybrid_model_types()):
+        errors.append(f"model.model_type={model_type!r} is not supported: use one of {trained}")
     if d.pack and (why := packing_refusal(model_type)):
         errors.append(f"data.pack=true with model_type={model_type!r}: {why}; set data.pack=false")
     if m.from_config is not None and d.tokenizer is None and getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
