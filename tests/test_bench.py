@@ -41,6 +41,18 @@ def _out_and_dq(step, group) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(unshard(t.contiguous(), group=group, dim=1, layout=step.layout) for t in (out, dq))
 
 
+def _banded_sdpa(cfg: dict, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-process SDPA with a boolean band mask written here (key k visible from query q iff q - w < k <= q):
+    output and dq on the whole sequence, from the inputs every method draws."""
+    q, k, v = METHODS["single_sdpa"](cfg, None).inputs
+    pos = torch.arange(cfg["seq_len"])
+    band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=band, enable_gqa=True).transpose(1, 2)
+    out.backward(torch.ones_like(out))
+    return out.detach(), q.grad
+
+
 def _peer_checks(rank: int, world: int, group) -> dict:
     errors = {}
     for kv_heads in (8, 4):  # MHA, and GQA (the peers repeat K/V heads themselves)
@@ -52,6 +64,12 @@ def _peer_checks(rank: int, world: int, group) -> dict:
         # Negative control: a non-causal output is far from the causal reference, so the tolerance means something.
         wrong, _ = _out_and_dq(METHODS["single_sdpa"]({**cfg, "causal": False}, None), None)
         errors[("non-causal control", kv_heads)] = -(wrong - ref_out).abs().max().item()
+        # Issue 24: the window rows against SDPA with transformers' band mask (q - w < k <= q), w = L/8 = 8
+        win_out, win_dq = _banded_sdpa(cfg, cfg["seq_len"] // 8)
+        out, dq = _out_and_dq(METHODS["ring_window_L8"](cfg, group), group)
+        errors[("ring_window_L8", kv_heads)] = max((out - win_out).abs().max().item(),
+                                                   (dq - win_dq).abs().max().item())
+        errors[("window control", kv_heads)] = -(win_out - ref_out).abs().max().item()  # the window is engaged
     llama = {"batch": 1, "seq_len": 32, "model": "quickstart"}
     loss = {name: METHODS[name](llama, group)().item() for name in ["llama_single", *LLAMA_METHODS[:2]]}
     # Inside a ZeRO-3 engine (the first step's loss: before the optimizer moves the weights). DeepSpeed's SP
@@ -64,8 +82,8 @@ def _peer_checks(rank: int, world: int, group) -> dict:
 def test_peers_and_model_methods_match_one_process():
     for rank, got in enumerate(run_ranks(_peer_checks, 2)):
         for (name, kv_heads), err in got["errors"].items():
-            if name == "non-causal control":
-                assert -err > 1e-2, f"rank {rank}: the non-causal control is within {-err} of the reference"
+            if name.endswith("control"):
+                assert -err > 1e-2, f"rank {rank}: the {name} is within {-err} of the reference"
             else:
                 assert err < 1e-5, f"rank {rank}: {name} (kv_heads={kv_heads}) differs from one process by {err}"
         ref = got["loss"].pop("llama_single")
@@ -118,6 +136,11 @@ def _check_report(report: dict, out: Path) -> None:
     assert all(r["median_s"] > 0 and len(r["ranks"]) == r["world"] for r in timed)
     assert all(r["bytes_sent_per_rank"] > 0 for r in timed if r["sp"] == r["world"] > 1 and r["suite"] != "e2e"
                and r["method"] not in ("deepspeed_ulysses", "torch_ring"))
+    # issue 24's window rows carry their ratios to the same call without a window; a halo of w - 1 keys per
+    # run sends fewer bytes than the ring's whole shards (bytes are counted, not timed: deterministic)
+    windowed = [r for r in timed if "versus" in r]
+    assert windowed and all({"versus_time_ratio", "versus_bytes_ratio"} <= set(r) for r in windowed), windowed
+    assert all(0 < r["versus_bytes_ratio"] < 1 for r in windowed), [r["versus_bytes_ratio"] for r in windowed]
     e2e = {r["method"]: r["loss"] for r in rows if r["suite"] == "e2e"}
     assert max(e2e.values()) - min(e2e.values()) < 1e-4 * abs(e2e["llama_single"]), f"e2e losses differ: {e2e}"
     for r in (r for r in rows if "search" in r):

@@ -54,6 +54,15 @@ PLAN: dict[str, tuple[str, str]] = {
     "seqpar train recipes/hybrid-qwen3next-80b-256k.yaml --dry-run --device-memory 80GiB": ("run", ""),
     "sbatch --nodes 4 slurm/train.sbatch recipes/hybrid-qwen3next-80b-256k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
+    "torchrun --nproc_per_node 2 -m seqpar train recipes/window-gptoss-cpu.yaml":
+        ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
+    "seqpar train recipes/window-gptoss-20b-128k.yaml --dry-run": ("run", ""),
+    "seqpar train recipes/window-gemma3-12b-128k.yaml --dry-run": ("run", ""),
+    "sbatch --nodes 2 slurm/train.sbatch recipes/window-gptoss-20b-128k.yaml": ("cluster", "SLURM"),
+    "torchrun --nproc_per_node 8 -m seqpar train recipes/window-gemma3-12b-128k.yaml": ("gpu", "8 GPUs"),
+    "seqpar bench softmax --methods ring_zigzag,ring_contiguous,ring_window_L8,ring_window4096,"
+    "ring_contiguous_window4096 --min-len 8192 --repeats 1 --out docs/bench/windows":
+        ("long", "the full run of the window rows"),
     "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run --device-memory 80GiB": ("run", ""),
     "seqpar bench fidelity --quick": ("suite", "tests/test_fidelity.py runs the same --quick pipeline"),
     "seqpar bench fidelity --seeds 3 --out runs/fidelity": ("long", "the full fidelity run, ~12 min on 2 idle cores"),

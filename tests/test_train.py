@@ -3,8 +3,10 @@ checkpoints are complete and atomic, --resume reproduces the uninterrupted losse
 (sp_size 2) gives the sp_size 1 losses, ZeRO-2 and ZeRO-3 checkpoints merge into plain models whose logits
 equal the LoRA model's.
 
-Ten launches in all (four with 2 processes, one with 4), shared by the tests through one module-scoped fixture;
-the memory options (fused loss, tiled MLP) run in one of them and in the ZeRO-3 ring run.
+Sixteen launches (eight with 2 processes, one with 4), shared by the tests through one module-scoped fixture;
+the memory options (fused loss, tiled MLP) run in one of them and in the ZeRO-3 ring run. A Gated DeltaNet
+hybrid (Qwen3-Next) and a gpt-oss with a sliding window and learned sinks (issue 24) train at sp_size 2 to
+the sp_size 1 losses too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from seqpar.launcher import free_port
 from tests.test_recipe import QUICK, ROOT
 
 HYBRID = ROOT / "recipes" / "hybrid-qwen3next-cpu.yaml"
+WINDOW = ROOT / "recipes" / "window-gptoss-cpu.yaml"
 
 STEPS = 20  # the issue asks for equal SP / one-process losses over the first 20 steps
 CKPT = STEPS // 2
@@ -103,6 +106,12 @@ def runs(tmp_path_factory):
            "checkpoint.every=0"]
     out["hybrid"] = launch(2, tmp / "hybrid", hyb, recipe=HYBRID)
     out["hybrid_sp1"] = launch(1, tmp / "hybrid_sp1", [*hyb, "attention.sp_size=1"], recipe=HYBRID)
+    # 12. sliding windows and learned sinks (issue 24): the tiny gpt-oss (64-token window on its first layer,
+    # sinks on both) on packed documents, ring attention at sp_size 2 (the window's halo crosses ranks and
+    # documents); 13. its sp_size 1 twin
+    win = ["data.source=files", f"data.files=[{docs}]", "data.pack=true", "trainer.max_steps=3", "checkpoint.every=0"]
+    out["window"] = launch(2, tmp / "window", win, recipe=WINDOW)
+    out["window_sp1"] = launch(1, tmp / "window_sp1", [*win, "attention.sp_size=1"], recipe=WINDOW)
     return out
 
 
@@ -139,16 +148,19 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
 
 
 @pytest.mark.parametrize(("sp", "one"), [("sp2", "sp1"), ("ring", "full"), ("sp2dp2", "accum2"),
-                                               ("lasp2", "lasp2_sp1"), ("hybrid", "hybrid_sp1")])
+                                               ("lasp2", "lasp2_sp1"), ("hybrid", "hybrid_sp1"),
+                                               ("window", "window_sp1")])
 def test_sequence_parallel_losses_equal_one_process(runs, sp, one):
     a, b = losses(runs[sp][: len(runs[one])]), losses(runs[one])
-    assert len(a) == len(b) >= 4
+    assert len(a) == len(b) >= (3 if sp == "window" else 4)
     if sp == "ring":  # eval in eval mode every 2 steps, equal too (the sp_size 1 twin also checkpoints activations)
         ea, eb = [r["eval_loss"] for r in runs[sp] if "eval_loss" in r], [r["eval_loss"] for r in runs[one]
                                                                            if "eval_loss" in r]
         assert len(ea) == len(eb) == 2 and max(abs(x - y) for x, y in zip(ea, eb)) <= 1e-4
     if sp == "hybrid":  # the Gated DeltaNet layers ran seqpar's LASP-2 (3 per step), the softmax layer ring
         assert all(r["attention_calls"] == {"ring": 1, "gated_delta": 3} for r in runs[sp]), runs[sp][0]
+    if sp == "window":  # both layers ran ring attention, the sliding one with its window (64 < 256 tokens)
+        assert all(r["attention_calls"] == {"ring": 2, "window": 1} for r in runs[sp]), runs[sp][0]
     worst = max(abs(x - y) for x, y in zip(a, b))
     print(f"{sp} vs {one}: max |loss difference| over {len(a)} steps = {worst:.2e}")
     assert worst <= 1e-4, (a, b)

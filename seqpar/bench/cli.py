@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     parser.add_argument("--max-len", type=int, default=None, help="skip configurations longer than this")
+    parser.add_argument("--min-len", type=int, default=None, help="skip configurations shorter than this")
     parser.add_argument("--worlds", default=None, help="comma-separated SP sizes to run (baselines follow them)")
     parser.add_argument("--append", action="store_true",
                         help="add the rows to OUT/results.json instead of replacing it (incremental runs; a "
@@ -54,6 +55,7 @@ def _configs(args: argparse.Namespace) -> list[dict]:
         for cfg in SUITES[name](args.quick)
         if (only is None or cfg["method"] in only or cfg["method"] in BASELINES)
         and (args.max_len is None or cfg.get("seq_len", 0) <= args.max_len)
+        and (args.min_len is None or cfg.get("seq_len", 0) >= args.min_len)
         and (worlds is None or cfg.get("sp") in worlds)
     ]
 

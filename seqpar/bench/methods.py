@@ -76,14 +76,23 @@ def packed_cu_seqlens(L: int, docs: str) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lens)])
 
 
-def _seqpar(name: str, layout: str, *, docs: str | None = None, dtype: str | None = None, **extra):
+def window_tokens(window: int | str, seq_len: int) -> int:
+    """A bench window in tokens: an int is itself, ``"L/8"`` is an eighth of the sequence."""
+    return seq_len // int(window.removeprefix("L/")) if isinstance(window, str) else window
+
+
+def _seqpar(name: str, layout: str, *, docs: str | None = None, dtype: str | None = None,
+            window: int | str | None = None, **extra):
     """A softmax primitive of the registry (``seqpar.attention.registry``) in one of its layouts; ``docs``:
-    packed documents (``packed_cu_seqlens``); ``dtype`` overrides the suite's."""
+    packed documents (``packed_cu_seqlens``); ``dtype`` overrides the suite's; ``window``: transformers'
+    sliding window in tokens, or ``"L/8"`` (``window_tokens``)."""
     spec = ATTENTIONS[name]
     if layout not in spec.layouts:
         raise ValueError(f"bench method {name}/{layout}: the registry allows {spec.layouts}")
     if docs is not None and not spec.varlen:
         raise ValueError(f"bench method {name}: the registry says it takes no packed documents")
+    if window is not None and "window" not in spec.options:
+        raise ValueError(f"bench method {name}: the registry says it takes no window")
 
     def build(cfg: dict, group):
         fn = spec.load()
@@ -93,6 +102,8 @@ def _seqpar(name: str, layout: str, *, docs: str | None = None, dtype: str | Non
         kwargs = {"group": group, "causal": cfg["causal"], "layout": layout, **extra}
         if docs is not None:
             kwargs["cu_seqlens"] = packed_cu_seqlens(cfg["seq_len"], docs)
+        if window is not None:
+            kwargs["window"] = window_tokens(window, cfg["seq_len"])
         if spec.subgroups:
             from seqpar.attention.usp import usp_groups
 
@@ -115,6 +126,11 @@ METHODS["ring_packed_mixed"] = _seqpar("ring", "zigzag", docs="mixed")
 METHODS["allgather_packed"] = _seqpar("allgather", "zigzag", docs="eighths")
 METHODS["ring_zigzag_bf16"] = _seqpar("ring", "zigzag", dtype="bfloat16")
 METHODS["allgather_bf16"] = _seqpar("allgather", "zigzag", dtype="bfloat16")
+# Issue 24: sliding windows (a halo exchange of the w - 1 keys before each run instead of a ring), each
+# compared with the same call without a window (``seqpar.bench.suites.WINDOW_VERSUS``).
+METHODS["ring_window_L8"] = _seqpar("ring", "zigzag", window="L/8")
+METHODS["ring_window4096"] = _seqpar("ring", "zigzag", window=4096)
+METHODS["ring_contiguous_window4096"] = _seqpar("ring", "contiguous", window=4096)
 
 
 @method("deepspeed_ulysses")

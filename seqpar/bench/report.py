@@ -35,7 +35,29 @@ def derive(results: list[dict]) -> list[dict]:
             r["time_ratio"] = r["median_s"] / b["median_s"]
             if b["peak_mem_bytes"] >= MEM_RESOLUTION:  # below it the baseline's peak is RSS noise
                 r["mem_ratio"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
+    _versus(timed)
     return results
+
+
+def _versus(timed: list[dict]) -> None:
+    """Rows naming a ``versus`` method (issue 24's windows: the same call without a window) get its ratios of
+    the same run: ``versus_time_ratio``, ``versus_bytes_ratio`` (bytes sent per rank), ``versus_mem_ratio``."""
+    rows = {(_key(r), r["method"]): r for r in timed}
+    for r in timed:
+        other = rows.get((_key(r), r.get("versus")))
+        if other is None:
+            continue
+        r["versus_time_ratio"] = r["median_s"] / other["median_s"]
+        if r.get("bytes_sent_per_rank") is not None and other.get("bytes_sent_per_rank"):
+            r["versus_bytes_ratio"] = r["bytes_sent_per_rank"] / other["bytes_sent_per_rank"]
+        if other["peak_mem_bytes"] >= MEM_RESOLUTION:
+            r["versus_mem_ratio"] = r["peak_mem_bytes"] / other["peak_mem_bytes"]
+
+
+def _versus_cell(r: dict) -> str:
+    figures = [f"{r[k]:.2f}x {what}" for k, what in (("versus_time_ratio", "time"), ("versus_bytes_ratio", "sent"),
+                                                      ("versus_mem_ratio", "peak")) if k in r]
+    return f"vs {r['versus']}: {', '.join(figures)}" if figures else ""
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -49,7 +71,7 @@ class Target:
     suite: str
     numerator: tuple[str, int]  # (method, SP)
     denominator: tuple[str, int]
-    metric: str  # "median_s" or "peak_mem_bytes"
+    metric: str  # "median_s", "peak_mem_bytes", "bytes_sent_per_rank" or "tflops"
     op: str  # "<=" or ">="
     bound: float
     seq_len: int | None  # None: the longest length both rows have
@@ -78,6 +100,11 @@ TARGETS = (
            ("llama3_seqpar_memory", 1), ("llama3_seqpar", 1), "peak_mem_bytes", "<=", 0.25, 8192),
     Target("lasp2 N=2 rate on its own FLOPs vs one-thread fp32 matmul rate", "linear", ("lasp2", 2),
            ("matmul_rate", 1), "tflops", ">=", 0.5, 32768),
+    # Issue 24: a window of 4096 tokens ships only its halo and computes only its band.
+    Target("ring N=4 window 4096 time vs the same call without a window", "softmax", ("ring_window4096", 4),
+           ("ring_zigzag", 4), "median_s", "<=", 0.4, 32768),
+    Target("ring N=4 window 4096 bytes sent vs the same call without a window", "softmax", ("ring_window4096", 4),
+           ("ring_zigzag", 4), "bytes_sent_per_rank", "<=", 0.5, 32768),
 )
 
 
@@ -162,7 +189,7 @@ TIMED: list[tuple[str, int, Callable[[dict], str]]] = [
     ("tokens/s", 9, lambda r: _f(r["tokens_per_s"], ".0f")),
     ("extra", 12, lambda r: (f"{r['tflops']:.1f} TFLOP/s" if r["tflops"] >= 1 else f"{r['tflops'] * 1e3:.1f} GFLOP/s")
         if "tflops" in r else
-        (f"loss {r['loss']:.5f}" if "loss" in r else "")),
+        (f"loss {r['loss']:.5f}" if "loss" in r else _versus_cell(r) if "versus" in r else "")),
 ]
 SEARCH: list[tuple[str, int, Callable[[dict], str]]] = [
     ("suite", 9, lambda r: r["suite"]), ("method", 30, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),

@@ -22,9 +22,16 @@ def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict
     return configs
 
 
+# Issue 24: each sliding-window method and the same call without a window (its row's ``versus``).
+WINDOW_VERSUS = {"ring_window_L8": "ring_zigzag", "ring_window4096": "ring_zigzag",
+                 "ring_contiguous_window4096": "ring_contiguous"}
+
+
 def softmax(quick: bool) -> list[dict]:
     if quick:
-        return _grid({2: ["ring_zigzag", "deepspeed_ulysses", "torch_ring"]}, [128], SHAPE, "single_sdpa")
+        configs = _grid({2: ["ring_zigzag", "deepspeed_ulysses", "torch_ring"]}, [128], SHAPE, "single_sdpa")
+        # a window of L/8 = 16 tokens: the halo exchange, compared with ring_zigzag of the same run
+        return configs + windows([128], {2: ["ring_window_L8"]})
     lengths = [2048, 4096, 8192, 16384]
     peers = ["deepspeed_ulysses", "torch_ring"]
     ours = ["ring_zigzag", "ring_contiguous", "rsa", "ulysses", "allgather"]
@@ -32,7 +39,20 @@ def softmax(quick: bool) -> list[dict]:
     extra = ["ring_packed", "ring_packed_mixed", "allgather_packed", "ring_zigzag_bf16", "allgather_bf16"]
     configs = _grid({2: ours + extra + peers, 4: [*ours, "usp", *peers]}, lengths, SHAPE, "single_sdpa")
     # Ring Self-Attention holds (L/N) x L scores per head: past 8k it is the paper's memory wall, not a benchmark.
-    return [c for c in configs if not (c["method"] == "rsa" and c["seq_len"] > 8192)]
+    configs = [c for c in configs if not (c["method"] == "rsa" and c["seq_len"] > 8192)]
+    # Windows from 8k (a 4096 window is a real one there) to 32k, where the calls without a window are added
+    # for the ratios (no one-process baseline at 32k: the windows' ratios are against the unwindowed ring).
+    methods = list(WINDOW_VERSUS)
+    extra_32k = [{**SHAPE, "seq_len": 32768, "method": m, "world": n, "threads": 1, "sp": n}
+                 for n in (2, 4) for m in ("ring_zigzag", "ring_contiguous")]
+    return configs + windows([8192, 16384], {2: methods, 4: methods}) + extra_32k + \
+        windows([32768], {2: methods, 4: methods})
+
+
+def windows(lengths: list[int], methods_by_world: dict[int, list[str]]) -> list[dict]:
+    """Sliding-window rows (no baselines of their own): each names the unwindowed method it is compared with."""
+    return [{**SHAPE, "seq_len": L, "method": m, "world": n, "threads": 1, "sp": n, "versus": WINDOW_VERSUS[m]}
+            for L in lengths for n, methods in methods_by_world.items() for m in methods]
 
 
 def linear(quick: bool) -> list[dict]:
