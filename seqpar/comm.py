@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 Group = dist.ProcessGroup | None
+Blocks = torch.Tensor | tuple[torch.Tensor, ...]  # what a ring step carries: one tensor or several, unpacked
 
 # torch >= 2.13 renamed the flat-tensor collectives; keep working on older releases.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -125,57 +126,90 @@ class RingComm:
         self.send_to = global_rank(group, (rank + step) % self.world)
         self.recv_from = global_rank(group, (rank - step) % self.world)
         self._pending: list[dist.Work] = []
+        self._sent: tuple[torch.Tensor, ...] = ()
 
-    def send_recv(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Post a send of ``tensor`` and a receive into ``out`` (a new buffer if None); returns ``out``
-        (None where an open ring receives nothing; ``tensor`` also gives the shape to receive)."""
+    def send_recv(self, tensor: Blocks, out: Blocks | None = None) -> Blocks | None:
+        """Post a send of ``tensor`` (a tensor, or a tuple of tensors sent as they are: no packing copy) and a
+        receive into ``out`` (new buffers if None); returns ``out`` (None where an open ring receives nothing;
+        ``tensor`` also gives the shapes to receive)."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called while an exchange is in flight: call wait() first")
-        tensor = tensor.contiguous()  # gloo refuses views
+        many = not isinstance(tensor, torch.Tensor)
+        sends = tuple(t.contiguous() for t in tensor) if many else (tensor.contiguous(),)  # gloo refuses views
         if not self.receives:
-            out = None
+            recvs = None
         elif self.world == 1:  # a ring of one: the block comes back to ourselves
-            return tensor if out is None else out.copy_(tensor)
+            if out is None:
+                return tensor
+            for o, t in zip(out if many else (out,), sends):
+                o.copy_(t)
+            return out
         else:
-            out = torch.empty_like(tensor) if out is None else out
-        ops = ([dist.P2POp(dist.isend, tensor, self.send_to, self.group)] if self.sends else []) + (
-            [dist.P2POp(dist.irecv, out, self.recv_from, self.group)] if out is not None else [])
+            recvs = tuple(torch.empty_like(t) for t in sends) if out is None else (tuple(out) if many else (out,))
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group) for t in sends] if self.sends else []
+        ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group) for r in recvs] if recvs is not None else []
         if ops:
+            self._sent = sends  # an isend reads its buffer until wait(): keep it alive
             self._pending = dist.batch_isend_irecv(ops)
-            record_bytes(self.op, nbytes(tensor) if self.sends else 0, 0 if out is None else nbytes(out))
-        return out
+            record_bytes(self.op, sum(map(nbytes, sends)) if self.sends else 0,
+                         0 if recvs is None else sum(map(nbytes, recvs)))
+        if recvs is None:
+            return None
+        return recvs if many else recvs[0]
 
     def wait(self) -> None:
         for work in self._pending:
             work.wait()
-        self._pending = []
+        self._pending, self._sent = [], ()
 
 
-def ring_visit(x: torch.Tensor, group: Group, visit, *, grad: bool = False, reuse_input: bool = False):
+def ring_visit(x: Blocks, group: Group, visit, *, grad: bool = False, reuse_input: bool = False,
+               grad_dtype: torch.dtype | None = None):
     """A block goes round the ring and (with ``grad``) its gradient follows: call ``visit(src, x_src)`` for
     the block of every rank ``src = rank - step``, the next block already in flight (ring and RSA attention).
+    ``x`` is a tensor or a tuple of tensors (K and V travel as they are: no packed copy of the caller's).
 
-    With ``grad``, ``visit`` returns this rank's share of the gradient of ``x_src`` (a new tensor); the
-    shares travel one hop behind their block, so after N hops each rank holds, and this returns, the summed
-    gradient of its own ``x``. ``reuse_input``: ``x`` belongs to the caller's temporaries and may receive.
-    Bytes per rank: (N-1)·|x| for the blocks, plus N·|grad| with ``grad`` when N > 1 (op ``"ring"``).
+    With ``grad``, ``visit`` returns this rank's share of the gradient of ``x_src``: tensors shaped like it, or
+    a function adding the share into the travelling sum in place (no zeroed buffer per step), or None. The
+    sum of the earlier ranks' shares arrives while the block is computed; the share is added into that
+    received buffer, which then travels on, so after N hops each rank holds, and this returns, the summed
+    gradient of its own ``x`` (in ``grad_dtype``, default x's). ``reuse_input``: ``x`` belongs to the caller's
+    temporaries and may receive. Bytes per rank: (N-1)·|x| for the blocks, plus N·|grad| with ``grad`` when
+    N > 1 (op ``"ring"``).
     """
     n, rank = group_size(group), group_rank(group)
+    many = not isinstance(x, torch.Tensor)
     ring, grad_ring = RingComm(group), (RingComm(group) if grad else None)
-    x = x.contiguous()
-    cur, spare, total = x, (torch.empty_like(x) if n > 1 else None), None
+    x = tuple(t.contiguous() for t in x) if many else x.contiguous()
+    cur, spare, total = x, None, None
     for step in range(n):
         src = (rank - step) % n
         nxt = ring.send_recv(cur, out=spare) if step + 1 < n else None  # the next block in flight
+        if grad and step > 0:
+            # The earlier ranks' sum for block src (sent when the previous rank finished its last block, as we
+            # sent ours) is in, and ours has left: waiting before the block, not after it, frees the sent
+            # buffer before the block's gradients exist (one |grad| buffer less, for one transfer not overlapped).
+            grad_ring.wait()
         part = visit(src, cur)
         if grad:
-            if total is not None:
-                grad_ring.wait()
-                part += total
-            total = grad_ring.send_recv(part)  # travels with the block; the N-th hop brings it home
+            if step == 0 and (part is None or callable(part)):  # a zero sum to add the first share into
+                like = x if many else (x,)
+                zeros = [torch.zeros(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in like]
+                total = tuple(zeros) if many else zeros[0]
+                del zeros  # the buffer lives as long as it travels, not for the whole loop
+            if callable(part):
+                part(total)
+            elif part is not None and total is None:
+                total = part
+            elif part is not None:
+                for t, p in zip(total if many else (total,), part if many else (part,)):
+                    t += p
+            del part
+            total = grad_ring.send_recv(total)  # travels with the block; the N-th hop brings it home
         if nxt is not None:
             ring.wait()
-            cur, spare = nxt, (None if cur is x and not reuse_input else cur)  # never overwrite the caller's x
+            # the visited block becomes the next receive buffer, unless it is the caller's x
+            cur, spare = nxt, (None if cur is x and not reuse_input else cur)
     if grad:
         grad_ring.wait()
     return total

@@ -20,10 +20,24 @@ Causal work per step (zigzag: rank r holds chunks r and 2N-1-r of 2N chunks):
 Backward: dQ accumulates locally; the float32 dK/dV of the visiting block travel around the ring with it, so
 after N hops every rank holds the gradient of its own K/V. Both rings overlap with the block computation.
 
-Communication per call, with b = 2·B·(L/N)·Hkv·D (K and V of the kv heads only, packed in one buffer):
+Communication per call, with b = 2·B·(L/N)·Hkv·D (K and V of the kv heads only, sent as two tensors):
   * forward:  (N-1) · b · itemsize                  bytes sent (and received) per rank;
   * backward: (N-1) · b · itemsize  +  N · b · acc   bytes sent per rank when N > 1 (0 when N = 1),
     with acc = 4 (float32 accumulators; 8 for float64 inputs).
+
+Memory held per rank above its inputs, in units u of the local q (float32, MHA: K and V are 1 u each; with
+GQA they shrink by H/Hkv), zigzag, N > 2 (N = 2 holds one K/V buffer less: its second hop receives nothing):
+  * forward:  the float32 output accumulator 1 u (step 0's result, merged into in place: ``merge_into``) +
+    the visiting K/V 2 u + the next K/V arriving 2 u + one block's output 1 u: 6 u;
+  * backward: dQ 1 u + the saved output 1 u + the visiting and the next K/V 4 u + the dK/dV sum of the
+    visiting block 2 u (received from the previous rank before the block is computed, this rank's share added
+    into it in place, then sent on: no zeroed share buffer, and the sum sent last step has left) + one
+    block's dQ/dK/dV from the kernel (2.5 u for a zigzag half block, 3 u for a contiguous one): 10.5 u.
+  Own K/V travel as they are (never packed into a copy), and a block computed by one fused piece returns the
+  kernel's result (no zeroed accumulator, ``kernels.softmax``). Measured (``[1, 16384, 8, 64]`` float32, one
+  thread per rank, peak RSS above the inputs after a warm-up that imports what a first custom-Function
+  backward imports, ~35 MiB of modules): zigzag N = 2: 8.6 u (14.6 before issue 28), N = 4: 10.7 u (14.8);
+  contiguous N = 4: 11.2 u; one process (local kernel): 4.1 u.
 
 Learned sinks (``sinks [H]``, gpt-oss's ``s_aux``): one logit per head in every row's softmax denominator,
 merged into the final ``(out, lse)`` once per row after the last ring step (``kernels.merge_sink``), not once
@@ -59,6 +73,7 @@ from seqpar.kernels import (
     block_attention,
     block_attention_backward,
     cut_spans,
+    merge_into,
     merge_partials,
     merge_sink,
     sink_grad,
@@ -114,7 +129,7 @@ def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]
         return merge_partials(None, None, o, l)
     acc = {}
 
-    def attend(src: int, kv: torch.Tensor) -> None:
+    def attend(src: int, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
         blk = plan.block(src, n)
         if blk is None:
             return
@@ -123,12 +138,11 @@ def _ring_forward(q, k, v, plan: _RingPlan) -> tuple[torch.Tensor, torch.Tensor]
                                **plan.masks(qs, src, ks, diag, n))
         if not acc:  # step 0 always covers every local query
             acc["out"], acc["lse"] = merge_partials(None, None, o, l)
-        else:
-            out, lse = acc["out"], acc["lse"]
-            out[:, qs], lse[:, :, qs] = merge_partials(out[:, qs], lse[:, :, qs], o, l)
+        else:  # in place: no merged copy of the rows
+            merge_into(acc["out"][:, qs], acc["lse"][:, :, qs], o, l)
 
-    # One packed buffer per hop: K and V of the kv heads only (never repeated).
-    ring_visit(torch.stack([k, v]), plan.group, attend, reuse_input=True)
+    # K and V of the kv heads travel as they are (never repeated, never packed into a copy).
+    ring_visit((k, v), plan.group, attend)
     return acc["out"], acc["lse"]
 
 
@@ -138,24 +152,32 @@ def _ring_backward(dout, q, k, v, out, lse, plan: _RingPlan):
                                               **plan.masks(_ALL, plan.rank, _ALL, plan.causal, q.shape[1]))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     acc, n = acc_dtype(q.dtype), q.shape[1]
-    dq = torch.zeros_like(q, dtype=acc)
+    dq = None
 
-    def attend_back(src: int, kv: torch.Tensor) -> torch.Tensor:
-        part = kv.new_zeros(kv.shape, dtype=acc)  # this rank's share of dK/dV of rank src's block
+    def attend_back(src: int, kv: tuple[torch.Tensor, torch.Tensor]):
+        nonlocal dq
         blk = plan.block(src, n)
-        if blk is not None:
-            qs, ks, diag = blk
-            # The merged out/lse make each block's gradients exact partial sums (FlashAttention-2).
-            dq_b, dk_b, dv_b = block_attention_backward(
-                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
-                softmax_scale=plan.scale, **plan.masks(qs, src, ks, diag, n))
+        if blk is None:
+            return None
+        qs, ks, diag = blk
+        # The merged out/lse make each block's gradients exact partial sums (FlashAttention-2).
+        dq_b, dk_b, dv_b = block_attention_backward(
+            dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs],
+            softmax_scale=plan.scale, **plan.masks(qs, src, ks, diag, n))
+        if dq is None:  # step 0 covers every local query
+            dq = dq_b.to(acc)
+        else:
             dq[:, qs] += dq_b
-            part[0][:, ks] += dk_b
-            part[1][:, ks] += dv_b
-        return part
+        del dq_b
 
-    dkv = ring_visit(torch.stack([k, v]), plan.group, attend_back, grad=True, reuse_input=True)
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        def add(total: tuple[torch.Tensor, torch.Tensor]) -> None:  # into the travelling dK/dV sum, in place
+            total[0][:, ks] += dk_b
+            total[1][:, ks] += dv_b
+
+        return add
+
+    dk, dv = ring_visit((k, v), plan.group, attend_back, grad=True, grad_dtype=acc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class RingAttentionFunc(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """Single-device math shared by the sequence-parallel primitives."""
 
-from seqpar.kernels.merge import merge_all, merge_partials, merge_sink, sink_grad
+from seqpar.kernels.merge import merge_all, merge_into, merge_partials, merge_sink, sink_grad
 from seqpar.kernels.plan import BlockPlan, aligned_plan, cut_spans, prefix_plan, spans_plan
 from seqpar.kernels.softmax import (
     acc_dtype,
@@ -21,6 +21,7 @@ __all__ = [
     "cut_spans",
     "fallback_counts",
     "merge_all",
+    "merge_into",
     "merge_partials",
     "merge_sink",
     "prefix_plan",

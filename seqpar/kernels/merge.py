@@ -35,6 +35,19 @@ def merge_partials(
     return out * w_old + block_out * w_new, new_lse
 
 
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """``merge_partials`` in place: ``out``/``lse`` (the accumulators, or views of their rows) take the merged
+    result and ``block_out`` is consumed (scaled in place when it is already in the accumulation dtype). No
+    temporary larger than ``[B, L, H]`` besides what a dtype cast of ``block_out`` needs."""
+    block_lse = block_lse.to(lse.dtype)
+    new_lse = torch.logaddexp(lse, block_lse)
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_old = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(block_lse - safe).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old).add_(block_out.to(out.dtype).mul_(w_new))
+    lse.copy_(new_lse)
+
+
 def merge_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Learned attention sinks (gpt-oss's ``s_aux``): one more logit ``s_h`` per head in every row's softmax
     denominator, with no value. That is one more partial ``(0, s_h)`` in the merge above:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.kernels.merge import merge_partials
+from seqpar.kernels.merge import merge_into
 from seqpar.kernels.plan import ANTI, BlockPlan, aligned_plan, spans_plan
 
 BACKENDS = ("auto", "torch", "sdpa", "flash_attn")
@@ -366,8 +366,9 @@ def _flip(*xs: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, ...]:
 def _plan_forward(q, k, v, scale, plan: BlockPlan, name: str, block: int):
     acc = acc_dtype(q.dtype)
     B, Lq, H, D = q.shape
-    out = q.new_zeros((B, Lq, H, D), dtype=acc)
-    lse = q.new_full((B, H, Lq), float("-inf"), dtype=acc)
+    single = len(plan.pieces) == 1 and plan.pieces[0][:2] == (0, Lq)
+    out = None if single else q.new_zeros((B, Lq, H, D), dtype=acc)
+    lse = None if single else q.new_full((B, H, Lq), float("-inf"), dtype=acc)
     qc, kc, vc, _ = _plan_inputs(q, k, v, name)
     for (q0, q1, k0, k1, kind), first in zip(plan.pieces, plan.first):
         if kind == ANTI:  # the window's far edge: the causal kernel on the reversed square
@@ -375,19 +376,23 @@ def _plan_forward(q, k, v, scale, plan: BlockPlan, name: str, block: int):
             o, l = o.flip(1), l.flip(2)
         else:
             o, l = _piece_forward(name, qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], scale, kind, block)
+        if single:  # one piece covers every row: its result is the block's (no zeroed accumulator)
+            return o.to(acc), l.to(acc)
         if first:  # rows no earlier piece touched: store
             out[:, q0:q1], lse[:, :, q0:q1] = o, l
         else:
-            out[:, q0:q1], lse[:, :, q0:q1] = merge_partials(out[:, q0:q1], lse[:, :, q0:q1], o, l)
+            merge_into(out[:, q0:q1], lse[:, :, q0:q1], o, l)
     return out, lse
 
 
 def _plan_backward(dout, q, k, v, out, lse, scale, plan: BlockPlan, name: str, block: int):
     acc = acc_dtype(q.dtype)
     qc, kc, vc, g = _plan_inputs(q, k, v, name)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(kc.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(kc.shape, dtype=acc, device=q.device)
+    whole = len(plan.pieces) == 1 and plan.pieces[0][:4] == (0, q.shape[1], 0, k.shape[1])
+    if not whole:  # several pieces (or one not covering the block): accumulate; one covering piece is returned as is
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(kc.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(kc.shape, dtype=acc, device=q.device)
     for q0, q1, k0, k1, kind in plan.pieces:
         args = (dout[:, q0:q1], qc[:, q0:q1], kc[:, k0:k1], vc[:, k0:k1], out[:, q0:q1])
         anti = kind == ANTI
@@ -400,13 +405,16 @@ def _plan_backward(dout, q, k, v, out, lse, scale, plan: BlockPlan, name: str, b
             gq, gk, gv = _sdpa_backward(*args, scale, causal)
         if anti:
             gq, gk, gv = _flip(gq, gk, gv)
+        if whole:
+            dq, dk, dv = gq.to(acc), gk.to(acc), gv.to(acc)
+            break
         dq[:, q0:q1] += gq
         dk[:, k0:k1] += gk
         dv[:, k0:k1] += gv
     if g > 1:  # gradients of the repeated heads go back to their kv head
         B, Lk, H, D = dk.shape
-        dk = dk.view(B, Lk, H // g, g, D).sum(3)
-        dv = dv.view(B, Lk, H // g, g, D).sum(3)
+        dk = dk.reshape(B, Lk, H // g, g, D).sum(3)
+        dv = dv.reshape(B, Lk, H // g, g, D).sum(3)
     return dq, dk, dv
 
 
