@@ -20,7 +20,14 @@ Bytes per call, per rank (``b_kv`` = bytes of the local k; ``a`` = 1 for float32
 Sliding windows shorter than L gather only the keys each window reaches (``seqpar.attention.window``, a halo
 all-to-all with its own bytes formula ``window_bytes``).
 
-Memory: the gathered K, V (``2 b_kv N``) are kept for the backward instead of gathered again.
+Memory per rank above its inputs (units u of the local q, float32, MHA; with GQA the K/V terms shrink by H/Hkv):
+the gathered K, V, ``2N u`` (the LASP-2H cost), kept for the backward instead of gathered again, in the
+all-gather's rank-major layout (each rank's K/V block is attended separately and merged in place into the
+output, 1 u: no reordered copy); in the backward the dK/dV of the whole sequence, ``2N u``, written block by
+block into the reduce-scatter's input (no stacked or concatenated copies), + one block's dQ/dK/dV: 4N + 5 u.
+Measured (``[1, 16384, 8, 64]``, one thread per rank, gloo): N = 2: 24.0 -> 17.0 u, N = 4: 44.1 -> 29.1 u
+(before: a reordered copy of the gathered K/V and stacked and concatenated copies of dK/dV, 2N u each); the
+2N u above the count are gloo's (the forward alone holds 2N u more than the tensors seqpar allocates).
 """
 
 from __future__ import annotations
@@ -30,49 +37,80 @@ import torch
 from seqpar.attention.checks import check_options, check_qkv, check_sinks, effective_window
 from seqpar.attention.window import window_attention, window_bytes
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size, reduce_scatter_tensor
-from seqpar.kernels import block_attention, block_attention_backward, merge_sink, sink_grad
+from seqpar.kernels import (
+    acc_dtype,
+    block_attention,
+    block_attention_backward,
+    merge_into,
+    merge_partials,
+    merge_sink,
+    sink_grad,
+    spans_plan,
+)
 from seqpar.sharding import Layout, document_bounds, local_chunks
 
 
-def _mask_args(seq_len: int, n: int, rank: int, layout: str, cu_seqlens) -> dict:
-    """Kernel mask arguments for this rank's queries against the rank-major gathered keys: the global runs
-    of both as host ints (the kernel cuts the block into a full rectangle of the keys before each local
-    chunk plus that chunk's causal diagonal, per document), and the documents' boundaries."""
-    if n == 1 and cu_seqlens is None:
+def _mask_args(seq_len: int, n: int, rank: int, layout: str, cu_seqlens, causal: bool, src: int) -> dict | None:
+    """Kernel mask arguments for this rank's queries against rank ``src``'s gathered keys: the global runs of
+    both as host ints (the kernel cuts the block into full rectangles and causal diagonals, per document), or
+    None when no query sees any of those keys (the block is skipped)."""
+    if cu_seqlens is None and (n == 1 or not causal):
         return {}  # plain (square) causal or no mask: one fused kernel call
-    args = {"q_spans": local_chunks(seq_len, n, rank, layout),
-            "k_spans": [c for r in range(n) for c in local_chunks(seq_len, n, r, layout)]}
+    args = {"q_spans": local_chunks(seq_len, n, rank, layout), "k_spans": local_chunks(seq_len, n, src, layout)}
     if cu_seqlens is not None:
         args["cu_seqlens"] = cu_seqlens
-    return args
+    plan = spans_plan(args["q_spans"], args["k_spans"], causal=causal, cu_seqlens=cu_seqlens)
+    return {"plan": plan} if plan.pieces else None
 
 
 class _AllGatherAttention(torch.autograd.Function):
+    """Saves q, the gathered K/V ``[N, 2, B, L/N, Hkv, D]`` (rank-major, as the all-gather lays them), out, lse."""
+
     @staticmethod
     def forward(ctx, q, k, v, group, causal, scale, layout, cu_seqlens, sinks):
         n, rank = group_size(group), group_rank(group)
-        # Step 1: one all-gather of K and V together -> [2, B, L, Hkv, D] in rank-major order.
-        kv = all_gather_tensor(torch.stack([k, v]), group, dim=2)
-        mask = _mask_args(q.shape[1] * n, n, rank, layout, cu_seqlens)
-        # Step 2: local queries over the whole sequence, masked by global positions / documents.
-        out, lse = block_attention(q, kv[0], kv[1], causal=causal, softmax_scale=scale, **mask)
+        # Step 1: one all-gather of K and V together -> [N, 2, B, L/N, Hkv, D], rank-major (no reordering copy).
+        kv = all_gather_tensor(torch.stack([k, v]), group).view(n, 2, *k.shape)
+        masks = [_mask_args(q.shape[1] * n, n, rank, layout, cu_seqlens, causal, src) for src in range(n)]
+        # Step 2: local queries against each rank's keys, masked by global positions / documents, merged in place.
+        out = lse = None
+        for src, mask in enumerate(masks):
+            if mask is None:
+                continue
+            o, l = block_attention(q, kv[src, 0], kv[src, 1], causal=causal, softmax_scale=scale, **mask)
+            if out is None:
+                out, lse = merge_partials(None, None, o, l)
+            else:
+                merge_into(out, lse, o, l)
         if sinks is not None:  # learned sinks: one more logit per row (kernels.merge_sink)
             out, lse = merge_sink(out, lse, sinks)
         ctx.save_for_backward(q, kv, out, lse, sinks)
-        ctx.group, ctx.causal, ctx.scale, ctx.mask = group, causal, scale, mask
+        ctx.group, ctx.causal, ctx.scale, ctx.masks = group, causal, scale, masks
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, kv, out, lse, sinks = ctx.saved_tensors
         dout = dout.contiguous()
-        dq, dk, dv = block_attention_backward(
-            dout, q, kv[0], kv[1], out, lse, causal=ctx.causal, softmax_scale=ctx.scale, **ctx.mask
-        )
+        n = kv.shape[0]
+        # dK, dV of every rank's keys, laid out as the reduce-scatter takes them (rank-major): each block's
+        # gradients are written into their rank's slot, never concatenated
+        dkv = torch.empty(kv.shape, dtype=acc_dtype(q.dtype), device=q.device)
+        dq = None
+        for src, mask in enumerate(ctx.masks):
+            if mask is None:
+                dkv[src].zero_()
+                continue
+            gq, dkv[src, 0], dkv[src, 1] = block_attention_backward(
+                dout, q, kv[src, 0], kv[src, 1], out, lse, causal=ctx.causal, softmax_scale=ctx.scale, **mask)
+            if dq is None:
+                dq = gq.to(dkv.dtype)
+            else:
+                dq += gq
         ds = None if sinks is None or not ctx.needs_input_grad[8] else sink_grad(dout, out, lse, sinks)
         # Step 3: every rank's queries contributed to every key: sum dK, dV and keep this rank's slice.
-        dkv = reduce_scatter_tensor(torch.stack([dk, dv]), ctx.group, dim=2)
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, ds
+        mine = reduce_scatter_tensor(dkv.view(n * 2, *kv.shape[2:]), ctx.group)
+        return dq.to(q.dtype), mine[0].to(kv.dtype), mine[1].to(kv.dtype), None, None, None, None, None, ds
 
 
 def allgather_bytes(q, k, v, *, group: Group = None, layout: Layout = "zigzag", cu_seqlens=None, window=None,

@@ -38,7 +38,7 @@ from seqpar.kernels import (
     acc_dtype,
     block_attention,
     block_attention_backward,
-    merge_partials,
+    merge_into,
     prefix_plan,
 )
 
@@ -80,13 +80,10 @@ def sink_shift_forward(q, k, v, plan: ShiftPlan):
     out, lse, halo = shift_short_forward(q, k, v, plan)
     if sinks is None:
         return out, lse, halo, None
-    parts = []
-    for qh, sk, sv, p in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
-                             _sink_plans(plan)):
-        parts.append(block_attention(qh, sk, sv, plan=p, softmax_scale=plan.softmax_scale))
-    sink_out = torch.cat([o for o, _ in parts], dim=2)
-    sink_lse = torch.cat([s for _, s in parts], dim=1)
-    out, lse = merge_partials(out, lse, sink_out, sink_lse)
+    for qh, sk, sv, p, oh, lh in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
+                                     _sink_plans(plan), _head_halves(out, 2), _head_halves(lse, 1)):
+        o, l = block_attention(qh, sk, sv, plan=p, softmax_scale=plan.softmax_scale)
+        merge_into(oh, lh, o, l)  # into the head half's rows of out/lse: no merged copy
     return out, lse, halo, sinks
 
 
