@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import Group, group_rank, group_size, record_bytes
-from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_partials, merge_sink, sink_grad
+from seqpar.kernels import acc_dtype, block_attention, block_attention_backward, merge_into, merge_sink, sink_grad
 from seqpar.kernels.plan import Span
 from seqpar.sharding import local_chunks
 
@@ -168,7 +168,7 @@ class _WindowAttention(torch.autograd.Function):
             if plan.recv_spans:
                 hk, hv = halo[:, 0].transpose(0, 1), halo[:, 1].transpose(0, 1)  # [B, S_in, Hkv, D] views
                 o, l = block_attention(q, hk, hv, k_spans=plan.recv_spans, **own)
-                out, lse = merge_partials(out, lse, o, l)
+                merge_into(out, lse, o, l)
         if sinks is not None:
             out, lse = merge_sink(out, lse, sinks)
         ctx.save_for_backward(q, k, v, index, halo, out, lse, sinks)
