@@ -102,9 +102,10 @@ def _packed_reference(model, ids: torch.Tensor) -> tuple[float, dict]:
     return total, _grads(model)
 
 
-def _sp_step(model, attention, group, layout, batch, **kw) -> tuple[float, dict]:
-    """Patched model on this rank's shard; loss by sp_cross_entropy; grads summed over the SP group."""
-    from seqpar.models import patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
+def _sp_step(model, attention, group, layout, batch, calls: dict | None = None, **kw) -> tuple[float, dict]:
+    """Patched model on this rank's shard; loss by sp_cross_entropy; grads summed over the SP group; ``calls``
+    (if given) receives ``attention_calls`` of the step, read before unpatching."""
+    from seqpar.models import attention_calls, patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
     from seqpar.models.batch import sp_group_of
 
     patch_model(model, attention, group, layout=layout, **kw)
@@ -114,6 +115,8 @@ def _sp_step(model, attention, group, layout, batch, **kw) -> tuple[float, dict]
         model.zero_grad(set_to_none=True)
         loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
         loss.backward()
+        if calls is not None:
+            calls.update(attention_calls(model))
     finally:
         unpatch_model(model)
     grads, group = _grads(model), sp_group_of(group)

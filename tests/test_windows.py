@@ -18,7 +18,6 @@ from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.sp_harness import spawn_worlds
 
@@ -105,26 +104,13 @@ def _unpatched_docs(model, ids: torch.Tensor) -> tuple[float, dict]:
 
 
 def _patched(model, attention: str, group, batch: dict) -> tuple[float, dict, dict]:
-    """The patched model on this rank's shard; gradients summed over the SP group; the attention calls."""
-    from seqpar.models import attention_calls, patch_model, patched_layout, shard_batch, sp_cross_entropy, unpatch_model
+    """The patched model on this rank's shard (test_patch_models' step: gradients summed over the SP group)
+    and the attention calls it ran."""
+    from tests.test_patch_models import _sp_step
 
-    patch_model(model, attention, group)
-    try:
-        sp = shard_batch(batch, group, patched_layout(model))
-        labels = sp.pop("labels")
-        model.zero_grad(set_to_none=True)
-        loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
-        loss.backward()
-        calls = attention_calls(model)
-    finally:
-        unpatch_model(model)
-    grads = _grads(model)
-    if group is not None:
-        flat = torch.cat([g.reshape(-1) for g in grads.values()])
-        dist.all_reduce(flat, group=group)  # the trainer's contract: SUM of grads over SP ranks
-        grads = dict(zip(grads, (p.view_as(g) for p, g in zip(flat.split([g.numel() for g in grads.values()]),
-                                                                grads.values()))))
-    return loss.item(), grads, calls
+    calls: dict = {}
+    loss, grads = _sp_step(model, attention, group, None, batch, calls=calls)
+    return loss, grads, calls
 
 
 def _errors(got: tuple, ref: tuple[float, dict]) -> dict:

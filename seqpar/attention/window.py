@@ -126,6 +126,12 @@ def halo_plan(seq_len: int, world: int, rank: int, layout: str, cu: tuple[int, .
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _send_index(plan: HaloPlan, device: torch.device) -> torch.Tensor:
+    """The local rows this rank sends, as a device tensor made once per plan (not one host copy per layer call)."""
+    return torch.tensor(plan.send_index, dtype=torch.long, device=device)
+
+
 class _Exchange:
     """The uneven all-to-all of token-major ``send [S_out, ...]`` in flight; ``wait()`` returns the receive
     buffer. Holds ``send`` until then (an async collective reads it after the caller's frame is gone)."""
@@ -156,7 +162,7 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, group, plan: HaloPlan, cu, window, scale, sinks):
-        index = torch.tensor(plan.send_index, dtype=torch.long, device=k.device)
+        index = _send_index(plan, k.device)
         exchange = halo = None
         if plan.active:  # the halo travels while the own block is computed
             exchange = _Exchange(_pack(k, v, index, k.dtype), sum(plan.recv_splits), plan.send_splits,

@@ -199,13 +199,18 @@ SEAM_LIMITS = {"lightning": "packed documents (cu_seqlens) are not implemented f
                             "state would flow across documents)"}
 
 
-def _sliding_layer(config, layer_idx) -> tuple[str, int] | None:
-    """``config.sliding_window`` on the layers ``config.layer_types`` calls sliding (Qwen2-MoE)."""
-    types = getattr(config, "layer_types", None) or ()
-    window = getattr(config, "sliding_window", None)
-    if window and layer_idx is not None and layer_idx < len(types) and types[layer_idx] == "sliding_attention":
-        return "window", int(window)
-    return None
+def _typed_layers(layer_type: str, attr: str, kind: str):
+    """Rule: ``config.<attr>`` as a ``kind`` ("window" or "chunk") on the layers ``config.layer_types`` marks
+    ``layer_type`` (Qwen2-MoE's sliding layers, Llama 4's chunked ones)."""
+
+    def rule(config, layer_idx) -> tuple[str, int] | None:
+        types = getattr(config, "layer_types", None) or ()
+        size = getattr(config, attr, None)
+        if size and layer_idx is not None and layer_idx < len(types) and types[layer_idx] == layer_type:
+            return kind, int(size)
+        return None
+
+    return rule
 
 
 def _every_layer(config, layer_idx) -> tuple[str, int] | None:
@@ -214,21 +219,14 @@ def _every_layer(config, layer_idx) -> tuple[str, int] | None:
     return ("window", int(window)) if window else None
 
 
-def _chunked_layer(config, layer_idx) -> tuple[str, int] | None:
-    """Llama 4: the layers ``config.layer_types`` calls chunked attend inside chunks of ``attention_chunk_size``."""
-    types = getattr(config, "layer_types", None) or ()
-    chunk = getattr(config, "attention_chunk_size", None)
-    if chunk and layer_idx is not None and layer_idx < len(types) and types[layer_idx] == "chunked_attention":
-        return "chunk", int(chunk)
-    return None
-
-
 # Families whose window lives only in transformers' MASK (``create_sliding_window_causal_mask`` /
 # ``create_chunked_causal_mask``), not in the attention call: seqpar's attention name makes transformers build
 # no mask, so ``patch_model`` reads the window from here at call time (module.config, module.layer_idx) and
 # applies it as a passed one. Found by reading every modeling file that builds such a mask and checking that
 # its attention call passes ``sliding_window=`` (transformers 5.x); the sweep engages them (window 24, chunk 16).
-MASK_WINDOWS = {"phimoe": _every_layer, "qwen2_moe": _sliding_layer, "llama4_text": _chunked_layer}
+MASK_WINDOWS = {"phimoe": _every_layer,
+                "qwen2_moe": _typed_layers("sliding_attention", "sliding_window", "window"),
+                "llama4_text": _typed_layers("chunked_attention", "attention_chunk_size", "chunk")}
 
 
 def mask_window(config, layer_idx: int | None) -> tuple[str, int] | None:

@@ -23,7 +23,9 @@ import yaml
 
 from seqpar.attention.registry import NAMES as ATTENTIONS
 
-SOFTMAX_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# softmax model types seqpar train builds and trains; qwen3, gemma3_text and gpt_oss carry sliding windows
+# (and gpt_oss learned sinks), applied per layer by patch_model
+SOFTMAX_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt_oss")
 LINEAR_MODEL_TYPES = ("linear_llama",)  # seqpar.models.linear_llama; hybrids set layer_types
 # Names other tools use for our keys, suggested when difflib finds nothing close.
 ALIASES = {"learning_rate": "lr", "scheduler": "schedule", "lr_scheduler": "schedule", "warmup": "warmup_steps",

@@ -25,8 +25,6 @@ from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
 from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
 
-# softmax models whose layers carry sliding windows, trained by recipes besides SOFTMAX_MODEL_TYPES (issue 24)
-WINDOWED_MODEL_TYPES = ("qwen3", "gemma3_text", "gpt_oss")
 TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}
 BYTE_VOCAB = 259  # 256 bytes + <pad>, <s>, </s> (seqpar.train.data.byte_tokenizer)
 
@@ -202,8 +200,8 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
     refused = None if config is None else refusal_for_config(config)  # the model-family table
     if refused is not None:
         errors.append(f"model: {refused}")
-    elif config is not None and model_type not in (trained := SOFTMAX_MODEL_TYPES + WINDOWED_MODEL_TYPES
-                                                   + LINEAR_MODEL_TYPES + hybrid_model_types()):
+    elif config is not None and model_type not in (trained := SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES
+                                                   + hybrid_model_types()):
         errors.append(f"model.model_type={model_type!r} is not supported: use one of {trained}")
     if d.pack and (why := packing_refusal(model_type)):
         errors.append(f"data.pack=true with model_type={model_type!r}: {why}; set data.pack=false")
