@@ -273,7 +273,12 @@ def reduce_scatter_tensor(x: torch.Tensor, group: Group, dim: int = 0) -> torch.
 
 def all_to_all_tensor(x: torch.Tensor, group: Group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     """Split ``x`` into N pieces along ``scatter_dim``, send piece j to rank j, concatenate what arrives
-    along ``gather_dim``."""
+    along ``gather_dim``.
+
+    The pieces are sent from a view of ``x`` when it is already laid out rank-major (a sequence split of a
+    ``[1, L, H, D]`` tensor: no copy), and the result is one copy of the receive buffer at most: no stacked
+    send copy and no concatenation next to it.
+    """
     n = group_size(group)
     if n == 1:
         return x
@@ -281,11 +286,19 @@ def all_to_all_tensor(x: torch.Tensor, group: Group, scatter_dim: int, gather_di
         raise ValueError(
             f"all_to_all: size {x.shape[scatter_dim]} of dim {scatter_dim} is not divisible by group size {n}"
         )
-    send = torch.stack(x.chunk(n, dim=scatter_dim)).contiguous()
+    send = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
+    recv = all_to_all_buffer(send, group)
+    del send
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1).contiguous()
+
+
+def all_to_all_buffer(send: torch.Tensor, group: Group) -> torch.Tensor:
+    """``recv[j] = `` rank j's ``send[rank]``: one all-to-all of a contiguous ``[N, ...]`` buffer."""
+    n = group_size(group)
     recv = torch.empty_like(send)
     record_bytes("all_to_all", nbytes(send) * (n - 1) / n, nbytes(send) * (n - 1) / n)
     dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)
+    return recv
 
 
 def broadcast_tensor(x: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
