@@ -36,7 +36,14 @@ def derive(results: list[dict]) -> list[dict]:
             if b["peak_mem_bytes"] >= MEM_RESOLUTION:  # below it the baseline's peak is RSS noise
                 r["mem_ratio"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
     _versus(timed)
+    for r in timed:
+        if r["suite"] == "memory":  # issue 28: the peak in units of the local q [B, L/N, H, D]
+            local_q = r.get("batch", 1) * r["seq_len"] // r["sp"] * r["heads"] * r["head_dim"]
+            r["units"] = r["peak_mem_bytes"] / (local_q * _ITEMSIZE[r["dtype"]])
     return results
+
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
 def _versus(timed: list[dict]) -> None:
@@ -100,6 +107,13 @@ TARGETS = (
            ("llama3_seqpar_memory", 1), ("llama3_seqpar", 1), "peak_mem_bytes", "<=", 0.25, 8192),
     Target("lasp2 N=2 rate on its own FLOPs vs one-thread fp32 matmul rate", "linear", ("lasp2", 2),
            ("matmul_rate", 1), "tflops", ">=", 0.5, 32768),
+    # Issue 28: the primitives' own memory falls with N, S2/SF hold no more than full attention.
+    Target("ring_attention N=4 peak memory vs one process", "softmax", ("ring_zigzag", 4), ("single_sdpa", 4),
+           "peak_mem_bytes", "<=", 0.35, 16384),
+    Target("shift_short_attention peak memory vs full attention, one process", "longlora", ("s2", 1),
+           ("single_sdpa", 1), "peak_mem_bytes", "<=", 1.0, 16384),
+    Target("sink_shift_attention peak memory vs full attention, one process", "longlora", ("sf", 1),
+           ("single_sdpa", 1), "peak_mem_bytes", "<=", 1.0, 16384),
     # Issue 24: a window of 4096 tokens ships only its halo and computes only its band.
     Target("ring N=4 window 4096 time vs the same call without a window", "softmax", ("ring_window4096", 4),
            ("ring_zigzag", 4), "median_s", "<=", 0.4, 32768),
@@ -129,7 +143,30 @@ def evaluate_target(results: list[dict], t: Target) -> dict:
 
 
 def targets(results: list[dict]) -> list[dict]:
-    return [evaluate_target(results, t) for t in TARGETS] + longest_context_targets(results)
+    return [evaluate_target(results, t) for t in TARGETS] + longest_context_targets(results) + \
+        unit_targets(results)
+
+
+# Issue 28: ring attention's own memory per rank, fwd + bwd, at L = 16k (what a ring must hold: output, lse,
+# dq/dk/dv, two K/V blocks and two dK/dV blocks in flight, one block's temporaries).
+UNIT_TARGETS = ((("ring_zigzag", 2), 11.0), (("ring_zigzag", 4), 11.0))
+
+
+def unit_targets(results: list[dict]) -> list[dict]:
+    """The memory suite's peaks in units of the local q against UNIT_TARGETS (absolute, not ratios)."""
+    out = []
+    for (method, n), bound in UNIT_TARGETS:
+        e = {"name": f"{method} N={n} peak memory in units of the local q", "op": "<=", "bound": bound,
+             "target_seq_len": 16384, "unit": " u"}
+        rows = {r["seq_len"]: r for r in results if r.get("suite") == "memory" and "units" in r
+                and (r["method"], r["sp"]) == (method, n)}
+        if not rows:
+            out.append({**e, "missing": "no memory suite row"})
+            continue
+        L = 16384 if 16384 in rows else max(rows)
+        value = rows[L]["units"]
+        out.append({**e, "seq_len": L, "value": value, "pass": value <= bound, "at_target_length": L == 16384})
+    return out
 
 
 def longest_context_targets(results: list[dict]) -> list[dict]:
@@ -162,8 +199,8 @@ def target_lines(evaluated: list[dict]) -> list[str]:
         verdict = "PASS" if e["pass"] else "FAIL"
         if not e["at_target_length"]:
             verdict += f" (measured at L={e['seq_len']}, target is L={e['target_seq_len']}: not conclusive)"
-        lines.append(f"TARGET {e['name']}: {e['value']:.2f}x ({e['op']} {e['bound']:.2f}) at L={e['seq_len']}: "
-                     f"{verdict}")
+        value = f"{e['value']:.2f}{e.get('unit', 'x')}"  # a ratio, or units of the local q (issue 28)
+        lines.append(f"TARGET {e['name']}: {value} ({e['op']} {e['bound']:.2f}) at L={e['seq_len']}: {verdict}")
     return lines
 
 
@@ -189,7 +226,8 @@ TIMED: list[tuple[str, int, Callable[[dict], str]]] = [
     ("tokens/s", 9, lambda r: _f(r["tokens_per_s"], ".0f")),
     ("extra", 12, lambda r: (f"{r['tflops']:.1f} TFLOP/s" if r["tflops"] >= 1 else f"{r['tflops'] * 1e3:.1f} GFLOP/s")
         if "tflops" in r else
-        (f"loss {r['loss']:.5f}" if "loss" in r else _versus_cell(r) if "versus" in r else "")),
+        (f"loss {r['loss']:.5f}" if "loss" in r else _versus_cell(r) if "versus" in r else
+         f"{r['units']:.1f} u of local q" if "units" in r else "")),
 ]
 SEARCH: list[tuple[str, int, Callable[[dict], str]]] = [
     ("suite", 9, lambda r: r["suite"]), ("method", 30, lambda r: r["method"]), ("N", 2, lambda r: str(r["sp"])),

@@ -168,5 +168,25 @@ def hybrid(quick: bool) -> list[dict]:
                     {**base, "model": "lightning", "decay": 0.99}, "lightning_single"))
 
 
+# Issue 28: each primitive's own memory per rank, fwd + bwd, in units of the local q ([1, L/N, H, D]).
+MEMORY_PRIMITIVES = ("ring_zigzag", "ring_contiguous", "allgather", "ulysses", "usp", "s2", "sf")
+
+
+def memory(quick: bool) -> list[dict]:
+    """Peak memory per rank of every softmax primitive at L = 16k, N = 1, 2, 4, 8 (8 one-thread ranks fit a
+    2-core machine for memory; their times are not the point), with the one-process baseline of each N; the
+    report adds ``units``: the peak in units of the local q. USP needs N >= 4 (2 x N/2)."""
+    base = {**SHAPE, "group_size_ratio": 0.25}
+    lengths, worlds = ([128], (1, 2)) if quick else ([16384], (1, 2, 4, 8))
+    methods = ("ring_zigzag", "s2") if quick else MEMORY_PRIMITIVES
+    rows = []
+    for L in lengths:
+        for n in worlds:
+            rows.append({**base, "seq_len": L, "method": "single_sdpa", "world": 1, "threads": n, "sp": n})
+            rows += [{**base, "seq_len": L, "method": m, "world": n, "threads": 1, "sp": n}
+                     for m in methods if not (m == "usp" and n < 4)]
+    return rows
+
+
 SUITES = {"softmax": softmax, "linear": linear, "longlora": longlora, "e2e": e2e, "scaling": scaling, "gpu": gpu,
-          "hybrid": hybrid}
+          "hybrid": hybrid, "memory": memory}
