@@ -19,6 +19,7 @@ Communication: ``shard_batch`` none; ``sp_cross_entropy`` one all-reduce of 2 fl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from seqpar.parallel import ParallelState
 from seqpar.sharding import check_divisible, document_bounds, document_ids, remember_bounds, shard
 
 IGNORE_INDEX = -100
+Reduction = Literal["mean", "sum"]
 
 
 def sp_group_of(parallel: ParallelState | dist.ProcessGroup | None) -> Group:
@@ -132,6 +134,8 @@ def sp_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     group: ParallelState | dist.ProcessGroup | None,
+    *,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the WHOLE sequence of the SP group (not a mean of rank means).
 
@@ -141,7 +145,11 @@ def sp_cross_entropy(
     parameter gradients over the SP ranks gives exactly the single-device gradient of the global mean
     (the trainer all-reduces SUM over SP, then averages over DP as usual). A batch with no target token
     returns 0 (C is clamped to 1) instead of NaN.
+
+    ``reduction="sum"``: ``S_r`` itself (value and gradient), with no communication; the caller divides by
+    a count it reduced itself (the trainer: the target tokens of a whole optimizer step, ``train_step``).
     """
+    _check_reduction(reduction)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: logits must be "
@@ -150,7 +158,15 @@ def sp_cross_entropy(
     acc = torch.promote_types(logits.dtype, torch.float32)  # float64 models keep a float64 loss
     local = F.cross_entropy(logits.to(acc).flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
+    if reduction == "sum":
+        return local
     return sp_global_mean(local, (labels != IGNORE_INDEX).sum(), group)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: use 'mean' (the SP group's token mean) or 'sum' (this rank's "
+                         "summed token loss, no communication)")
 
 
 def sp_global_mean(local: torch.Tensor, count: torch.Tensor, group: ParallelState | dist.ProcessGroup | None

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from seqpar.models.batch import IGNORE_INDEX, sp_cross_entropy, sp_global_mean
+from seqpar.models.batch import IGNORE_INDEX, Reduction, _check_reduction, sp_cross_entropy, sp_global_mean
 from seqpar.parallel import ParallelState
 
 DEFAULT_CHUNK = 1024
@@ -110,8 +110,10 @@ def sp_fused_linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """``sp_cross_entropy(hidden @ weight.T + bias, labels, group)`` without materialising the logits.
+    """``sp_cross_entropy(hidden @ weight.T + bias, labels, group, reduction=...)`` without materialising the
+    logits.
 
     Args:
         hidden: ``[B, L/N, d]`` the final hidden states (after the last norm), any float dtype.
@@ -121,10 +123,13 @@ def sp_fused_linear_cross_entropy(
         group: ParallelState, SP process group, or None (one device).
         bias: ``[V]`` or None.
         chunk_size: rows of ``B x L/N`` per tile; memory ``chunk_size x V x 4`` bytes per tile.
+        reduction: ``"mean"`` (the SP group's token mean) or ``"sum"`` (this rank's summed loss, no
+            communication), as ``sp_cross_entropy``.
 
     Returns the float32 global mean (same value on every rank); gradients flow to hidden, weight and bias
     with ``sp_cross_entropy``'s contract. Accumulation is float32 whatever the dtype.
     """
+    _check_reduction(reduction)
     if hidden.shape[:-1] != labels.shape or hidden.dim() < 2:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: hidden must be "
                          "[B, L/N, d] for labels [B, L/N] (shard_batch's labels)")
@@ -140,6 +145,8 @@ def sp_fused_linear_cross_entropy(
         flat_h, weight = flat_h.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     local = _FusedLinearCrossEntropy.apply(flat_h, weight, bias, flat_y, chunk_size)
+    if reduction == "sum":
+        return local
     return sp_global_mean(local, (flat_y != IGNORE_INDEX).sum(), group)
 
 
@@ -159,14 +166,14 @@ def output_head(model: Any) -> torch.nn.Linear:
 
 
 @contextmanager
-def _head_returns_loss(head: torch.nn.Linear, labels: torch.Tensor, group, chunk_size: int):
+def _head_returns_loss(head: torch.nn.Linear, labels: torch.Tensor, group, chunk_size: int, reduction: Reduction):
     """While active, calling ``head(hidden)`` returns the fused loss instead of logits. Running inside the
     head module's call is what lets ZeRO-3 gather its weight for the forward and again for the backward
     (its module hooks), as DeepSpeed's own TiledFusedLogitsLoss relies on."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         return sp_fused_linear_cross_entropy(hidden, head.weight, labels, group, bias=head.bias,
-                                             chunk_size=chunk_size)
+                                             chunk_size=chunk_size, reduction=reduction)
 
     head.forward = forward
     try:
@@ -182,16 +189,19 @@ def causal_lm_loss(
     group: ParallelState | dist.ProcessGroup | None,
     *,
     chunk_size: int | None = None,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """The SP loss of a causal LM on this rank's shard: ``chunk_size=None`` computes full logits and
     ``sp_cross_entropy``; an integer fuses the head and the loss (``sp_fused_linear_cross_entropy``).
 
     ``model`` is a Hugging Face causal LM, a peft model or a DeepSpeed engine; ``inputs`` are
-    ``shard_batch``'s outputs without ``labels``.
+    ``shard_batch``'s outputs without ``labels``. ``reduction="sum"``: this rank's summed token loss, no
+    communication (the trainer divides by the target count of the whole optimizer step).
     """
+    _check_reduction(reduction)
     if chunk_size is None:
-        return sp_cross_entropy(model(**inputs, use_cache=False).logits, labels, group)
-    with _head_returns_loss(output_head(model), labels, group, chunk_size):
+        return sp_cross_entropy(model(**inputs, use_cache=False).logits, labels, group, reduction=reduction)
+    with _head_returns_loss(output_head(model), labels, group, chunk_size, reduction):
         loss = model(**inputs, use_cache=False).logits  # the head returned the loss: no logits exist
     if loss.dim() != 0:
         raise FusedHeadError(f"the model post-processed its head's output (got shape {tuple(loss.shape)}): set "

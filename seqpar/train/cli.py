@@ -79,7 +79,7 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", a.sp_size)
         deg = a.ulysses_degree or default_ulysses_degree(a.sp_size, kv)
         lines.append(f"USP: Ulysses degree {deg} (all-to-all over consecutive ranks) x ring degree {a.sp_size // deg}")
-    missing = [f for f in (d.files if d.source == "files" else []) if not os.path.exists(f)]
+    missing = [f for f in (d.files if d.source in ("files", "sft") else []) if not os.path.exists(f)]
     if missing:
         lines.append(f"note: data.files {missing} not on this machine (training there needs them)")
     if recipe.rope_scaling.type:

@@ -1,5 +1,6 @@
-"""Training data: local files through ``datasets`` packed to ``seq_len`` with document boundaries kept, or
-LongLoRA's synthetic passkey-retrieval task; a deterministic batch order that a resumed run can replay.
+"""Training data: local files through ``datasets`` packed to ``seq_len`` with document boundaries kept,
+LongLoRA's synthetic passkey-retrieval task, or SFT conversations (seqpar/train/sft.py); a deterministic batch
+order that a resumed run can replay.
 
 A sample is ``input_ids [L]`` plus ``doc_lens`` (lengths of the packed documents, summing to L). The
 batch for (step, micro-step, DP rank) is a pure function of those numbers and the seed, so the data
@@ -25,16 +26,20 @@ PASSKEY_QUESTION = " What is the pass key? The pass key is "
 
 
 def byte_tokenizer() -> Any:
-    """A byte-level tokenizer made on the spot (256 bytes + <pad>, <s>, </s>): no hub, savable."""
+    """A byte-level tokenizer made on the spot (256 bytes + <pad>, <s>, </s>): no hub, savable. Its chat template
+    (``user: ...\nassistant: ...</s>``, with generation markers) lets CPU recipes train and chat without a hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from seqpar.train.sft import BYTE_CHAT_TEMPLATE
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     vocab.update({ch: i + 3 for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   chat_template=BYTE_CHAT_TEMPLATE)
 
 
 def load_tokenizer(recipe: Recipe) -> Any:
@@ -123,6 +128,10 @@ def file_dataset(tokenizer: Any, data: DataSection, files: list[str] | None = No
 def build_dataset(recipe: Recipe, tokenizer: Any) -> list[dict]:
     if recipe.data.source == "passkey":
         return passkey_dataset(tokenizer, recipe.data, recipe.trainer.seed)
+    if recipe.data.source == "sft":
+        from seqpar.train.sft import sft_dataset
+
+        return sft_dataset(tokenizer, recipe.data, recipe.trainer.seed)
     return file_dataset(tokenizer, recipe.data)
 
 
@@ -130,7 +139,11 @@ def split_eval(samples: list[dict], recipe: Recipe, tokenizer: Any, dp_size: int
     """``(train, held_out)``: ``data.eval_files`` as the held-out set, else ``data.eval_fraction`` of the samples
     (a seeded choice) taken out of training. Empty held-out set when neither is set."""
     d, e, t = recipe.data, recipe.eval, recipe.trainer
-    if d.eval_files:
+    if d.eval_files and d.source == "sft":
+        from seqpar.train.sft import sft_dataset
+
+        held = sft_dataset(tokenizer, d, t.seed, d.eval_files, key="data.eval_files")
+    elif d.eval_files:
         held = file_dataset(tokenizer, d, d.eval_files, key="data.eval_files")
     elif d.eval_fraction > 0:
         k = max(1, round(d.eval_fraction * len(samples)))
@@ -154,13 +167,13 @@ def eval_batch(held: list[dict], recipe: Recipe, i: int, dp_rank: int, dp_size: 
     """Eval batch ``i`` of DP rank ``dp_rank``: held-out samples no other DP rank (and no training step) reads."""
     mb = recipe.trainer.micro_batch
     first = (i * dp_size + dp_rank) * mb
-    picked = [held[j % len(held)] for j in range(first, first + mb)]
-    return {"input_ids": torch.stack([s["input_ids"] for s in picked]), "doc_lens": [s["doc_lens"] for s in picked]}
+    return _stack([held[j % len(held)] for j in range(first, first + mb)])
 
 
 def batch_at(samples: list[dict], recipe: Recipe, step: int, micro: int, dp_rank: int, dp_size: int,
              *, offset: int = 0) -> dict:
-    """The global batch DP rank ``dp_rank`` trains on at (step, micro): ``input_ids [B, L]`` and ``doc_lens``.
+    """The global batch DP rank ``dp_rank`` trains on at (step, micro): ``input_ids [B, L]`` and ``doc_lens`` (and
+    ``labels [B, L]`` for SFT samples).
 
     Sample i of the stream is ``perm_epoch[i % N]`` with a seeded permutation per epoch: no state to save.
     """
@@ -171,4 +184,12 @@ def batch_at(samples: list[dict], recipe: Recipe, step: int, micro: int, dp_rank
         epoch, j = divmod(i, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 1000003 + epoch))
         picked.append(samples[int(perm[j])])
-    return {"input_ids": torch.stack([s["input_ids"] for s in picked]), "doc_lens": [s["doc_lens"] for s in picked]}
+    return _stack(picked)
+
+
+def _stack(picked: list[dict]) -> dict:
+    """``input_ids [B, L]``, ``doc_lens`` per row, and ``labels [B, L]`` when the samples carry them (SFT)."""
+    out = {"input_ids": torch.stack([s["input_ids"] for s in picked]), "doc_lens": [s["doc_lens"] for s in picked]}
+    if "labels" in picked[0]:
+        out["labels"] = torch.stack([s["labels"] for s in picked])
+    return out

@@ -1,12 +1,17 @@
 """The DeepSpeed engine built from a recipe: ZeRO stage, offload, AdamW, LR schedule, clipping.
 
-Sequence parallelism and DeepSpeed's gradient averaging. DeepSpeed (given no ``mpu``) treats all W ranks
-as data parallel and averages gradients over them: g = (1/W) sum_r g_r. With SP size S and DP size D
-(W = S D), the S ranks of an SP group each hold a part of ONE sequence's gradient (sp_cross_entropy is
-the global mean, so the exact gradient of that group's batch is the SUM over its S ranks), and the D
-groups are ordinary data parallelism. The exact gradient is (1/D) sum_dp sum_sp g = (1/W) sum_r (S g_r),
-so the trainer backpropagates ``S x loss``: one exact multiplication (S is an integer), and ZeRO keeps
-partitioning optimizer states over all W ranks, which is what saves memory.
+Sequence parallelism, accumulation and DeepSpeed's gradient averaging. DeepSpeed (given no ``mpu``) treats
+all W = S D ranks (SP size S, DP size D) as data parallel: ``engine.backward(x)`` backpropagates x / G
+(G = gradient_accumulation_steps) and the accumulation boundary averages over the ranks, so the update uses
+``g = (1/W) sum_r sum_m (1/G) d x_{r,m}`` for the values ``x_{r,m}`` rank r backpropagated at micro-step m.
+
+The loss of an optimizer step is the mean over ALL its target tokens, ``L = (1/T) sum_{r,m} S_{r,m}``, with
+``S_{r,m}`` the summed token cross-entropy of rank r's shard of micro-batch m (the S ranks of an SP group
+each hold a part of ONE sequence, so its gradient is the SUM of theirs) and T the target tokens of the
+whole step, counted before the first backward. The trainer backpropagates ``x_{r,m} = (W G / T) S_{r,m}``:
+then ``g = (1/W)(1/G) (W G / T) sum_{r,m} dS_{r,m} = dL`` exactly, however the T tokens fall over SP ranks,
+DP ranks and micro-steps (a micro-batch of 3 targets weighs 3/T, not 1/G; seqpar.train.trainer.train_step).
+ZeRO keeps partitioning optimizer states over all W ranks, which is what saves memory.
 """
 
 from __future__ import annotations

@@ -82,8 +82,25 @@ class PasskeySection:
 
 
 @dataclass
+class SftSection:
+    """Supervised fine-tuning data (``data.source: sft``, seqpar/train/sft.py): conversations whose labels are the
+    assistant responses only, packed with their boundaries kept or one per sequence, right-padded."""
+
+    shape: Literal["auto", "alpaca", "messages"] = "auto"  # auto: `messages` if that column exists, else Alpaca
+    instruction_field: str = "instruction"  # Alpaca (LongAlpaca-12k, LongAlpaca-plus): instruction, input, output
+    input_field: str = "input"  # optional column: absent or empty means no input
+    output_field: str = "output"
+    messages_field: str = "messages"  # chat: a list of {role: system|user|assistant, content}
+    # auto: the tokenizer's chat template when it has one, else longlora-llama2 (LongLoRA's supervised-fine-tune.py)
+    template: Literal["auto", "tokenizer", "longlora-llama2", "alpaca"] = "auto"
+    overlong: Literal["truncate_prompt", "drop"] = "truncate_prompt"  # a conversation longer than data.seq_len
+    make: Literal["stdlib-qa"] | None = None  # a chat set made on the spot (no files, no hub): see sft.stdlib_qa
+    num_conversations: int = 600  # how many `make` makes
+
+
+@dataclass
 class DataSection:
-    source: Literal["passkey", "files"] = "passkey"
+    source: Literal["passkey", "files", "sft"] = "passkey"
     files: list[str] = field(default_factory=list)
     format: Literal["jsonl", "json", "text", "parquet"] | None = None  # None: from the file extension
     text_field: str = "text"
@@ -91,6 +108,7 @@ class DataSection:
     seq_len: int = 256
     pack: bool = True  # concatenate documents to seq_len, keeping their boundaries (cu_seqlens)
     passkey: PasskeySection = field(default_factory=PasskeySection)
+    sft: SftSection = field(default_factory=SftSection)
     eval_fraction: float = 0.0  # held out of the training samples for eval_loss (eval.every), never trained on
     eval_files: list[str] = field(default_factory=list)  # or a separate held-out set (same format and packing)
 

@@ -2,9 +2,10 @@
 
 Per optimizer step, each DP rank takes its global batch (all ranks of an SP group take the same one),
 ``shard_batch`` keeps this rank's tokens (globally shifted labels, global positions, packed-document
-boundaries), the patched model runs the SP attention primitive, ``sp_cross_entropy`` gives the mean over
-the whole sequence, and ``S x loss`` is backpropagated so that DeepSpeed's average over all ranks is the
-exact data-parallel gradient (seqpar/train/engine.py explains the factor).
+boundaries), the patched model runs the SP attention primitive, and each rank's summed token loss is
+backpropagated scaled by ``W G / T`` (T: the target tokens of the whole step, counted before the first
+forward), so that after DeepSpeed's division by G = grad_accum and average over the W ranks the gradient is
+exactly that of the token mean of the whole global batch, whatever the split (``train_step``; engine.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -87,9 +88,12 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
 
     ids, docs = batch["input_ids"], batch["doc_lens"]
     full = {"input_ids": ids}
+    if "labels" in batch:  # SFT: -100 on every token that is not a response (unshifted, HF convention)
+        full["labels"] = batch["labels"]
     if get_spec(recipe.attention.name).varlen and any(len(d) > 1 for d in docs):
         # Row ends are document ends, so one row of B x L tokens with the documents marked is the same batch.
-        full = {"input_ids": ids.reshape(1, -1), "seq_lens": [n for d in docs for n in d]}
+        full = {k: v.reshape(1, -1) for k, v in full.items()}
+        full["seq_lens"] = [n for d in docs for n in d]
     local = shard_batch(full, parallel, layout)
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in local.items()}
     if "cu_seqlens" in out:  # keep the host ints across the copy: no layer reads the boundaries back
@@ -97,51 +101,84 @@ def local_batch(batch: dict, recipe: Recipe, parallel: ParallelState, device: to
     return out
 
 
-def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: ParallelState) -> float:
-    """One optimizer step over grad_accum micro-batches; returns the loss averaged over micro-batches and DP."""
+class StepLoss(NamedTuple):
+    """What ``train_step`` returns, the same on every rank."""
+
+    loss: float  # the token mean of the whole step: sum of token cross-entropies / targets
+    targets: int  # T: target tokens of the step's global batch (every SP rank, DP rank and micro-step)
+
+
+def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: ParallelState) -> StepLoss:
+    """One optimizer step over grad_accum micro-batches, under the loss rule (one loss whatever the split).
+
+    The loss of a step is ``L = (1/T) sum_{r,m} S_{r,m}``: ``S_{r,m}`` the summed token cross-entropy of rank
+    r's shard of micro-batch m (``reduction="sum"``), T the number of target tokens (labels != -100 after
+    ``shard_batch``'s shift and document-boundary masking) of the whole global batch. Each token weighs 1/T
+    wherever it lies, so a 3-token answer no longer weighs as much as a 300-token one, and the value does not
+    depend on S, D or grad_accum. T is counted on the sharded labels, before any forward (the data is known),
+    and summed over the world in one all-reduce of one integer.
+
+    Gradient: DeepSpeed makes ``g = (1/W) sum_r sum_m (1/G) d x_{r,m}`` of the backpropagated ``x_{r,m}``
+    (``engine.backward`` divides by G = grad_accum, the boundary averages over all W = S x D ranks: engine.py),
+    so ``x_{r,m} = (W G / T) S_{r,m}`` gives ``g = dL`` exactly. The logged loss is one more all-reduce (the
+    summed S) divided by T: a float64 value, bit-identical on every rank.
+    """
     from seqpar.models import causal_lm_loss, patched_layout
+    from seqpar.models.batch import IGNORE_INDEX
     from seqpar.train.memory import loss_chunk
 
-    total = 0.0
-    for micro in range(recipe.trainer.grad_accum):
-        batch = batch_at(samples, recipe, step, micro, parallel.dp_rank, parallel.dp_size)
-        sp = local_batch(batch, recipe, parallel, parallel.device, patched_layout(engine))
-        labels = sp.pop("labels")
-        loss = causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe))
+    accum, layout, device = recipe.trainer.grad_accum, patched_layout(engine), parallel.device
+    micro = [local_batch(batch_at(samples, recipe, step, m, parallel.dp_rank, parallel.dp_size), recipe, parallel,
+                         device, layout) for m in range(accum)]
+    labels = [sp.pop("labels") for sp in micro]
+    # T before any backward: every micro-batch's shard is counted here, then one all-reduce over the world
+    # (each target token lies on exactly one SP rank of one DP rank). No host sync: T stays on the device.
+    targets = _world_sum(sum((y != IGNORE_INDEX).sum() for y in labels), parallel)
+    scale = (parallel.world_size * accum) / targets.double().clamp(min=1)  # W G / T (T = 0: zero loss, no NaN)
+    summed = torch.zeros((), dtype=torch.float64, device=device)
+    for sp, y in zip(micro, labels):
+        local = causal_lm_loss(engine, sp, y, parallel, chunk_size=loss_chunk(recipe), reduction="sum")
         if faults.nan_loss(step + 1):
-            loss = loss * float("nan")
-        engine.backward(loss * parallel.sp_size)  # DeepSpeed divides by W; SP needs a sum (see engine.py)
+            local = local * float("nan")
+        engine.backward(local * scale.to(local.dtype))  # DeepSpeed then divides by G and averages over W
         faults.maybe_kill("step", step + 1, parallel.rank, parallel.world_size)
         engine.step()
-        total += loss.item()
-    return _dp_mean(total / recipe.trainer.grad_accum, parallel)
+        summed += local.detach().double()
+    total, count = torch.stack([_world_sum(summed, parallel), targets.double()]).tolist()  # the one host sync
+    return StepLoss(total / max(count, 1), int(count))
 
 
-def _dp_mean(value: float, parallel: ParallelState) -> float:
-    if parallel.dp_size == 1:
+def _world_sum(value: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
+    """``value`` summed over all W ranks (SP and DP: the shards of one sequence and the DP batches)."""
+    if parallel.world_size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=parallel.device)
-    dist.all_reduce(t, group=parallel.dp_group)
-    return t.item() / parallel.dp_size
+    value = value.clone()
+    dist.all_reduce(value)
+    return value
 
 
 @torch.no_grad()
 def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState) -> float:
-    """Mean loss over ``eval.batches`` fixed held-out batches (``samples``: data.eval_fraction / eval_files; each
-    DP rank its own), model in eval mode (s2/sf use full attention)."""
+    """Mean loss over all target tokens of ``eval.batches`` fixed held-out batches (``samples``:
+    data.eval_fraction / eval_files; each DP rank its own): ``sum of token losses / their count`` over every
+    batch, SP rank and DP rank (the loss rule of ``train_step``), one all-reduce at the end. Model in eval mode
+    (s2/sf use full attention)."""
     from seqpar.models import causal_lm_loss, patched_layout
+    from seqpar.models.batch import IGNORE_INDEX
     from seqpar.train.memory import loss_chunk
 
     was_training = engine.module.training
     engine.module.eval()
-    losses = []
+    stats = torch.zeros(2, dtype=torch.float64, device=parallel.device)  # [summed token loss, target tokens]
     for i in range(recipe.eval.batches):
         batch = eval_batch(samples, recipe, i, parallel.dp_rank, parallel.dp_size)
         sp = local_batch(batch, recipe, parallel, parallel.device, patched_layout(engine))
         labels = sp.pop("labels")
-        losses.append(causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe)).item())
+        local = causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe), reduction="sum")
+        stats += torch.stack([local.double(), (labels != IGNORE_INDEX).sum().double()])
     engine.module.train(was_training)
-    return _dp_mean(sum(losses) / len(losses), parallel)
+    total, count = _world_sum(stats, parallel).tolist()
+    return total / max(count, 1)
 
 
 @dataclass
@@ -214,10 +251,11 @@ def loop(run: Run) -> list[dict]:
     history, every = [], recipe.checkpoint.every
     for step in range(run.start + 1, recipe.trainer.max_steps + 1):
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the lr this step uses
-        loss = train_step(engine, samples, recipe, step - 1, parallel)
-        if not math.isfinite(loss):  # the same value on every rank (a mean over SP and DP): all stop together
+        loss, targets = train_step(engine, samples, recipe, step - 1, parallel)
+        if not math.isfinite(loss):  # the same value on every rank (a world token mean): all stop together
             raise TrainingError(nan_message(loss, step, lr, ckpt.latest_checkpoint(run.root)))
-        metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
+        # loss: the mean over the step's `targets` target tokens (the loss rule, train_step)
+        metrics = {"loss": loss, "target_tokens": targets, "lr": lr, "grad_norm": _grad_norm(engine),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t0), "seq_len": recipe.data.seq_len,
                    "max_steps": recipe.trainer.max_steps,
                    # which attention the layers really ran (s2/sf fall back to full in eval mode)

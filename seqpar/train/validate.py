@@ -210,6 +210,8 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
                       f"{BYTE_VOCAB}; raise it or set data.tokenizer")
     if d.source == "files" and not d.files:
         errors.append("data.files=[]: data.source=files needs local jsonl/json/text/parquet files")
+    if d.source == "sft":
+        _check_sft(r, errors)
     if not 0 <= d.eval_fraction < 1:
         errors.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1), e.g. 0.05")
     if r.eval.every and not d.eval_files and not d.eval_fraction > 0:
@@ -221,6 +223,28 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
         errors.append(f"rope_scaling.factor={rs.factor!r}: a number >= 1 or 'auto'")
     elif isinstance(rs.factor, float) and rs.factor < 1:
         errors.append(f"rope_scaling.factor={rs.factor}: must be >= 1 (it stretches the original context)")
+
+
+def _check_sft(r: Recipe, errors: list[str]) -> None:
+    """SFT data: a source, files that can hold conversations, and packing only where documents stay apart."""
+    from seqpar.attention.registry import get_spec
+
+    a, d, s = r.attention, r.data, r.data.sft
+    if s.make is None and not d.files:
+        errors.append("data.files=[]: data.source=sft needs local jsonl/json/parquet files of Alpaca rows "
+                      "(instruction, input, output) or chat messages, or data.sft.make=stdlib-qa for the quick set")
+    if s.make is not None and d.files:
+        errors.append(f"data.sft.make={s.make} and data.files={d.files}: choose one (set data.sft.make=null to read "
+                      "the files)")
+    if s.make is not None and s.num_conversations < 1:
+        errors.append(f"data.sft.num_conversations={s.num_conversations}: must be >= 1")
+    if d.format == "text":
+        errors.append("data.format=text with data.source=sft: conversations come in jsonl, json or parquet files")
+    if d.pack and a.name in ATTENTIONS and not get_spec(a.name).varlen:
+        errors.append(f"data.pack=true with attention.name={a.name}: {a.name} takes no document boundaries, so packed "
+                      "conversations would attend to each other; set data.pack=false (one conversation per sequence, "
+                      "right-padded, as LongLoRA's SFT) or use attention.name in "
+                      f"{[n for n, x in ATTENTIONS.items() if x.varlen]}")
 
 
 def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool = False) -> Any:
@@ -305,7 +329,7 @@ def _check_model_folder(r: Recipe, config: Any, errors: list[str]) -> None:
 
 def _check_data_files(r: Recipe, errors: list[str]) -> None:
     d = r.data
-    named = [(f"data.files[{i}]", f) for i, f in enumerate(d.files if d.source == "files" else [])]
+    named = [(f"data.files[{i}]", f) for i, f in enumerate(d.files if d.source in ("files", "sft") else [])]
     for key, f in named + [(f"data.eval_files[{i}]", f) for i, f in enumerate(d.eval_files)]:
         p = Path(f)
         if not p.exists():
