@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("seqpar.demo", "exactness demo: sequence-parallel attention on N CPU ranks vs one process"),
     "bench": ("seqpar.bench.cli", "side-by-side benchmarks of the primitives -> results.json + PNG plots"),
     "eval": ("seqpar.eval.cli", "perplexity (sliding window) and passkey retrieval of a local model or LoRA adapter"),
+    "generate": ("seqpar.inference.generate", "chat with a local model or run: streamed answer, full or H2O KV cache"),
     "train": ("seqpar.train.cli", "train or fine-tune from a YAML recipe (DeepSpeed, LoRA, sequence parallel)"),
     "merge-lora": ("seqpar.lora_merge", "fold a LoRA checkpoint into a plain transformers model (safetensors)"),
 }

@@ -47,6 +47,13 @@ PLAN: dict[str, tuple[str, str]] = {
         ("run", f"trainer.max_steps=3 {FAST}"),
     "seqpar merge-lora runs/quickstart-cpu runs/quickstart-cpu/merged": ("run", ""),
     "seqpar eval runs/quickstart-cpu/merged --passkey --lengths 256,512": ("run", "--trials 1"),
+    'seqpar generate runs/quickstart-cpu/merged --prompt "What is the pass key?"': ("run", "--max-new-tokens 16"),
+    'seqpar generate runs/quickstart-cpu/merged --prompt "What is the pass key?" --cache h2o --heavy 32 --recent 32':
+        ("run", "--max-new-tokens 16"),
+    "seqpar eval runs/quickstart-cpu/merged --passkey --lengths 512 --cache h2o --heavy 32 --recent 32":
+        ("run", "--trials 1"),
+    "seqpar eval runs/quickstart-cpu/merged --ppl README.md --context 512 --passkey --lengths 512 --trials 10 "
+    "--cache h2o --heavy 32 --recent 32": ("long", "the generation table's full run: token-by-token perplexity"),
     "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run": ("run", ""),
     "seqpar train recipes/hybrid-qwen3next-cpu.yaml --dry-run": ("run", ""),
     "torchrun --nproc_per_node 2 -m seqpar train recipes/hybrid-qwen3next-cpu.yaml":
@@ -58,6 +65,11 @@ PLAN: dict[str, tuple[str, str]] = {
         ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
     "seqpar train recipes/window-gptoss-20b-128k.yaml --dry-run": ("run", ""),
     "seqpar train recipes/window-gemma3-12b-128k.yaml --dry-run": ("run", ""),
+    "torchrun --nproc_per_node 2 -m seqpar train recipes/sft-cpu.yaml":
+        ("run", "trainer.max_steps=2 data.sft.num_conversations=100 eval.every=0"),
+    "seqpar train recipes/longalpaca-llama2-7b-32k.yaml --dry-run": ("run", ""),
+    "seqpar train recipes/sinklora-sft-llama3-8b-32k.yaml --dry-run": ("run", ""),
+    "torchrun --nproc_per_node 8 -m seqpar train recipes/longalpaca-llama2-7b-32k.yaml": ("gpu", "8 GPUs"),
     "sbatch --nodes 2 slurm/train.sbatch recipes/window-gptoss-20b-128k.yaml": ("cluster", "SLURM"),
     "torchrun --nproc_per_node 8 -m seqpar train recipes/window-gemma3-12b-128k.yaml": ("gpu", "8 GPUs"),
     "seqpar bench softmax --methods ring_zigzag,ring_contiguous,ring_window_L8,ring_window4096,"

@@ -148,11 +148,11 @@ def test_passkey_exact_match_scoring(model_dir, monkeypatch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
     def oracle(shift):
-        def generate(model, prompt, n_new):
+        def generate(model, prompt, n_new, cache=None):
             key = re.search(r"The pass key is (\d+)\.", tok.decode(prompt)).group(1)
             ids = tok(str(int(key) + shift), add_special_tokens=False)["input_ids"]
             assert len(ids) == n_new
-            return ids
+            return ids, None  # no cache: the row reports 0 KV tokens
 
         return generate
 
@@ -181,12 +181,42 @@ def test_errors(model_dir, text_file, tmp_path, capsys):
         (["--passkey", "--lengths", "40"], r"--lengths 40 is too short for a passkey prompt"),
         (["--ppl", str(text_file), "--context", "32", "--stride", "33"], r"--stride 33 with --context 32"),
         ([], r"nothing to evaluate"),
+        (["--passkey", "--heavy", "4"], r"--heavy 4 sets the H2O budget: add --cache h2o"),
+        (["--passkey", "--cache", "h2o", "--recent", "-1"], r"--recent -1: use a number of tokens >= 0"),
+        (["--passkey", "--cache", "paged"], r"--cache 'paged': use --cache full"),
     ]
     for extra, pattern in cases:
         assert main(["eval", str(model_dir), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert re.search(pattern, err), (extra, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("seqpar eval: error:"), err
     assert main(["eval", str(tmp_path / "nope"), "--passkey"]) == 2
     assert "is not a local folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(model_dir), "--context", "12,x"])
+
+
+def test_h2o_cache_equals_full_with_a_covering_budget_and_stays_within_a_small_one(model_dir, tmp_path):
+    """`seqpar eval --cache h2o`: perplexity decoded token by token through the cache and passkey generation.
+    A budget >= the length gives the full cache's numbers (float64: to rounding); a small one bounds the cache."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    short = tmp_path / "short.txt"  # 2 windows of 64 tokens and a bit: token-by-token decoding stays cheap
+    short.write_text(TEXT[:140], encoding="utf-8")
+    full_ppl = perplexity(model, tok, TEXT[:140], context=64)
+    full_pk = passkey_accuracy(model, tok, length=200, trials=1)
+    h2o_ppl = perplexity(model, tok, TEXT[:140], context=64, budget=(32, 32))  # 64 >= every window
+    h2o_pk = passkey_accuracy(model, tok, length=200, trials=1, budget=(100, 100))  # 200 >= prompt + answer
+    assert abs(h2o_ppl["nll"] - full_ppl["nll"]) < 1e-12 and h2o_ppl["tokens"] == full_ppl["tokens"]
+    assert [r["output"] for r in h2o_pk["results"]] == [r["output"] for r in full_pk["results"]]
+    assert (h2o_ppl["kv_tokens"], h2o_ppl["kv_bytes"]) == (full_ppl["kv_tokens"], full_ppl["kv_bytes"]) == (64, 32768)
+    assert h2o_pk["kv_tokens"] == full_pk["kv_tokens"] == 198  # prompt + answer (< 200) - 1: the last is never fed
+    out = tmp_path / "h2o.json"  # the command line, float32, a budget of 16 tokens per layer and kv head
+    assert main(["eval", str(model_dir), "--ppl", str(short), "--context", "64", "--passkey", "--lengths", "200",
+                 "--trials", "1", "--cache", "h2o", "--heavy", "6", "--recent", "10", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["cache"] == {"kind": "h2o", "heavy": 6, "recent": 10}
+    for row in (*res["perplexity"], *res["passkey"]):  # 16 tokens x 2 layers x K,V x 2 kv heads x 8 dims x fp32
+        assert (row["kv_tokens"], row["kv_bytes"]) == (16, 16 * 2 * 2 * 2 * 8 * 4), row
+    assert res["perplexity"][0]["tokens"] == full_ppl["tokens"]
+    assert abs(res["perplexity"][0]["nll"] - full_ppl["nll"]) > 1e-6  # eviction changed what the model saw

@@ -1,10 +1,13 @@
-"""``seqpar eval MODEL --ppl FILE --context 512,1024 [--stride S] --passkey --lengths 256,512 [--json OUT]``.
+"""``seqpar eval MODEL --ppl FILE --context 512,1024 [--stride S] --passkey --lengths 256,512 [--json OUT]
+[--cache full|h2o --heavy N --recent N]``.
 
 MODEL is a local folder: a plain or merged Hugging Face checkpoint, a seqpar run folder or checkpoint (or its
 ``adapter/``: the trained model with the run's RoPE scaling, as ``seqpar merge-lora`` builds it), or another
 LoRA adapter (peft), whose base (``base_model_name_or_path`` in adapter_config.json) must be local too; the
 adapter is merged for speed.
-Prints a table and optionally writes the same numbers as JSON.
+Prints a table and optionally writes the same numbers as JSON. ``--cache h2o`` runs both evaluations through
+SinkLoRA's H2O KV cache (passkey: generation as ``seqpar generate --cache h2o`` does it; perplexity: token by
+token through the cache), and every row reports what the KV cache held (tokens per layer, bytes).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from seqpar.eval import EvalError
+from seqpar.inference.generate import GenerateError, add_cache_arguments, cache_budget
 
 
 def _int_list(arg: str):
@@ -47,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    add_cache_arguments(parser)
 
 
 def load_model(path: str, *, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any, str]:
@@ -105,31 +110,53 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     if args.ppl is None and not args.passkey:
         raise EvalError("nothing to evaluate: pass --ppl FILE and/or --passkey")
+    try:
+        budget = cache_budget(args.cache, args.heavy, args.recent)
+    except GenerateError as err:
+        raise EvalError(str(err)) from None
     text = read_text(args.ppl) if args.ppl is not None else None  # fail on a bad file before loading a model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights": an error after the load stays one line on stderr
     model, tokenizer, kind = load_model(args.model, dtype=args.dtype, device=args.device)
     for length in args.context if text is not None else []:
         check_context(model, length, arg="--context")
     for length in args.lengths if args.passkey else []:
         check_context(model, length, arg="--lengths")
-    out: dict = {"model": str(args.model), "kind": kind, "perplexity": [], "passkey": []}
+    if budget is not None:
+        from seqpar.inference.h2o import use_h2o_attention
+
+        try:
+            use_h2o_attention(model)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+    cache = {"kind": args.cache, **({"heavy": budget[0], "recent": budget[1]} if budget else {})}
+    out: dict = {"model": str(args.model), "kind": kind, "cache": cache, "perplexity": [], "passkey": []}
     if text is not None:
         out["file"] = str(args.ppl)
-        out["perplexity"] = [perplexity(model, tokenizer, text, context=c, stride=args.stride) for c in args.context]
+        out["perplexity"] = [perplexity(model, tokenizer, text, context=c, stride=args.stride, budget=budget)
+                             for c in args.context]
     if args.passkey:
-        out["passkey"] = [passkey_accuracy(model, tokenizer, length=n, trials=args.trials, seed=args.seed)
-                          for n in args.lengths]
+        out["passkey"] = [passkey_accuracy(model, tokenizer, length=n, trials=args.trials, seed=args.seed,
+                                           budget=budget) for n in args.lengths]
     return out
 
 
 def format_table(res: dict) -> str:
-    lines = [f"model: {res['model']} ({res['kind']})"]
+    c = res["cache"]
+    cache = "full" if c["kind"] == "full" else f"h2o, heavy {c['heavy']} + recent {c['recent']} tokens"
+    lines = [f"model: {res['model']} ({res['kind']}); KV cache: {cache}"]
+    kv = lambda r: f"{r['kv_tokens']:>10} {r['kv_bytes'] / 1024:>9.1f}"  # noqa: E731
     if res["perplexity"]:
-        lines += [f"perplexity on {res['file']}", f"{'context':>8} {'stride':>7} {'tokens':>9} {'nll':>8} {'ppl':>10}"]
-        lines += [f"{r['context']:>8} {r['stride']:>7} {r['tokens']:>9} {r['nll']:>8.4f} {r['ppl']:>10.3f}"
+        lines += [f"perplexity on {res['file']}",
+                  f"{'context':>8} {'stride':>7} {'tokens':>9} {'nll':>8} {'ppl':>10} {'kv tokens':>10} {'kv KiB':>9}"]
+        lines += [f"{r['context']:>8} {r['stride']:>7} {r['tokens']:>9} {r['nll']:>8.4f} {r['ppl']:>10.3f} {kv(r)}"
                   for r in res["perplexity"]]
     if res["passkey"]:
-        lines += ["passkey retrieval", f"{'length':>8} {'trials':>7} {'correct':>8} {'accuracy':>9}"]
-        lines += [f"{r['length']:>8} {r['trials']:>7} {r['correct']:>8} {r['accuracy']:>9.3f}" for r in res["passkey"]]
+        lines += ["passkey retrieval",
+                  f"{'length':>8} {'trials':>7} {'correct':>8} {'accuracy':>9} {'kv tokens':>10} {'kv KiB':>9}"]
+        lines += [f"{r['length']:>8} {r['trials']:>7} {r['correct']:>8} {r['accuracy']:>9.3f} {kv(r)}"
+                  for r in res["passkey"]]
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ before the question "What is the pass key? The pass key is". The model decodes g
 answer has; a trial is correct when the digits it writes equal the key exactly. The prompt is built by the
 trainer's ``seqpar.train.data.passkey_sample`` (so a model fine-tuned on the synthetic passkey task is
 evaluated on exactly the format it saw): a ``length``-token sample minus its answer and EOS is the prompt,
-so prompt + answer fit in ``length`` positions. Single device: no communication (0 bytes per call).
+so prompt + answer fit in ``length`` positions. Single device: no communication (0 bytes per call). With
+``budget`` the decoding runs through SinkLoRA's H2O cache (``seqpar eval --cache h2o``).
 """
 
 from __future__ import annotations
@@ -44,13 +45,17 @@ def passkey_prompt(tokenizer: Any, length: int, depth: float, rng: random.Random
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, prompt: torch.Tensor, n_new: int) -> list[int]:
-    """``n_new`` greedily decoded token ids after ``prompt [P]`` (module-level so tests can swap in an oracle)."""
+def greedy_generate(model: Any, prompt: torch.Tensor, n_new: int, cache: Any = None) -> tuple[list[int], Any]:
+    """``n_new`` greedily decoded token ids after ``prompt [P]`` and the cache they left, through ``cache`` when
+    given (a fresh transformers Cache, e.g. an H2OCache); module-level so tests can swap in an oracle."""
+    from seqpar.inference.h2o import CACHE_KWARG
+
     device = next(model.parameters()).device
     ids = prompt.to(device)[None]
+    kw = {} if cache is None else {CACHE_KWARG: cache}
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                         do_sample=False, num_beams=1, pad_token_id=0)
-    return out[0, ids.shape[1] :].tolist()
+                         do_sample=False, num_beams=1, pad_token_id=0, return_dict_in_generate=True, **kw)
+    return out.sequences[0, ids.shape[1] :].tolist(), out.get(CACHE_KWARG)
 
 
 def is_correct(text: str, key: str) -> bool:
@@ -59,21 +64,30 @@ def is_correct(text: str, key: str) -> bool:
     return found is not None and found.group(0) == key
 
 
-def passkey_accuracy(model: Any, tokenizer: Any, *, length: int, trials: int = 10, seed: int = 0) -> dict:
+def passkey_accuracy(model: Any, tokenizer: Any, *, length: int, trials: int = 10, seed: int = 0,
+                     budget: tuple[int, int] | None = None) -> dict:
     """Accuracy of greedy passkey retrieval at one context length, depths spread evenly over (0, 1).
 
-    Returns ``{"length", "trials", "correct", "accuracy", "results": [{"depth", "key", "output", "ok"}]}``.
+    ``budget`` (heavy, recent): generate through an H2OCache (the prompt is prefilled with full attention, then
+    evicted to the budget before the answer is decoded, as H2O generation does); None: the full cache.
+
+    Returns ``{"length", "trials", "correct", "accuracy", "kv_tokens", "kv_bytes", "results": [{"depth", "key",
+    "output", "ok"}]}`` (kv_*: what the last trial's KV cache held at its end, keys + values).
     """
+    from seqpar.inference.h2o import kv_footprint, new_cache
+
     if trials < 1:
         raise EvalError(f"--trials {trials}: use --trials >= 1")
     check_context(model, length, arg="--lengths")
     rng = random.Random(seed * 1000003 + length)
-    results = []
+    results, cache = [], None
     for i in range(trials):
         trial = passkey_prompt(tokenizer, length, (i + 0.5) / trials, rng)
-        new = greedy_generate(model, trial["prompt"], len(trial["answer"]))
+        new, cache = greedy_generate(model, trial["prompt"], len(trial["answer"]), new_cache(model, budget))
         text = tokenizer.decode(new, skip_special_tokens=True)
         results.append({"depth": trial["depth"], "key": trial["key"], "output": text.strip(),
                         "ok": is_correct(text, trial["key"])})
     correct = sum(r["ok"] for r in results)
-    return {"length": length, "trials": trials, "correct": correct, "accuracy": correct / trials, "results": results}
+    footprint = kv_footprint(cache)
+    return {"length": length, "trials": trials, "correct": correct, "accuracy": correct / trials,
+            "kv_tokens": footprint["tokens"], "kv_bytes": footprint["bytes"], "results": results}

@@ -28,6 +28,10 @@ Example::
     out = model.generate(ids, max_new_tokens=64, past_key_values=H2OCache(heavy=64, recent=64))
     # transformers >= 5.2x also accepts (and prefers) cache=H2OCache(...); past_key_values= warns but works.
 
+Commands: ``seqpar generate MODEL --cache h2o --heavy N --recent N`` and ``seqpar eval MODEL --cache h2o ...``
+check their flags with ``seqpar.inference.generate.cache_budget`` and build the cache with ``new_cache`` (which
+switches the model to the attention above); ``kv_footprint`` reports what a cache holds.
+
 Limits: sliding-window layers see the kept tokens as the last ``kept`` positions (exact until eviction starts);
 no crop(), so no assisted/speculative decoding; beam search reorders the scores with the keys.
 """
@@ -37,12 +41,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers.utils.generic as hf_generic
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 H2O_ATTENTION = "seqpar_h2o"
 _LAYER_KEY = "seqpar_h2o_layer"  # the key under which `update` hands the layer to the attention function
+# The keyword (and output key) that carries a cache: transformers 5.2x renamed past_key_values -> cache and warns on
+# the old name; earlier releases know only past_key_values.
+CACHE_KWARG = "cache" if hasattr(hf_generic, "_rename_kwargs_for_bc") else "past_key_values"
 
 
 class H2OLayer(DynamicLayer):
@@ -65,7 +73,7 @@ class H2OLayer(DynamicLayer):
             raise RuntimeError(
                 "H2OCache: the attention probabilities of the previous step were never observed. Load the model "
                 f"with attn_implementation={H2O_ATTENTION!r} (or call model.set_attn_implementation("
-                f"{H2O_ATTENTION!r})) after importing seqpar.inference; the model's attention must call "
+                f"{H2O_ATTENTION!r})) after importing seqpar.inference.h2o; the model's attention must call "
                 "cache.update(k, v, layer_idx, kwargs=kwargs) as Llama, Mistral and Qwen2 do."
             )
         if not self.is_initialized:
@@ -175,6 +183,42 @@ class H2OCache(Cache):
 
     def __repr__(self) -> str:
         return f"H2OCache(heavy={self.heavy}, recent={self.recent}, layers={len(self.layers)})"
+
+
+def use_h2o_attention(model: Any) -> None:
+    """Switch ``model`` to the ``seqpar_h2o`` attention (plain eager attention when no H2O cache is passed)."""
+    if getattr(model.config, "_attn_implementation", None) == H2O_ATTENTION:
+        return
+    try:
+        model.set_attn_implementation(H2O_ATTENTION)
+    except (ValueError, AttributeError, NotImplementedError) as err:
+        kind = getattr(model.config, "model_type", "?")
+        raise ValueError(f"model_type={kind!r} cannot run the H2O cache ({' '.join(str(err).split())[:160]}); "
+                         "use --cache full") from None
+
+
+def new_cache(model: Any, budget: tuple[int, int] | None) -> Cache | None:
+    """The cache to pass for one generation: None for the full cache (``budget`` None: transformers then builds
+    the model's own, whatever its layers: sliding, linear, hybrid) or a fresh H2OCache, in which case the model
+    is switched to the H2O attention first."""
+    if budget is None:
+        return None
+    use_h2o_attention(model)
+    return H2OCache(heavy=budget[0], recent=budget[1])
+
+
+def kv_footprint(cache: Cache | None) -> dict:
+    """What ``cache`` holds now: ``{"tokens": kept per layer (the most of any layer), "layers", "bytes": keys +
+    values, "extra_bytes": H2O's per-token scores, validity and positions}`` (zeros for None)."""
+    layers = getattr(cache, "layers", None) or []  # caches without K/V layers (linear-attention states): 0
+    layers = [lay for lay in layers if getattr(lay, "keys", None) is not None and lay.keys.numel() > 0]
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+    return {
+        "tokens": max((lay.keys.shape[-2] for lay in layers), default=0),
+        "layers": len(layers),
+        "bytes": nbytes(t for lay in layers for t in (lay.keys, lay.values)),
+        "extra_bytes": nbytes(getattr(lay, name, None) for lay in layers for name in ("scores", "valid", "positions")),
+    }
 
 
 def _attention_mask(attention_mask, B: int, Lq: int, n: int, device) -> torch.Tensor:
