@@ -10,6 +10,7 @@ One spawn of 4 ranks runs W = 4, 2, 3 and 1 (tests/sp_harness.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -123,6 +124,31 @@ def _error_checks(rank, world, group) -> dict:
     return msgs
 
 
+def _packed_case(rank, world, group) -> dict:
+    """LASP-2 over packed documents (float64, learned decay, GQA) vs the reference run on each document alone:
+    an empty document, a document starting at a shard edge, documents continuing over one and two ranks."""
+    L = N_LOCAL * world
+    cu = torch.tensor([b for b in (0, 5, 5, 24, 29, 80) if b < L] + [L])
+    gen = torch.Generator().manual_seed(11)
+    full = [torch.randn(2, L, h, 16, generator=gen, dtype=torch.float64) for h in (4, 2, 2)]
+    dout = torch.randn(2, L, 4, 16, generator=gen, dtype=torch.float64)
+    decay = DECAY.clone().requires_grad_()
+    ref_in = [t.clone().requires_grad_() for t in full]
+    ref_lam = DECAY.clone().requires_grad_()
+    bounds = sorted(set(cu.tolist()))
+    ref_out = torch.cat([reference(*(t[:, a:b] for t in ref_in), ref_lam, True)
+                         for a, b in itertools.pairwise(bounds)], dim=1)
+    ref_grads = torch.autograd.grad(ref_out, [*ref_in, ref_lam], dout)
+    local = [shard(t, group=group, layout="contiguous").clone().requires_grad_() for t in full]
+    out = lasp2_linear_attention(*local, group=group, decay=decay, block_size=BLOCK, cu_seqlens=cu)
+    out.backward(shard(dout, group=group, layout="contiguous"))
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    errs = {"out": rel_err(out, ref_out.detach()[:, sl])}
+    errs.update({"d" + name: rel_err(t.grad, g[:, sl]) for name, t, g in zip("qkv", local, ref_grads)})
+    errs["dlambda"] = (decay.grad, ref_grads[3])
+    return errs
+
+
 CASES = _cases()
 
 
@@ -130,6 +156,7 @@ def _all_checks(rank: int, world: int, group) -> dict:
     return {
         "rank": rank,
         "cases": [_run_case(rank, world, group, c) for c in CASES],
+        "packed": _packed_case(rank, world, group),
         "bytes": _byte_checks(rank, world, group),
         "errors": _error_checks(rank, world, group),
     }
@@ -161,6 +188,13 @@ def test_outputs_and_gradients_match_reference(world_results):
             )
     failed = {k: e for k, e in worst.items() if not e <= (DLAMBDA_TOL if k[4] == "dlambda" else TOL)[k[2]]}
     assert not failed, f"W={world}: errors above tolerance {failed}"
+
+
+def test_lasp2_packed_documents_equal_each_document_alone(world_results):
+    world, _, results = world_results
+    errs = {name: max(res["packed"][name] for res in results) for name in ("out", "dq", "dk", "dv")}
+    errs["dlambda"] = rel_err(sum(res["packed"]["dlambda"][0] for res in results), results[0]["packed"]["dlambda"][1])
+    assert max(errs.values()) < 1e-12, (world, errs)
 
 
 def test_bytes_are_the_formula_and_independent_of_length(world_results):

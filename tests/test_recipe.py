@@ -45,8 +45,6 @@ BAD = [
      ["attention.name='lasp2'", "model_type='qwen3_next'", "softmax layers", "'allgather' is LASP-2H"]),
     (["model.from_config.model_type=qwen3_next", "attention.name=ring", "attention.layout=zigzag"], 2,
      ["attention.layout='zigzag'", "model_type='qwen3_next'", "contiguous"]),
-    (["model.from_config.model_type=minimax", "attention.name=ring", "data.pack=true"], 2,
-     ["data.pack=true", "model_type='minimax'", "Lightning Attention", "set data.pack=false"]),
     (["model.from_config.model_type=mistral", "model.from_config.sliding_window=128"], 2,
      ["attention.name='s2'", "model_type='mistral'", "sliding window of 128 tokens", "data.seq_len=512", "'ring'"]),
     (["model.from_config.model_type=gpt_oss", "model.from_config.num_local_experts=4", "attention.name=rsa",

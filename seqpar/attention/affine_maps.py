@@ -53,31 +53,12 @@ class _EntryState(torch.autograd.Function):
         return G @ S.transpose(-1, -2), G, None
 
 
-class _Tie(torch.autograd.Function):
-    """``out`` unchanged, with S in its graph: the backward collective must run on every rank, also on one whose
-    outputs do not read its entry state (rank 0; a shard that starts with a document), or the ranks that do
-    would wait in it forever."""
-
-    @staticmethod
-    def forward(ctx, out, S):
-        ctx.S_meta = (S.shape, S.dtype, S.device)
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, dout):
-        shape, dtype, device = ctx.S_meta
-        return dout, torch.zeros(shape, dtype=dtype, device=device)
-
-
-def tie(out: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """``out``, made to depend on the entry state ``S`` for autograd only (see ``_Tie``)."""
-    return _Tie.apply(out, S) if S.requires_grad else out
-
-
 def entry_state(M: torch.Tensor, U: torch.Tensor, group: Group) -> torch.Tensor:
     """This rank's entry state S_in from every rank's map ``(M [..., Dk, Dk], U [..., Dk, Dv])`` (differentiable).
 
-    Rank 0 gets zeros. On one device (``group_size(group) == 1``) no map is gathered and the result is 0.
+    Rank 0 gets zeros. On one device (``group_size(group) == 1``) no map is gathered and the result is 0. The
+    backward all-gather runs on every rank whose S_in is differentiated (``seqpar.attention.gated_delta``
+    differentiates it on every rank, also where no output reads it, so no rank waits alone in it).
     """
     if group_size(group) == 1:
         return torch.zeros_like(U)

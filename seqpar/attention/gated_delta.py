@@ -1,24 +1,38 @@
 """Sequence-parallel gated delta rule (Gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo-hybrid) by LASP-2's one
 all-gather, generalised to affine state maps (``seqpar.attention.affine_maps``).
 
-The rule S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t is affine in the state, and so is
-its output: from entry state S_in, a shard's outputs are O = O⁰ + O^M S_in and its exit state is
-M S_in + U. All of O⁰, O^M, M, U come from ONE local chunked pass (``seqpar.kernels.delta``) run with the
-values widened to ``[V | 0]`` and the entry state ``[0 | I]``: the rule acts on each value column alone, so
-the first Dv columns are the zero-state run (O⁰, U) and the last Dk the identity-state run (O^M = the queries
-read through the shard's transition, M the transition). Then one all-gather of the maps (M, U), the fold of
-the predecessors' maps into S_in, and O = O⁰ + O^M S_in: a [n, Dk] x [Dk, Dv] matmul per head. The widened pass
-costs Dk more value columns than one device's (2x the rule's value-side work for Dk = Dv); nothing else
-grows with N.
+The rule S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t is affine in the state: from entry
+state S_in a shard's exit state is M S_in + U. Rank r, as LASP-2 does for linear attention:
 
-Packed documents (``cu_seqlens``, global boundaries): state resets at each document start, so every piece of
+    1. map pass:   [U | M] = the shard's exit state from [0 | I] with the values widened to [V | 0]
+                   (``seqpar.kernels.delta``: the rule acts on each value column alone; states only, no output)
+    2. all-gather the maps (M, U) of every rank, fold the predecessors' (Horner: S ← M_j S + U_j) into S_in
+    3. output pass: the rule on the shard from S_in (the one-device pass, outputs written in place)
+
+Backward mirrors it: the output pass's backward gives the input gradients and dS_in; one all-gather of the
+dS_in gives this rank's dU, dM (``affine_maps``); the map pass's backward from the exit-state gradient
+[dU | dM] adds its share of the input gradients. Both passes recompute their chunks in backward
+(``delta_backward``) and write into one set of gradient buffers. The map pass costs about half an output
+pass per value column, at Dk + Dv columns; nothing else grows with N.
+
+Packed documents (``cu_seqlens``, global boundaries): the state resets at each document start, so every piece of
 a document on this shard runs from zero except a first piece that continues an earlier rank's document; a
-shard that holds a document start passes a zero transition M = 0 (its exit state does not depend on S_in).
+shard that holds a document start passes a zero transition M = 0 and its last piece's exit state as U (no
+map pass). Rank 0 and one device (N = 1) run every piece from zero.
 
 Shapes: ``q, k [B, n, Hk, Dk]``, ``v [B, n, Hv, Dv]``, ``g, beta [B, n, Hv]`` (contiguous layout, n = L/N;
 Hk divides Hv as in transformers' grouped value heads), output ``[B, n, Hv, Dv]`` in q's dtype. Computed in
-float32 (float64 for float64 inputs; transformers' own function is float32 always); backward by autograd
-through the kernel and ``affine_maps``' mirrored fold.
+float32 (float64 for float64 inputs; transformers' own function is float32 always).
+
+Saved for backward (units of one [B, n, Hv, Dv] float32 tensor, D = Dk = Dv, chunk C = 64): the inputs
+themselves (the caller's; nothing normalised, repeated or widened is kept), the output pass's segment entry
+states (1/4 unit) and the map pass's (1/2), S_in and the gathered maps (N·B·Hv·Dk·(Dk+Dv), independent of n).
+The backward allocates one set of input gradients (q, k, v-sized, in the accumulation dtype) and one
+segment's autograd graph at a time (``seqpar.kernels.delta``). Measured (``seqpar bench hybrid``, L = 32k,
+N = 2, H = 8, D = 64, float32; 1 unit = 32 MiB): 358 MiB per rank (11 units: inputs, output, its gradient,
+input gradients 8, states, one segment's graph and the process's allocator slack), against 1584 MiB (49 units)
+with autograd through the widened pass before 0.3 (it kept every chunk's intermediates, O^M, the widened
+values and two sets of gradients), and 636 MiB for one process on the whole sequence (0.56x).
 
 Bytes per call, per rank: ``gated_delta_bytes`` (``affine_maps.entry_state_bytes``): forward
 (N-1)·B·Hv·Dk·(Dk+Dv)·itemsize, backward (N-1)·B·Hv·Dk·Dv·itemsize; independent of L.
@@ -28,11 +42,73 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.attention.affine_maps import entry_state, entry_state_bytes, tie
+from seqpar.attention.affine_maps import entry_state, entry_state_bytes
 from seqpar.comm import Group, group_rank, group_size
 from seqpar.kernels import acc_dtype
-from seqpar.kernels.delta import DEFAULT_DELTA_CHUNK, gated_delta_chunked, l2_normalize
+from seqpar.kernels.delta import DEFAULT_DELTA_CHUNK, DeltaOptions, delta_backward, delta_forward
 from seqpar.sharding import local_documents
+
+
+class _GatedDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, group, cu_seqlens, opt: DeltaOptions):
+        N, rank, n = group_size(group), group_rank(group), q.shape[1]
+        B, _, H, Dv = v.shape
+        Dk = k.shape[-1]
+        docs = local_documents(cu_seqlens, n, N, rank)
+        pieces = [slice(a, b) for a, b, _ in docs]
+        cont = N > 1 and docs[0][2] < rank * n  # the first piece continues a document: it runs from S_in
+        inputs = (q, k, v, g, beta)
+        out = v.new_empty(B, n, H, Dv, dtype=q.dtype)
+        zero = v.new_zeros(B, H, Dk, Dv, dtype=opt.acc)
+        runs, U = [], zero  # (piece, segment entry states) of the output passes; U: the last piece's exit state
+        for sl in pieces[1:] if cont else pieces:
+            U, entries = delta_forward(*(x[:, sl] for x in inputs), zero, opt, out[:, sl])
+            runs.append((sl, entries))
+        ctx.map_entries = ctx.fold = None
+        if N > 1:
+            if cont and len(pieces) == 1:  # the map pass: [U | M] from [0 | I], values widened by zeros
+                eye = torch.eye(Dk, dtype=opt.acc, device=v.device).expand(B, H, Dk, Dk)
+                S, ctx.map_entries = delta_forward(*inputs, torch.cat([zero, eye], dim=-1), opt)
+                U, M = S[..., :Dv], S[..., Dv:]
+            else:  # a document starts on this shard: its exit state does not depend on S_in
+                M = zero.new_zeros(B, H, Dk, Dk)
+            with torch.enable_grad():  # the fold's graph, run in backward for dM, dU (its one all-gather)
+                M, U = M.detach().requires_grad_(), U.detach().requires_grad_()
+                S_in = entry_state(M, U, group)
+            ctx.fold = (M, U, S_in)
+            if cont:
+                _, entries = delta_forward(*(x[:, pieces[0]] for x in inputs), S_in.detach(), opt, out[:, pieces[0]])
+                runs.insert(0, (pieces[0], entries))
+        ctx.save_for_backward(*inputs)
+        ctx.runs, ctx.cont, ctx.opt = runs, cont, opt
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        inputs = ctx.saved_tensors
+        opt, runs = ctx.opt, ctx.runs
+        grads = [torch.zeros_like(x, dtype=opt.acc) for x in inputs]  # the one set of gradient buffers
+
+        def piece(sl, entries, dS):
+            return delta_backward(*(x[:, sl] for x in inputs), entries, opt, [d[:, sl] for d in grads], dout[:, sl],
+                                  dS)
+
+        dS_in = piece(*runs.pop(0), None) if ctx.cont else None
+        dM = dU = None
+        if ctx.fold is not None:
+            M, U, S_in = ctx.fold
+            if S_in.requires_grad:  # on every rank of the group: the backward all-gather of the dS_in
+                dM, dU = torch.autograd.grad(S_in, (M, U), torch.zeros_like(S_in) if dS_in is None else dS_in)
+            dM = torch.zeros_like(M) if dM is None else dM
+            dU = torch.zeros_like(U) if dU is None else dU
+        for i, run in enumerate(runs):  # pieces from zero; the last one's exit state is U
+            piece(*run, dU if i == len(runs) - 1 else None)
+        if ctx.map_entries is not None:
+            delta_backward(*inputs, ctx.map_entries, opt, grads, None, torch.cat([dU, dM], dim=-1))
+        ctx.runs = ctx.fold = ctx.map_entries = None
+        return (*(d.to(x.dtype) if need else None for d, x, need in zip(grads, inputs, ctx.needs_input_grad)),
+                None, None, None)
 
 
 def gated_delta_rule(
@@ -57,40 +133,12 @@ def gated_delta_rule(
         use_qk_l2norm: transformers' ``use_qk_l2norm_in_kernel`` (eps 1e-6, as flash-linear-attention).
         chunk_size: tokens per chunk of the local pass.
     """
-    N, rank, n = group_size(group), group_rank(group), q.shape[1]
     if g.shape != beta.shape or g.shape != v.shape[:3] or v.shape[2] % k.shape[2] or q.shape != k.shape:
         raise ValueError(f"gated_delta_rule: q {tuple(q.shape)}, k {tuple(k.shape)} [B, n, Hk, Dk], v {tuple(v.shape)} "
                          f"[B, n, Hv, Dv], g {tuple(g.shape)} and beta {tuple(beta.shape)} [B, n, Hv] do not match")
-    dtype, acc = q.dtype, acc_dtype(q.dtype)
-    rep = v.shape[2] // k.shape[2]
-    q, k = (x.repeat_interleave(rep, dim=2) if rep > 1 else x for x in (q, k))
-    q, k, v, g, beta = (x.transpose(1, 2).to(acc) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    q = q * q.shape[-1] ** -0.5
-    B, H, _, Dk = k.shape
-    Dv = v.shape[-1]
-    outs, M, U = [], None, None
-    for start, end, doc_start in local_documents(cu_seqlens, n, N, rank):
-        sl = slice(start, end)
-        if doc_start < rank * n:  # continues a document of earlier ranks: widen by the identity-state run
-            eye = torch.eye(Dk, dtype=acc, device=q.device).expand(B, H, Dk, Dk)
-            wide = torch.cat([v[:, :, sl], v.new_zeros(B, H, end - start, Dk)], dim=-1)
-            init = torch.cat([v.new_zeros(B, H, Dk, Dv), eye], dim=-1)
-            o, S = gated_delta_chunked(q[:, :, sl], k[:, :, sl], wide, g[:, :, sl], beta[:, :, sl], init, chunk_size)
-            outs.append(o)
-            M, U = S[..., Dv:], S[..., :Dv]
-        else:
-            o, U = gated_delta_chunked(q[:, :, sl], k[:, :, sl], v[:, :, sl], g[:, :, sl], beta[:, :, sl], None,
-                                       chunk_size)
-            outs.append(o)
-            M = None  # a document starts on this shard: the exit state does not depend on the entry state
-    if N > 1:
-        M = torch.zeros(B, H, Dk, Dk, dtype=acc, device=q.device) if M is None else M
-        S_in = entry_state(M, U, group)
-        o = outs[0]
-        outs[0] = o[..., :Dv] + o[..., Dv:] @ S_in if o.shape[-1] == Dv + Dk else tie(o, S_in)
-    return torch.cat(outs, dim=2).transpose(1, 2).to(dtype)
+    opt = DeltaOptions(acc=acc_dtype(q.dtype), rep=v.shape[2] // k.shape[2], l2norm=use_qk_l2norm,
+                       scale=q.shape[-1] ** -0.5, chunk_size=chunk_size)
+    return _GatedDelta.apply(q, k, v, g, beta, group, cu_seqlens, opt)
 
 
 def gated_delta_bytes(q, k, v, *_, group: Group = None, **__) -> tuple[int, int]:

@@ -22,13 +22,20 @@ from seqpar.sharding import shard
 
 
 def _inputs(cfg: dict, group, *, layout: str | None, gated: bool) -> list[torch.Tensor]:
+    """The whole sequence's q, k, v (and g, beta) from one seed, each reduced to this rank's shard as soon as it
+    is drawn: a rank holds its shard only, as in training. The shard is a copy: a contiguous shard of a batch-1
+    tensor is a view that would keep the whole sequence's storage alive on every rank (it did, until 0.3: the
+    N = 2 peaks of docs/hybrid.md's first L = 32k run counted the full inputs on each rank)."""
     g = torch.Generator().manual_seed(0)
     B, L, H, D = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["head_dim"]
-    ts = [torch.randn(B, L, H, D, generator=g) for _ in range(3)]
+    draws = [lambda: torch.randn(B, L, H, D, generator=g)] * 3
     if gated:
-        ts += [-torch.rand(B, L, H, generator=g) * 0.1, torch.rand(B, L, H, generator=g)]
-    if layout is not None:
-        ts = [shard(t, group=group, layout=layout) for t in ts]
+        draws += [lambda: -torch.rand(B, L, H, generator=g) * 0.1, lambda: torch.rand(B, L, H, generator=g)]
+    ts = []
+    for draw in draws:  # one whole-sequence tensor alive at a time
+        t = draw()
+        ts.append(t if layout is None else shard(t, group=group, layout=layout).clone())
+        del t
     return [t.requires_grad_() for t in ts]
 
 

@@ -114,7 +114,7 @@ FAMILIES: list[Family] = [
     Family("Lightning Attention hybrids", ("minimax",), "`MiniMaxLightningAttention` and softmax attention",
            "Lightning Attention: the layer's forward, its block loop replaced by "
            "`seqpar.attention.lasp2.lasp2_linear_attention` (one all-gather of states); softmax layers: "
-           + _REGISTRY_SEAM + "; contiguous layout; packed documents refused", loss_terms=_ROUTER,
+           + _REGISTRY_SEAM + "; contiguous layout; packed documents reset the state at each start", loss_terms=_ROUTER,
            linear=(("MiniMaxLightningAttention", "lightning"),)),
     Family("Kimi Delta Attention hybrids", ("kimi_linear",), "`KimiLinearDeltaAttention` (KDA, short conv) and MLA",
            "-", "its KDA layers would run on each shard from a zero state", _NEXT, _ROUTER),
@@ -195,8 +195,7 @@ def hybrid_model_types() -> tuple[str, ...]:
 
 # What a seam of ``seqpar.models.hybrid`` does not implement yet: refused by it at run time and by the recipe
 # validator before launch, with this reason.
-SEAM_LIMITS = {"lightning": "packed documents (cu_seqlens) are not implemented for Lightning Attention yet (its "
-                            "state would flow across documents)"}
+SEAM_LIMITS: dict[str, str] = {}  # none today (Lightning Attention takes packed documents since issue 22)
 
 
 def _typed_layers(layer_type: str, attr: str, kind: str):

@@ -18,13 +18,13 @@ Seams, the narrowest each model offers:
   forward (no function to wrap), so the seam is the forward itself: seqpar's forward keeps the model's
   projections and modules (``qkv_proj``, ``act_fn``, ``norm``, ``output_gate``, ``out_proj``) and replaces
   only the block loop with ``seqpar.attention.lasp2.lasp2_linear_attention`` (decay λ_h = exp(-slope_h), the
-  layer's own block size).
+  layer's own block size; packed documents reset the state at each document start, on every rank).
 
 The patched layers run seqpar's kernels on one device too (float64 stays float64, packed documents reset the
 state); a call with a cache or a padding mask there runs the model's own code (generation is
 single-device). Under SP (group size > 1) both are refused, as is anything else a seam does not implement,
 with one line and on every rank before a collective: a KV/recurrent cache, a padding mask, HF's own varlen
-keywords, packed documents for Lightning Attention (not implemented yet).
+keywords.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from seqpar import comm
 from seqpar.comm import Group
-from seqpar.models.families import SEAM_LIMITS
 
 _ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("seqpar_linear_layer", default=None)
 _WRAPPED = "_seqpar_dispatch"  # marks a module function already replaced by its dispatcher
@@ -188,17 +187,17 @@ def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter) -> 
         cu = kwargs.pop("cu_seqlens", None)
         if _refuse_unsharded(name, group, cache, attention_mask, kwargs):
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        if cu is not None:
-            raise ValueError(f"{name}: {SEAM_LIMITS['lightning']}: pass unpacked sequences")
         calls["lightning"] += 1
-        return _lightning(layer, hidden_states, group), None
+        return _lightning(layer, hidden_states, group, cu), None
 
     layer.forward, layer._seqpar_linear = forward, "lightning"
 
 
-def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group) -> torch.Tensor:
-    """MiniMaxLightningAttention.forward without a cache: o_t = Σ_{s<=t} λ^(t-s) (q_t·k_s) v_s per head, then
-    the layer's RMSNorm, sigmoid output gate and output projection."""
+def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group,
+               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """MiniMaxLightningAttention.forward without a cache: o_t = Σ_{s<=t} λ^(t-s) (q_t·k_s) v_s per head (s in
+    t's document when ``cu_seqlens`` packs several), then the layer's RMSNorm, sigmoid output gate and output
+    projection (all per token)."""
     from seqpar.attention.lasp2 import lasp2_linear_attention
 
     B, n, _ = hidden_states.shape
@@ -206,7 +205,8 @@ def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group
     qkv = layer.act_fn(layer.qkv_proj(hidden_states)).reshape(B, n, H, 3 * D)
     q, k, v = torch.split(qkv, D, dim=3)
     decay = torch.exp(-layer.slope_rate.reshape(H).to(torch.float64))
-    out = lasp2_linear_attention(q, k, v, group=group, decay=decay, block_size=layer.block_size)
+    out = lasp2_linear_attention(q, k, v, group=group, decay=decay, block_size=layer.block_size,
+                                 cu_seqlens=cu_seqlens)
     out = layer.norm(out.reshape(B, n, H * D))
     out = F.sigmoid(layer.output_gate(hidden_states)) * out
     return layer.out_proj(out)
