@@ -15,6 +15,9 @@ W=3 on {0, 1, 2} while rank 3 runs W=1 with group=None), every case the spec's `
   works afterwards;
 * ``validate=False`` (where the primitive takes it) runs no cross-rank check collective.
 
+The hybrid models' token mixers (``registry.MIXERS``) are checked the same way at the end of the file (exactness
+with packed documents, bytes equal to the formula and the same at L and 2L).
+
 Adding an entry to the registry adds it here; nothing in this file names a primitive.
 """
 
@@ -26,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from seqpar.attention.registry import ATTENTIONS, head_split_degree
+from seqpar.attention.registry import ATTENTIONS, MIXERS, head_split_degree
 from seqpar.comm import ByteCounter, group_size
 from seqpar.kernels.reference import rel_err
 from seqpar.sharding import shard
@@ -259,14 +262,14 @@ def conformance(rank, world, group, names, setup_group=None) -> dict:
     return {"specs": out, "fallbacks": fallback_counts()}
 
 
-def _all_worlds(rank, world, group, names) -> dict:
+def _all_worlds(rank, world, group, names, run=conformance) -> dict:
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
     trio, solo = dist.new_group([0, 1, 2]), dist.new_group([3])
-    found = {4: conformance(rank, 4, group, names), 2: conformance(rank % 2, 2, pairs[rank // 2], names)}
+    found = {4: run(rank, 4, group, names), 2: run(rank % 2, 2, pairs[rank // 2], names)}
     if rank < 3:
-        found[3] = conformance(rank, 3, trio, names)
+        found[3] = run(rank, 3, trio, names)
     else:
-        found[1] = conformance(0, 1, None, names, setup_group=solo)
+        found[1] = run(0, 1, None, names, setup_group=solo)
     return found
 
 
@@ -393,3 +396,65 @@ def test_a_registered_primitive_is_picked_up(monkeypatch):
 
 def _one_byte(*args, **kwargs) -> tuple[int, int]:
     return 1, 1
+
+
+# ----------------------------------------------------------------------------------------- token mixers
+# The hybrid models' token mixers (``registry.MIXERS``: the gated delta rule, the short conv), at W = 4, 2, 3, 1
+# in one spawn: output and the gradient of every input (parameters summed over the group) vs the float64
+# reference of the rounded inputs, with packed documents; bytes equal the formula and do not grow with L.
+
+# (case, dtype, packed documents, length multiple); bfloat16 inputs, float32 states: 8-bit mantissas
+MIXER_CASES = (("f64", F64, False, 1), ("f64-docs", F64, True, 1), ("f64-2L", F64, False, 2), ("f32", F32, False, 1),
+               ("bf16", BF16, False, 1))
+
+
+def _mixer_case(name, world, group, dtype, docs, scale, seed) -> dict:
+    spec = MIXERS[name]
+    L = N_LOCAL * world * scale
+    tensors, dims, kwargs, out_dim = spec.load("example")(L, dtype, torch.Generator().manual_seed(seed))
+    cu = _cu(world) if docs else None
+    mine = lambda t, d: t if d is None else shard(t, group=group, dim=d, layout="contiguous")  # noqa: E731
+    local = [mine(t, d).detach().clone().requires_grad_() for t, d in zip(tensors, dims)]
+    with ByteCounter() as fwd:
+        out = spec.load()(*local, group=group, cu_seqlens=cu, **kwargs)
+    shape = list(out.shape)
+    shape[out_dim] *= group_size(group)
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=F64)
+    with ByteCounter() as bwd:
+        out.backward(mine(dout, out_dim).to(dtype))
+    ref_in = [t.to(F64, copy=True).requires_grad_() for t in tensors]
+    ref = spec.load("reference")(*ref_in, cu_seqlens=cu, **kwargs)
+    ref.backward(dout)
+    errors = {"out": rel_err(out, mine(ref.detach(), out_dim))}
+    for i, (t, r, d) in enumerate(zip(local, ref_in, dims)):
+        grad = t.grad.detach().clone()
+        if d is None and group is not None:  # a replicated parameter: each rank holds its tokens' share
+            dist.all_reduce(grad, group=group)
+        errors[f"d{i}"] = rel_err(grad, mine(r.grad, d))
+    formula = spec.load("comm_bytes")(*local, group=group, **kwargs)
+    return {"errors": errors, "bytes": ((fwd.sent, bwd.sent), tuple(formula))}
+
+
+def mixer_conformance(rank, world, group, names, setup_group=None) -> dict:
+    return {name: {case: _mixer_case(name, world, group, dtype, docs, scale, seed=i)
+                   for i, (case, dtype, docs, scale) in enumerate(MIXER_CASES)} for name in names}
+
+
+@pytest.fixture(scope="module")
+def mixer_worlds() -> dict[int, list[dict]]:
+    per_rank = run_ranks(_all_worlds, 4, args=(tuple(MIXERS), mixer_conformance), timeout=400)
+    return {w: [r[w] for r in per_rank if w in r] for w in (1, 2, 3, 4)}
+
+
+@pytest.mark.parametrize("name", tuple(MIXERS))
+def test_mixers_match_float64_reference_and_bytes(mixer_worlds, name):
+    tol = {case: TOL[dtype] for case, dtype, *_ in MIXER_CASES}
+    for world, results in mixer_worlds.items():
+        for r in results:
+            for case, found in r[name].items():
+                worst = max(found["errors"].values())
+                assert worst <= tol[case], (name, world, case, found["errors"])
+                assert found["bytes"][0] == found["bytes"][1], (name, world, case, found["bytes"])
+            # the maps and the halo do not grow with the sequence: the same bytes at L and 2L
+            assert r[name]["f64"]["bytes"] == r[name]["f64-2L"]["bytes"], (name, world)
+            assert (sum(r[name]["f64"]["bytes"][0]) > 0) == (world > 1), (name, world)  # engaged across ranks

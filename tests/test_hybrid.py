@@ -2,11 +2,13 @@
 (Lightning Attention), patched in place, exact at SP = 1..4, packed and unpacked.
 
 The chain of references: seqpar's chunked gated delta rule and short conv equal float64 token-by-token
-recurrences (``seqpar.kernels.reference``) on one device and on W ranks (outputs and every input gradient);
+recurrences (``seqpar.kernels.reference``) on one device (here) and on W ranks (outputs and every input gradient,
+bytes: tests/test_conformance.py, from ``registry.MIXERS``);
 each model patched on W ranks equals the same model patched on one process on the whole sequence (float64,
 loss and every parameter gradient summed over SP, rel 1e-9); that one-process run equals the unpatched model
 (to float32 rounding: transformers' own delta rule computes in float32 whatever the model dtype, and
-every RMSNorm casts to float32); float32 SP runs equal the unpatched model (1e-5). Zeroing the cross-rank entry
+every RMSNorm casts to float32); float32 SP runs equal the unpatched model (1e-5); bfloat16 SP runs are within
+2e-3 of the float32 loss and within 3x of what bfloat16 costs the unpatched model. Zeroing the cross-rank entry
 state or the conv halo changes the loss (the exchange is engaged).
 """
 
@@ -125,6 +127,13 @@ def _cases(rank: int, world: int, group) -> dict:
             got = _run(model, group, False)
             out[model_type, "f32 loss"] = abs(got[0] - ref[0]) / ref[0]
             out[model_type, "f32"] = _err(got, ref)
+            # bfloat16 weights (states and sums stay float32): the loss at SP = 2 against the float32 model,
+            # and what bfloat16 costs the unpatched model on one process (measured <= 6.1e-4 and 7.7e-4)
+            half = _run(_model(model_type, torch.float32).to(torch.bfloat16), None, False)
+            out[model_type, "bf16 unpatched"] = abs(half[0] - ref[0]) / ref[0]
+            model = _model(model_type, torch.float32).to(torch.bfloat16)
+            patch_model(model, "ring", group)
+            out[model_type, "bf16"] = abs(_run(model, group, False)[0] - ref[0]) / ref[0]
     return out
 
 
@@ -144,6 +153,11 @@ def test_hybrids_are_exact_on_w_ranks(multi, world):
             assert err <= 1e-5, (world, key, err)
         elif key[-1] == "f32":  # gradients: the sweep's float32 bound (the delta rule's solve amplifies 1e-7)
             assert err <= 2e-3, (world, key, err)
+        elif key[-1] == "bf16":  # bfloat16 at SP = 2: 2e-3 of the float32 loss, and no worse than 3x (plus
+            # 1e-4) what bfloat16 costs the unpatched model on one process
+            assert err <= min(2e-3, 3 * ranks[0][key[0], "bf16 unpatched"] + 1e-4), (world, key, err)
+        elif key[-1] == "bf16 unpatched":
+            continue
         else:  # state or halo forced to zero: the result moves far beyond rounding
             assert err >= 1e-4, (world, key, err)
     assert {k[0] for k in ranks[0] if k[-1] == "no state"} == {*GDN, "minimax"}
@@ -212,64 +226,6 @@ def test_gated_delta_and_conv_kernels_equal_the_token_recurrence():
     hf, _ = torch_chunk_gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float(),
                                          use_qk_l2norm_in_kernel=True)
     assert (hf.double() - gated_delta_reference(q, k, v, g, beta)).abs().max() < 1e-5
-
-
-def _primitives(rank: int, world: int, group) -> dict:
-    """Outputs and every input gradient of the two primitives on W ranks vs the float64 references."""
-    from seqpar.attention.gated_delta import gated_delta_bytes, gated_delta_rule
-    from seqpar.attention.short_conv import causal_conv1d, causal_conv1d_bytes
-    from seqpar.comm import ByteCounter
-    from seqpar.kernels.reference import causal_conv_reference, gated_delta_reference
-    from seqpar.sharding import shard
-
-    def part(t, dim=1):
-        return shard(t.detach(), group=group, dim=dim, layout="contiguous")
-
-    res = {}
-    for name, cu in (("plain", None), ("packed", torch.tensor([0, 5, 5, 29, 31, 60]))):
-        torch.manual_seed(0)
-        q, k = torch.randn(2, 2, 60, 2, 8, dtype=torch.float64).unbind(0)
-        v = torch.randn(2, 60, 4, 8, dtype=torch.float64)
-        g, beta = -torch.rand(2, 60, 4, dtype=torch.float64), torch.rand(2, 60, 4, dtype=torch.float64)
-        inputs = [t.requires_grad_() for t in (q, k, v, g, beta)]
-        dout = torch.randn(2, 60, 4, 8, dtype=torch.float64)
-        ref = gated_delta_reference(*inputs, cu_seqlens=cu)
-        ref_grads = torch.autograd.grad((ref * dout).sum(), inputs)
-        local = [part(t).requires_grad_() for t in inputs]
-        with ByteCounter() as counted:
-            out = gated_delta_rule(*local, group=group, cu_seqlens=cu, chunk_size=8)
-            (out * part(dout)).sum().backward()
-        res[name, "delta"] = max([(out - part(ref)).abs().max().item()]
-                                 + [(t.grad - part(r)).abs().max().item() for t, r in zip(local, ref_grads)])
-        res[name, "bytes"] = (counted.sent, sum(gated_delta_bytes(*local, group=group)))
-        x = torch.randn(2, 12, 60, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(12, dtype=torch.float64, requires_grad=True)
-        dy = torch.randn(2, 12, 60, dtype=torch.float64)
-        yr = causal_conv_reference(x, w, b, cu_seqlens=cu)
-        gx, gw, gb = torch.autograd.grad((yr * dy).sum(), (x, w, b))
-        xl = part(x, 2).requires_grad_()
-        wl, bl = (t.detach().clone().requires_grad_() for t in (w, b))
-        with ByteCounter() as counted:
-            y = causal_conv1d(xl, wl, bl, "silu", group=group, cu_seqlens=cu)
-            (y * part(dy, 2)).sum().backward()
-        res[name, "conv bytes"] = (counted.sent, sum(causal_conv1d_bytes(xl, wl, group=group)))
-        for grad in (wl.grad, bl.grad):
-            dist.all_reduce(grad, group=group)
-        res[name, "conv"] = max((y - part(yr, 2)).abs().max().item(), (xl.grad - part(gx, 2)).abs().max().item(),
-                                (wl.grad - gw).abs().max().item(), (bl.grad - gb).abs().max().item())
-    return res
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_primitives_match_the_references_on_w_ranks(world):
-    for r in run_ranks(_primitives, world, timeout=300):
-        for key, value in r.items():
-            if key[1].endswith("bytes"):
-                sent, formula = value
-                assert sent == formula, (world, key, value)  # the docstring's bytes, independent of L
-            else:
-                assert value < 1e-12, (world, key, value)
 
 
 def _refusals(rank: int, world: int, group) -> dict:

@@ -31,8 +31,8 @@ The backward allocates one set of input gradients (q, k, v-sized, in the accumul
 segment's autograd graph at a time (``seqpar.kernels.delta``). Measured (``seqpar bench hybrid``, L = 32k,
 N = 2, H = 8, D = 64, float32; 1 unit = 32 MiB): 358 MiB per rank (11 units: inputs, output, its gradient,
 input gradients 8, states, one segment's graph and the process's allocator slack), against 1584 MiB (49 units)
-with autograd through the widened pass before 0.3 (it kept every chunk's intermediates, O^M, the widened
-values and two sets of gradients), and 636 MiB for one process on the whole sequence (0.56x).
+with autograd through the widened pass before this recomputing backward (it kept every chunk's intermediates,
+O^M, the widened values and two sets of gradients), and 636 MiB for one process on the whole sequence (0.56x).
 
 Bytes per call, per rank: ``gated_delta_bytes`` (``affine_maps.entry_state_bytes``): forward
 (N-1)·B·Hv·Dk·(Dk+Dv)·itemsize, backward (N-1)·B·Hv·Dk·Dv·itemsize; independent of L.
@@ -146,3 +146,14 @@ def gated_delta_bytes(q, k, v, *_, group: Group = None, **__) -> tuple[int, int]
     B, _, Hv, Dv = v.shape
     Dk = k.shape[-1]
     return entry_state_bytes((B, Hv, Dk, Dv), Dk, acc_dtype(q.dtype).itemsize, group)
+
+
+def example_inputs(L: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[torch.Tensor], list, dict, int]:
+    """A small call for the registry's conformance tests (``registry.MixerSpec``): GQA (2 q/k heads serve 4 value
+    heads), log decays g <= 0 and β in (0, 1) as Gated DeltaNet makes them; float64 draws rounded to ``dtype``."""
+    B, Hk, Hv, D = 2, 2, 4, 8
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = draw(B, L, Hk, D), draw(B, L, Hk, D), draw(B, L, Hv, D)
+    g = -torch.rand(B, L, Hv, generator=gen, dtype=torch.float64)
+    beta = torch.rand(B, L, Hv, generator=gen, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, g, beta)], [1, 1, 1, 1, 1], {}, 1

@@ -163,6 +163,34 @@ NAMES = tuple(ATTENTIONS)
 VARLEN = tuple(n for n, s in ATTENTIONS.items() if s.varlen)
 
 
+@dataclass(frozen=True)
+class MixerSpec:
+    """A token mixer of the hybrid models that a model seam runs (``seqpar.models.hybrid``, chosen by the family
+    table ``seqpar.models.families``), not an attention a user picks by name. For the conformance tests it names
+    its float64 definition, its bytes formula and an example call: ``example(L, dtype, generator) -> (tensors,
+    dims, kwargs, out_dim)``, where ``dims[i]`` is the sequence dimension of ``tensors[i]`` (None: a parameter,
+    replicated on every rank) and ``out_dim`` the output's. Every primitive takes ``group=`` and
+    ``cu_seqlens=`` (packed documents reset its state) in the contiguous layout."""
+
+    name: str
+    primitive: str  # "module:function", as AttentionSpec
+    reference: str
+    comm_bytes: str
+    example: str
+
+    load = AttentionSpec.load
+
+
+MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
+    MixerSpec("gated_delta", "seqpar.attention.gated_delta:gated_delta_rule",
+              "seqpar.kernels.reference:gated_delta_reference", "seqpar.attention.gated_delta:gated_delta_bytes",
+              "seqpar.attention.gated_delta:example_inputs"),
+    MixerSpec("short_conv", "seqpar.attention.short_conv:causal_conv1d",
+              "seqpar.kernels.reference:causal_conv_reference", "seqpar.attention.short_conv:causal_conv1d_bytes",
+              "seqpar.attention.short_conv:example_inputs"),
+)}
+
+
 def get_spec(name: str) -> AttentionSpec:
     if name not in ATTENTIONS:
         raise ValueError(f"attention={name!r} is not a seqpar attention: use one of {NAMES}")

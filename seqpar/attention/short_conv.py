@@ -80,8 +80,15 @@ def causal_conv1d(
     return (F.silu(y) if activation is not None else y).to(dtype)
 
 
-def causal_conv1d_bytes(x: torch.Tensor, weight: torch.Tensor, *, group: Group = None, **_) -> tuple[int, int]:
+def causal_conv1d_bytes(x: torch.Tensor, weight: torch.Tensor, *_, group: Group = None, **__) -> tuple[int, int]:
     """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
     N, rank = group_size(group), group_rank(group)
     h = x.shape[0] * x.shape[1] * (weight.shape[-1] - 1) * weight.element_size()
     return (h if rank < N - 1 else 0), (h if rank > 0 else 0)
+
+
+def example_inputs(L: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[torch.Tensor], list, dict, int]:
+    """A small call for the registry's conformance tests (``registry.MixerSpec``): ``x [2, 12, L]`` (sequence
+    last, as transformers' ``causal_conv1d_fn``), a kernel of 4 and a bias (replicated parameters), SiLU."""
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    return [draw(2, 12, L), draw(12, 4), draw(12)], [2, None, None], {"activation": "silu"}, 2
