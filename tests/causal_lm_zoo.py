@@ -36,7 +36,7 @@ _SET = {  # attribute -> tiny value, applied wherever the config (or a sub-confi
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 16,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16, "state_size": 8, "ssm_state_size": 8, "mamba_d_state": 8,
-    "mamba_n_heads": 4, "mamba_head_dim": 16, "mamba_d_head": 16, "mamba_expand": 2, "expand": 2,
+    "mamba_n_heads": 4, "mamba_head_dim": 16, "mamba_d_head": 16, "mamba_expand": 2, "expand": 2, "mamba_d_ssm": 128,
     "n_groups": 1, "mamba_n_groups": 1, "time_step_rank": 8, "mamba_dt_rank": 8,
     "lru_width": 64, "attention_window_size": 4096, "block_size": 16, "chunk_size": 16,
     "encoder_layers": 2, "decoder_layers": 2, "first_k_dense_replace": 1,

@@ -401,19 +401,27 @@ def _one_byte(*args, **kwargs) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------- token mixers
 # The hybrid models' token mixers (``registry.MIXERS``: the gated delta rule, the short conv), at W = 4, 2, 3, 1
 # in one spawn: output and the gradient of every input (parameters summed over the group) vs the float64
-# reference of the rounded inputs, with packed documents; bytes equal the formula and do not grow with L.
+# reference of the rounded inputs, with packed documents, in each layout the entry lists (zigzag: two pieces
+# of N_LOCAL/2 tokens per rank); bytes equal the formula and do not grow with L.
 
-# (case, dtype, packed documents, length multiple); bfloat16 inputs, float32 states: 8-bit mantissas
-MIXER_CASES = (("f64", F64, False, 1), ("f64-docs", F64, True, 1), ("f64-2L", F64, False, 2), ("f32", F32, False, 1),
-               ("bf16", BF16, False, 1))
+# (case, dtype, packed documents, length multiple, layout); bfloat16 inputs, float32 states: 8-bit mantissas
+MIXER_CASES = (("f64", F64, False, 1, "contiguous"), ("f64-docs", F64, True, 1, "contiguous"),
+               ("f64-2L", F64, False, 2, "contiguous"), ("f32", F32, False, 1, "contiguous"),
+               ("bf16", BF16, False, 1, "contiguous"), ("f64-zigzag", F64, False, 1, "zigzag"),
+               ("f64-docs-zigzag", F64, True, 1, "zigzag"), ("f64-2L-zigzag", F64, False, 2, "zigzag"))
 
 
-def _mixer_case(name, world, group, dtype, docs, scale, seed) -> dict:
+def _mixer_case(name, world, group, dtype, docs, scale, seed, layout) -> dict:
     spec = MIXERS[name]
     L = N_LOCAL * world * scale
     tensors, dims, kwargs, out_dim = spec.load("example")(L, dtype, torch.Generator().manual_seed(seed))
-    cu = _cu(world) if docs else None
-    mine = lambda t, d: t if d is None else shard(t, group=group, dim=d, layout="contiguous")  # noqa: E731
+    # zigzag: a document also starts exactly at a chunk edge (N_LOCAL/2: chunk 1 at any W), so a piece begins
+    # with a document start (M = 0, halo masked)
+    cu = None if not docs else _cu(world) if layout == "contiguous" else \
+        torch.tensor(sorted([*_cu(world).tolist(), N_LOCAL // 2]))
+    if layout != "contiguous":
+        kwargs = {**kwargs, "layout": layout}
+    mine = lambda t, d: t if d is None else shard(t, group=group, dim=d, layout=layout)  # noqa: E731
     local = [mine(t, d).detach().clone().requires_grad_() for t, d in zip(tensors, dims)]
     with ByteCounter() as fwd:
         out = spec.load()(*local, group=group, cu_seqlens=cu, **kwargs)
@@ -423,7 +431,7 @@ def _mixer_case(name, world, group, dtype, docs, scale, seed) -> dict:
     with ByteCounter() as bwd:
         out.backward(mine(dout, out_dim).to(dtype))
     ref_in = [t.to(F64, copy=True).requires_grad_() for t in tensors]
-    ref = spec.load("reference")(*ref_in, cu_seqlens=cu, **kwargs)
+    ref = spec.load("reference")(*ref_in, cu_seqlens=cu, **{k: v for k, v in kwargs.items() if k != "layout"})
     ref.backward(dout)
     errors = {"out": rel_err(out, mine(ref.detach(), out_dim))}
     for i, (t, r, d) in enumerate(zip(local, ref_in, dims)):
@@ -436,8 +444,9 @@ def _mixer_case(name, world, group, dtype, docs, scale, seed) -> dict:
 
 
 def mixer_conformance(rank, world, group, names, setup_group=None) -> dict:
-    return {name: {case: _mixer_case(name, world, group, dtype, docs, scale, seed=i)
-                   for i, (case, dtype, docs, scale) in enumerate(MIXER_CASES)} for name in names}
+    return {name: {case: _mixer_case(name, world, group, dtype, docs, scale, i, layout)
+                   for i, (case, dtype, docs, scale, layout) in enumerate(MIXER_CASES)
+                   if layout in MIXERS[name].layouts} for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -456,5 +465,8 @@ def test_mixers_match_float64_reference_and_bytes(mixer_worlds, name):
                 assert worst <= tol[case], (name, world, case, found["errors"])
                 assert found["bytes"][0] == found["bytes"][1], (name, world, case, found["bytes"])
             # the maps and the halo do not grow with the sequence: the same bytes at L and 2L
-            assert r[name]["f64"]["bytes"] == r[name]["f64-2L"]["bytes"], (name, world)
-            assert (sum(r[name]["f64"]["bytes"][0]) > 0) == (world > 1), (name, world)  # engaged across ranks
+            for plain, longer in (("f64", "f64-2L"), ("f64-zigzag", "f64-2L-zigzag")):
+                if plain in r[name]:
+                    assert r[name][plain]["bytes"] == r[name][longer]["bytes"], (name, world, plain)
+                    assert (sum(r[name][plain]["bytes"][0]) > 0) == (world > 1), (name, world)  # engaged
+        assert ("f64-zigzag" in results[0][name]) == ("zigzag" in MIXERS[name].layouts), name

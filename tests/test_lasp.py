@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -83,11 +84,13 @@ def _byte_checks(rank, world, group) -> dict:
     """Bytes per call for L = 256 and 4096 (B=1, H=2, d=16, float32), forward and backward separately."""
     out = {}
     for L in (256, 4096):
-        for prim in PRIMITIVES:
+        for prim in (*PRIMITIVES, "lasp2-zigzag"):
             for causal in (True, False):
-                q, k, v = (torch.randn(1, L // world, 2, 16).requires_grad_() for _ in range(3))
+                n = L // world if prim in PRIMITIVES else L // (2 * world) * 2  # zigzag: two equal pieces
+                q, k, v = (torch.randn(1, n, 2, 16).requires_grad_() for _ in range(3))
+                fn = PRIMITIVES[prim] if prim in PRIMITIVES else partial(lasp2_linear_attention, layout="zigzag")
                 with ByteCounter() as fwd:
-                    o = PRIMITIVES[prim](q, k, v, group=group, causal=causal, decay=0.99 if causal else None)
+                    o = fn(q, k, v, group=group, causal=causal, decay=0.99 if causal else None)
                 with ByteCounter() as bwd:
                     o.sum().backward()
                 out[(L, prim, causal)] = {
@@ -124,11 +127,12 @@ def _error_checks(rank, world, group) -> dict:
     return msgs
 
 
-def _packed_case(rank, world, group) -> dict:
+def _packed_case(rank, world, group, layout: str = "contiguous", packed: bool = True) -> dict:
     """LASP-2 over packed documents (float64, learned decay, GQA) vs the reference run on each document alone:
-    an empty document, a document starting at a shard edge, documents continuing over one and two ranks."""
+    an empty document, a document starting at a shard edge (and at a zigzag chunk edge: 24 = 2 x 12),
+    documents continuing over one and two ranks. ``packed=False``: one document, the whole sequence."""
     L = N_LOCAL * world
-    cu = torch.tensor([b for b in (0, 5, 5, 24, 29, 80) if b < L] + [L])
+    cu = torch.tensor([b for b in ((0, 5, 5, 24, 29, 80) if packed else (0,)) if b < L] + [L])
     gen = torch.Generator().manual_seed(11)
     full = [torch.randn(2, L, h, 16, generator=gen, dtype=torch.float64) for h in (4, 2, 2)]
     dout = torch.randn(2, L, 4, 16, generator=gen, dtype=torch.float64)
@@ -139,12 +143,13 @@ def _packed_case(rank, world, group) -> dict:
     ref_out = torch.cat([reference(*(t[:, a:b] for t in ref_in), ref_lam, True)
                          for a, b in itertools.pairwise(bounds)], dim=1)
     ref_grads = torch.autograd.grad(ref_out, [*ref_in, ref_lam], dout)
-    local = [shard(t, group=group, layout="contiguous").clone().requires_grad_() for t in full]
-    out = lasp2_linear_attention(*local, group=group, decay=decay, block_size=BLOCK, cu_seqlens=cu)
-    out.backward(shard(dout, group=group, layout="contiguous"))
-    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-    errs = {"out": rel_err(out, ref_out.detach()[:, sl])}
-    errs.update({"d" + name: rel_err(t.grad, g[:, sl]) for name, t, g in zip("qkv", local, ref_grads)})
+    local = [shard(t, group=group, layout=layout).clone().requires_grad_() for t in full]
+    out = lasp2_linear_attention(*local, group=group, decay=decay, block_size=BLOCK,
+                                 cu_seqlens=cu if packed else None, layout=layout)
+    out.backward(shard(dout, group=group, layout=layout))
+    mine = lambda t: shard(t, group=group, layout=layout)  # noqa: E731
+    errs = {"out": rel_err(out, mine(ref_out.detach()))}
+    errs.update({"d" + name: rel_err(t.grad, mine(g)) for name, t, g in zip("qkv", local, ref_grads)})
     errs["dlambda"] = (decay.grad, ref_grads[3])
     return errs
 
@@ -157,6 +162,8 @@ def _all_checks(rank: int, world: int, group) -> dict:
         "rank": rank,
         "cases": [_run_case(rank, world, group, c) for c in CASES],
         "packed": _packed_case(rank, world, group),
+        "zigzag": _packed_case(rank, world, group, "zigzag", packed=False),
+        "zigzag-packed": _packed_case(rank, world, group, "zigzag"),
         "bytes": _byte_checks(rank, world, group),
         "errors": _error_checks(rank, world, group),
     }
@@ -190,11 +197,14 @@ def test_outputs_and_gradients_match_reference(world_results):
     assert not failed, f"W={world}: errors above tolerance {failed}"
 
 
-def test_lasp2_packed_documents_equal_each_document_alone(world_results):
+@pytest.mark.parametrize("case", ["packed", "zigzag", "zigzag-packed"])
+def test_lasp2_packed_documents_equal_each_document_alone(world_results, case):
+    """Contiguous and zigzag shards (two pieces per rank, 2N states folded in global chunk order), with and
+    without packed documents, float64 with a learned decay: outputs, dq, dk, dv and dλ within 1e-12."""
     world, _, results = world_results
-    errs = {name: max(res["packed"][name] for res in results) for name in ("out", "dq", "dk", "dv")}
-    errs["dlambda"] = rel_err(sum(res["packed"]["dlambda"][0] for res in results), results[0]["packed"]["dlambda"][1])
-    assert max(errs.values()) < 1e-12, (world, errs)
+    errs = {name: max(res[case][name] for res in results) for name in ("out", "dq", "dk", "dv")}
+    errs["dlambda"] = rel_err(sum(res[case]["dlambda"][0] for res in results), results[0][case]["dlambda"][1])
+    assert max(errs.values()) < 1e-12, (world, case, errs)
 
 
 def test_bytes_are_the_formula_and_independent_of_length(world_results):
@@ -208,6 +218,10 @@ def test_bytes_are_the_formula_and_independent_of_length(world_results):
                     want = (world - 1) * state
                     op = {"all_gather": want} if world > 1 else {}
                     assert b[(L, "lasp2", causal)][phase] == (want, want, op), (L, causal, phase)
+                    # zigzag, causal: two states per rank (its two pieces); non-causal: one sum, one state
+                    want *= 2 if causal and world > 1 else 1
+                    op = {"all_gather": want} if world > 1 else {}
+                    assert b[(L, "lasp2-zigzag", causal)][phase] == (want, want, op), (L, causal, phase)
             # LASP-1 causal: a serial chain, one state per link (forward rank r -> r+1, backward r+1 -> r)
             first, last = rank == 0, rank == world - 1
             sent, recv = b[(L, "lasp1", True)]["fwd"][:2]

@@ -141,10 +141,11 @@ def test_windows_and_chunks_are_engaged(sweep):
 
 def test_refusals_name_the_module_class(sweep):
     """The hybrids the issue names: the error names the mixer class seqpar does not shard."""
-    for t, name in {"kimi_linear": "KimiLinearDeltaAttention", "mamba2": "Mamba2Mixer",
-                    "nemotron_h": "NemotronHMamba2Mixer", "recurrent_gemma": "RecurrentGemma"}.items():
+    for t, name in {"kimi_linear": "KimiLinearDeltaAttention", "mamba": "MambaMixer", "jamba": "JambaMambaMixer",
+                    "recurrent_gemma": "RecurrentGemma"}.items():
         assert sweep[t]["kind"] == "refused" and name in sweep[t]["why"], (t, sweep[t])
-    for t in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "minimax"):  # LASP-2 hybrids
+    for t in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "minimax",  # LASP-2 hybrids
+              "mamba2", "bamba", "nemotron_h", "falcon_h1", "granitemoehybrid"):  # and the Mamba2 (SSD) ones
         assert sweep[t]["kind"] == "exact", (t, sweep[t])
     for t in ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"):  # learned sinks: exact, and their
         assert sweep[t]["kind"] == "exact", (t, sweep[t])  # gradients reached the sinks (same parameter set)
@@ -196,12 +197,13 @@ def test_unknown_types_injected_mixers_and_router_loss_are_refused():
 
 
 def test_refused_family_runs_unsharded_on_one_device():
-    """The refusals' advice holds: with parallel=None a Mamba2 hybrid (Nemotron-H) patches (its softmax layers
-    run seqpar's local kernel) and equals the unpatched model, loss and every gradient."""
+    """The refusals' advice holds: with parallel=None a refused hybrid (LFM2: short convolutions seqpar does not
+    shard, and softmax attention) patches (its softmax layers run seqpar's local kernel) and equals the unpatched
+    model, loss and every gradient."""
     from seqpar.models import attention_calls, patch_model, shard_batch, sp_cross_entropy, unpatch_model
     from tests.causal_lm_zoo import VOCAB
 
-    model = _tiny("nemotron_h")
+    model = _tiny("lfm2")
     ids = torch.randint(0, VOCAB, (1, L), generator=torch.Generator().manual_seed(5))
     labels = shard_batch({"input_ids": ids}, None, "contiguous")["labels"]
     runs = []

@@ -43,8 +43,9 @@ BAD = [
     (["model.from_config.model_type=kimi_linear"], 2, ["model_type='kimi_linear'", "Kimi Delta", "zero state"]),
     (["model.from_config.model_type=qwen3_next", "attention.name=lasp2"], 2,
      ["attention.name='lasp2'", "model_type='qwen3_next'", "softmax layers", "'allgather' is LASP-2H"]),
-    (["model.from_config.model_type=qwen3_next", "attention.name=ring", "attention.layout=zigzag"], 2,
-     ["attention.layout='zigzag'", "model_type='qwen3_next'", "contiguous"]),
+    # a hybrid runs zigzag (its linear layers fold 2N maps): the length must split into 2N equal chunks
+    (["model.from_config.model_type=qwen3_next", "attention.name=ring", "attention.layout=zigzag",
+      "data.seq_len=510"], 2, ["data.seq_len=510", "zigzag layout", "multiple of 4", "[508, 512]"]),
     (["model.from_config.model_type=mistral", "model.from_config.sliding_window=128"], 2,
      ["attention.name='s2'", "model_type='mistral'", "sliding window of 128 tokens", "data.seq_len=512", "'ring'"]),
     (["model.from_config.model_type=gpt_oss", "model.from_config.num_local_experts=4", "attention.name=rsa",

@@ -29,7 +29,15 @@ earlier rank's document from P, every other from zero; dP is the first piece's (
 document), and the state gradient dM enters the last piece. The decay gradient keeps its formula (the
 exponent t - s of a pair is the same from any origin, and pairs across documents no longer exist).
 
-Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (contiguous layout only;
+Zigzag layout (``layout="zigzag"``, causal; rank r holds chunks r and 2N-1-r of 2N chunks of h = n/2 tokens,
+``seqpar.sharding``): the same with two pieces per rank. Each piece c has its state M_c (of its last document
+part), the 2 states of every rank are all-gathered once ([N, 2] -> global chunk order), and each piece's prefix
+is the fold over the chunks before it, P_c = Σ_{j<c} λ^(h(c-1-j)) M_j (cut by a_j = 0 at document starts,
+as above); piece 2N-1-r's fold passes through this rank's own chunk r. Backward: one all-gather of both pieces'
+dP, then dM_c = Σ_{j>c} λ^(h(j-1-c)) dP_j per piece; the decay gradient sums each piece's share at its global
+positions. Non-causal attention is one sum over all tokens, the same in any layout (one state per rank).
+
+Shapes: ``q [B, L/N, H, Dk]``, ``k [B, L/N, Hkv, Dk]``, ``v [B, L/N, Hkv, Dv]`` (L/N even in zigzag;
 Hkv divides H and k, v are repeated to H heads), ``decay`` None, a float or ``[H]`` in (0, 1] (may require
 grad: d log λ = Σ_t t (q_t·dq_t - k_t·dk_t), this rank's share, to be summed over the group);
 output ``[B, L/N, H, Dv]`` in q's dtype. States travel in float32 (float64 for float64 inputs).
@@ -41,7 +49,8 @@ kernel's backward recomputes it). ``seqpar bench hybrid`` at L = 32k, N = 2, H =
 rank against 602 MiB for one process on the whole sequence (0.51x).
 
 Bytes per call, per rank (itemsize of the state dtype: 4, or 8 for float64):
-forward (N-1)·B·H·Dk·Dv·itemsize sent and received (one all-gather), backward the same; independent of L.
+forward P·(N-1)·B·H·Dk·Dv·itemsize sent and received (one all-gather; P = 2 states per rank for causal
+zigzag, else 1), backward the same; independent of L.
 
 Raises ValueError naming the argument on bad shapes, dtypes, decay or block_size, on every rank
 (lengths that differ across ranks are detected collectively before any other communication).
@@ -51,6 +60,7 @@ from __future__ import annotations
 
 import torch
 
+from seqpar.attention.affine_maps import check_layout, global_order, pieces_per_rank, shard_pieces
 from seqpar.attention.checks import check_linear_args
 from seqpar.comm import Group, all_gather_tensor, check_same_shape, group_rank, group_size
 from seqpar.kernels import acc_dtype
@@ -92,9 +102,10 @@ def suffix_from_grads(grads: torch.Tensor, log_decay: torch.Tensor, n: int, rank
     return G
 
 
-def document_flows(cu_seqlens: torch.Tensor, n: int, world: int) -> tuple[bool, ...]:
-    """Per rank: whether its exit state depends on its entry state (its shard is one piece of a document
-    begun on an earlier rank), from the global boundaries alone (no communication)."""
+def document_flows(cu_seqlens: torch.Tensor | None, n: int, world: int) -> tuple[bool, ...]:
+    """Per chunk of ``n`` tokens among ``world`` (a contiguous shard of rank j; a zigzag chunk of n = L/2N among
+    2N): whether its exit state depends on its entry state (it is one piece of a document begun in an earlier
+    chunk), from the global boundaries alone (no communication)."""
     flows = []
     for j in range(world):
         pieces = local_documents(cu_seqlens, n, world, j)
@@ -102,52 +113,65 @@ def document_flows(cu_seqlens: torch.Tensor, n: int, world: int) -> tuple[bool, 
     return tuple(flows)
 
 
-class _PackedLASP2(torch.autograd.Function):
-    """Causal LASP-2 over packed documents (the module docstring's fold with a_j; one kernel call per piece)."""
+class _PiecewiseLASP2(torch.autograd.Function):
+    """Causal LASP-2 over the pieces of a shard (``affine_maps.shard_pieces``: one contiguous piece, or the two
+    zigzag chunks r and 2N-1-r) and packed documents: the module docstring's fold with a_c, in global chunk
+    order, over all P·N pieces; one kernel call per document part."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, group, block_size, cu_seqlens):
+    def forward(ctx, q, k, v, log_decay, group, block_size, cu_seqlens, layout):
         acc, N, rank, n = acc_dtype(q.dtype), group_size(group), group_rank(group), q.shape[1]
         qh, kh, vh = (heads_first(t, acc) for t in (q, k, v))
-        docs = local_documents(cu_seqlens, n, N, rank)
-        pieces, flows = [slice(a, b) for a, b, _ in docs], document_flows(cu_seqlens, n, N)
-        cont = docs[0][2] < rank * n  # the first piece continues an earlier rank's document: it runs from P
-        M = chunk_state(kh[:, :, pieces[-1]], vh[:, :, pieces[-1]], log_decay)  # = the shard's if flows[rank]
-        states = all_gather_tensor(M, group).view(N, *M.shape)
-        P = prefix_from_states(states, log_decay, n, rank, flows)
+        pieces = shard_pieces(n, N, rank, layout, cu_seqlens)
+        size, order = pieces[0].end - pieces[0].start, global_order(N, layout)
+        flows = document_flows(cu_seqlens, size, len(order))
+        parts = [[slice(a, b) for a, b, _ in pc.docs] for pc in pieces]
+        # each piece's state from zero of its last document part (= the piece's M_c where flows[c])
+        M = torch.stack([chunk_state(kh[:, :, ps[-1]], vh[:, :, ps[-1]], log_decay) for ps in parts])
+        states = all_gather_tensor(M, group).view(len(order), *M.shape[1:])[order]  # global chunk order
+        P = [prefix_from_states(states, log_decay, size, pc.chunk, flows) for pc in pieces]
         out = q.new_empty(*q.shape[:3], v.shape[3])
-        for i, sl in enumerate(pieces):
-            o = linear_attention_fwd(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], log_decay, block_size,
-                                     prefix=P if i == 0 and cont else None)
-            out[:, sl] = o.transpose(1, 2)
-        ctx.save_for_backward(q, k, v, log_decay, P)
-        ctx.group, ctx.block_size, ctx.pieces, ctx.flows, ctx.cont = group, block_size, pieces, flows, cont
+        for pc, ps, prefix in zip(pieces, parts, P):
+            for i, sl in enumerate(ps):
+                o = linear_attention_fwd(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], log_decay, block_size,
+                                         prefix=prefix if i == 0 and pc.cont else None)
+                out[:, sl] = o.transpose(1, 2)
+        ctx.save_for_backward(q, k, v, log_decay, torch.stack(P))
+        ctx.group, ctx.block_size, ctx.pieces, ctx.parts, ctx.flows, ctx.layout = (group, block_size, pieces, parts,
+                                                                                  flows, layout)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, log_decay, P = ctx.saved_tensors
-        group, acc, pieces, cont = ctx.group, P.dtype, ctx.pieces, ctx.cont
-        N, rank, n = group_size(group), group_rank(group), q.shape[1]
+        group, acc, pieces, parts = ctx.group, P.dtype, ctx.pieces, ctx.parts
         qh, kh, vh, doh = (heads_first(t, acc) for t in (q, k, v, dout))
-        first = pieces[0]
-        G0, dP = run_state_grads(qh[:, :, first], doh[:, :, first], log_decay, ctx.block_size)
-        if not cont:  # a document starts on this shard: its outputs do not read P (the gather still runs)
-            dP = torch.zeros_like(dP)
-        grads = all_gather_tensor(dP, group).view(N, *dP.shape)
-        dM = suffix_from_grads(grads, log_decay, n, rank, ctx.flows)
+        size, order = pieces[0].end - pieces[0].start, global_order(group_size(group), ctx.layout)
+        G0, dP = [], []
+        for pc, ps in zip(pieces, parts):  # dP: what the first part's outputs give the piece's entry state
+            G, d = run_state_grads(qh[:, :, ps[0]], doh[:, :, ps[0]], log_decay, ctx.block_size)
+            G0.append(G)
+            dP.append(d if pc.cont else torch.zeros_like(d))  # a document starts here: its outputs skip P
+        dP = torch.stack(dP)
+        grads = all_gather_tensor(dP, group).view(len(order), *dP.shape[1:])[order]  # global chunk order
         dq, dk, dv = (torch.empty(*t.shape[:3], t.shape[3], dtype=acc, device=t.device).transpose(1, 2)
                       for t in (q, k, v))
-        for i, sl in enumerate(pieces):
-            G = G0 if i == 0 else run_state_grads(qh[:, :, sl], doh[:, :, sl], log_decay, ctx.block_size)[0]
-            parts = linear_attention_bwd(doh[:, :, sl], qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], log_decay,
-                                         ctx.block_size, prefix=P if i == 0 and cont else None,
-                                         final_grad=dM if i == len(pieces) - 1 else None, run_grads=G)
-            for buf, part in zip((dq, dk, dv), parts):
-                buf[:, :, sl] = part
-        d_log_decay = decay_grad(qh, dq, kh, dk, rank * n) if ctx.needs_input_grad[3] else None
+        d_log_decay = None
+        for j, (pc, ps) in enumerate(zip(pieces, parts)):
+            dM = suffix_from_grads(grads, log_decay, size, pc.chunk, ctx.flows)
+            for i, sl in enumerate(ps):
+                G = G0[j] if i == 0 else run_state_grads(qh[:, :, sl], doh[:, :, sl], log_decay, ctx.block_size)[0]
+                got = linear_attention_bwd(doh[:, :, sl], qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], log_decay,
+                                           ctx.block_size, prefix=P[j] if i == 0 and pc.cont else None,
+                                           final_grad=dM if i == len(ps) - 1 else None, run_grads=G)
+                for buf, part in zip((dq, dk, dv), got):
+                    buf[:, :, sl] = part
+            if ctx.needs_input_grad[3]:  # this piece's share at its global positions
+                sl = slice(pc.start, pc.end)
+                share = decay_grad(qh[:, :, sl], dq[:, :, sl], kh[:, :, sl], dk[:, :, sl], pc.origin)
+                d_log_decay = share if d_log_decay is None else d_log_decay + share
         grads_out = (g.transpose(1, 2).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
-        return (*grads_out, d_log_decay, None, None, None)
+        return (*grads_out, d_log_decay, None, None, None, None)
 
 
 class _LASP2(torch.autograd.Function):
@@ -205,11 +229,14 @@ def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_s
     return k, v, log_decay
 
 
-def lasp2_bytes(q, k, v, *, group: Group = None, **_) -> tuple[int, int]:
+def lasp2_bytes(q, k, v, *, group: Group = None, causal: bool = True, layout: str = "contiguous",
+                **_) -> tuple[int, int]:
     """(forward, backward) bytes this rank sends in one call: the module docstring's formula."""
     B, _, H, Dk = q.shape
-    state = B * H * Dk * v.shape[3] * acc_dtype(q.dtype).itemsize
-    return (group_size(group) - 1) * state, (group_size(group) - 1) * state
+    N = group_size(group)
+    pieces = pieces_per_rank(layout, N) if causal else 1
+    state = pieces * B * H * Dk * v.shape[3] * acc_dtype(q.dtype).itemsize
+    return (N - 1) * state, (N - 1) * state
 
 
 def lasp2_linear_attention(
@@ -222,12 +249,13 @@ def lasp2_linear_attention(
     causal: bool = True,
     block_size: int = DEFAULT_LINEAR_BLOCK,
     cu_seqlens: torch.Tensor | None = None,
+    layout: str = "contiguous",
 ) -> torch.Tensor:
-    """Exact linear attention over the whole sequence from this rank's contiguous shard (LASP-2).
+    """Exact linear attention over the whole sequence from this rank's shard (LASP-2).
 
     Args:
-        q, k, v: this rank's shard ``[B, L/N, H(kv), D]`` of a sequence laid out contiguously
-            (``seqpar.sharding.shard(x, layout="contiguous")``).
+        q, k, v: this rank's shard ``[B, L/N, H(kv), D]`` of a sequence laid out as ``layout``
+            (``seqpar.sharding.shard(x, layout=layout)``).
         group: the SP process group (None = one device).
         decay: per-head λ in (0, 1] (None = 1, no decay); only with ``causal=True``. A tensor that requires
             grad gets this rank's share of its gradient (sum it over the group, like the projections').
@@ -235,15 +263,18 @@ def lasp2_linear_attention(
         block_size: tokens per intra-chunk block (memory O(L/N · block_size) per head).
         cu_seqlens: global document boundaries of a packed sequence (``seqpar.models.shard_batch``; causal
             only): the state resets at every document start. None: one document.
+        layout: ``"contiguous"`` or ``"zigzag"`` (causal: two pieces per rank, 2N states gathered; non-causal
+            attention is the same sum in any layout).
 
     Returns:
         ``[B, L/N, H, Dv]``, this rank's shard of the output, in q's dtype.
     """
+    check_layout(layout)
     k, v, log_decay = prepare_linear_inputs(
         q, k, v, group=group, decay=decay, causal=causal, block_size=block_size
     )
-    if cu_seqlens is not None:
-        if not causal:
-            raise ValueError("cu_seqlens with causal=False: packed documents need causal linear attention")
-        return _PackedLASP2.apply(q, k, v, log_decay, group, block_size, cu_seqlens)
+    if cu_seqlens is not None and not causal:
+        raise ValueError("cu_seqlens with causal=False: packed documents need causal linear attention")
+    if causal and (cu_seqlens is not None or pieces_per_rank(layout, group_size(group)) > 1):
+        return _PiecewiseLASP2.apply(q, k, v, log_decay, group, block_size, cu_seqlens, layout)
     return _LASP2.apply(q, k, v, log_decay, group, causal, block_size)

@@ -170,13 +170,15 @@ class MixerSpec:
     its float64 definition, its bytes formula and an example call: ``example(L, dtype, generator) -> (tensors,
     dims, kwargs, out_dim)``, where ``dims[i]`` is the sequence dimension of ``tensors[i]`` (None: a parameter,
     replicated on every rank) and ``out_dim`` the output's. Every primitive takes ``group=`` and
-    ``cu_seqlens=`` (packed documents reset its state) in the contiguous layout."""
+    ``cu_seqlens=`` (packed documents reset its state); those whose ``layouts`` name more than the contiguous
+    layout take ``layout=`` too (as does their bytes formula)."""
 
     name: str
     primitive: str  # "module:function", as AttentionSpec
     reference: str
     comm_bytes: str
     example: str
+    layouts: tuple[str, ...] = ("contiguous",)  # layouts it runs exactly in (``layout=``); the first is the default
 
     load = AttentionSpec.load
 
@@ -184,10 +186,10 @@ class MixerSpec:
 MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
     MixerSpec("gated_delta", "seqpar.attention.gated_delta:gated_delta_rule",
               "seqpar.kernels.reference:gated_delta_reference", "seqpar.attention.gated_delta:gated_delta_bytes",
-              "seqpar.attention.gated_delta:example_inputs"),
+              "seqpar.attention.gated_delta:example_inputs", ("contiguous", "zigzag")),
     MixerSpec("short_conv", "seqpar.attention.short_conv:causal_conv1d",
               "seqpar.kernels.reference:causal_conv_reference", "seqpar.attention.short_conv:causal_conv1d_bytes",
-              "seqpar.attention.short_conv:example_inputs"),
+              "seqpar.attention.short_conv:example_inputs", ("contiguous", "zigzag")),
 )}
 
 

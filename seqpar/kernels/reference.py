@@ -1,6 +1,7 @@
 """Independent single-process float64 references, written from the definitions: dense masked softmax
-attention, the causal linear-attention recurrence with per-head decay, and the S2/SF (LongLoRA, SinkLoRA)
-masks. O(L^2) memory: for checking, never for training.
+attention, the causal linear-attention recurrence with per-head decay, the S2/SF (LongLoRA, SinkLoRA) masks, and
+the hybrid models' token-by-token recurrences (the gated delta rule, the short causal conv, Mamba2's SSD scan).
+O(L^2) memory or a Python loop over tokens: for checking, never for training.
 
 Nothing here uses seqpar's kernels: the tests and ``seqpar demo`` compare seqpar against these.
 """
@@ -155,3 +156,28 @@ def causal_conv_reference(x, weight, bias=None, *, cu_seqlens=None, activation: 
             if s >= 0 and doc[s] == doc[t]:
                 y[:, :, t] += w[:, j] * x[:, :, s]
     return torch.nn.functional.silu(y) if activation in ("silu", "swish") else y
+
+
+def ssd_reference(x, dt, A, B, C, D=None, *, cu_seqlens=None) -> torch.Tensor:
+    """The SSD recurrence token by token in float64, per head h (group g(h) = h // (H / G) for B and C):
+
+        h_t = exp(Δ_t A_h) h_{t-1} + Δ_t x_t B_tᵀ        (state [P, N], reset to 0 at every document start)
+        y_t = h_t C_t + D_h x_t
+
+    ``x [B, L, H, P]``, ``dt [B, L, H]`` (Δ, already softplus'd and clamped), ``A [H]`` (< 0), ``B, C [B, L, G, N]``,
+    ``D [H]`` or None. Returns ``[B, L, H, P]`` in float64; differentiable."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    batch, L, H, P = x.shape
+    rep = H // B.shape[2]
+    B, C = B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)
+    starts = set() if cu_seqlens is None else set(torch.as_tensor(cu_seqlens).tolist())
+    h = x.new_zeros(batch, H, P, B.shape[-1])
+    out = []
+    for t in range(L):
+        if t in starts:
+            h = torch.zeros_like(h)
+        decay = torch.exp(dt[:, t] * A)[..., None, None]  # [B, H, 1, 1]
+        h = decay * h + (dt[:, t, :, None] * x[:, t])[..., :, None] * B[:, t, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", h, C[:, t])
+        out.append(y if D is None else y + D.double()[:, None] * x[:, t])
+    return torch.stack(out, dim=1)

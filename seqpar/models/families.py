@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FAMILIES", "MASK_WINDOWS", "SEAM_LIMITS", "Family", "check_model", "families_markdown", "family_of",
-           "hybrid_model_types", "layout_for", "linear_primitive_refusal", "mask_window", "packing_refusal",
-           "refusal_for_config", "register_family", "shortest_window"]
+__all__ = ["FAMILIES", "MASK_WINDOWS", "SEAM_LAYOUTS", "SEAM_LIMITS", "Family", "check_model", "families_markdown",
+           "family_of", "hybrid_model_types", "layout_for", "linear_primitive_refusal", "mask_window",
+           "packing_refusal", "refusal_for_config", "register_family", "seam_layouts", "shortest_window"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ FAMILIES: list[Family] = [
            "conv1d: `seqpar.attention.short_conv` (halo of K-1 inputs); gated delta rule: "
            "`seqpar.attention.gated_delta` (LASP-2, one all-gather of affine state maps), both through the "
            "modeling module's `causal_conv1d_fn` / `torch_chunk_gated_delta_rule`; softmax layers: "
-           + _REGISTRY_SEAM + "; contiguous layout", loss_terms=_ROUTER,
+           + _REGISTRY_SEAM + "; contiguous or zigzag layout (one for every layer)", loss_terms=_ROUTER,
            linear=(("Qwen3NextGatedDeltaNet", "gated_delta"), ("Qwen3_5GatedDeltaNet", "gated_delta"),
                    ("Qwen3_5MoeGatedDeltaNet", "gated_delta"), ("OlmoHybridGatedDeltaNet", "gated_delta"),
                    ("LaraMiniGatedDeltaNet", "gated_delta"))),
@@ -114,13 +114,20 @@ FAMILIES: list[Family] = [
     Family("Lightning Attention hybrids", ("minimax",), "`MiniMaxLightningAttention` and softmax attention",
            "Lightning Attention: the layer's forward, its block loop replaced by "
            "`seqpar.attention.lasp2.lasp2_linear_attention` (one all-gather of states); softmax layers: "
-           + _REGISTRY_SEAM + "; contiguous layout; packed documents reset the state at each start", loss_terms=_ROUTER,
-           linear=(("MiniMaxLightningAttention", "lightning"),)),
+           + _REGISTRY_SEAM + "; contiguous or zigzag layout (one for every layer); packed documents reset the "
+           "state at each start", loss_terms=_ROUTER, linear=(("MiniMaxLightningAttention", "lightning"),)),
     Family("Kimi Delta Attention hybrids", ("kimi_linear",), "`KimiLinearDeltaAttention` (KDA, short conv) and MLA",
            "-", "its KDA layers would run on each shard from a zero state", _NEXT, _ROUTER),
+    Family("Mamba2 models and hybrids", ("mamba2", "bamba", "nemotron_h", "falcon_h1", "granitemoehybrid"),
+           "Mamba2 mixers (conv1d + SSD scan, gated RMSNorm) and, in hybrids, softmax attention",
+           "Mamba2 mixers: their modeling module's `causal_conv1d_fn` (`seqpar.attention.short_conv`: K-1 halo) and "
+           "`mamba2_chunk_scan` (`seqpar.attention.ssd.ssd_scan`: one all-gather of per-rank affine maps); softmax "
+           "layers: " + _REGISTRY_SEAM + "; contiguous layout; packed documents reset the state and conv history "
+           "at each start", loss_terms=_ROUTER, exempt=("Mamba2Block",),  # Mamba2's block: a norm and the mixer
+           linear=(("Mamba2Mixer", "ssd"), ("BambaMixer", "ssd"), ("NemotronHMamba2Mixer", "ssd"),
+                   ("FalconH1Mixer", "ssd"), ("GraniteMoeHybridMambaLayer", "ssd"))),
     Family("state-space models and Mamba hybrids", (
-        "mamba", "mamba2", "falcon_mamba", "bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h",
-        "zamba", "zamba2"),
+        "mamba", "falcon_mamba", "jamba", "zamba", "zamba2"),
         "Mamba / Mamba2 mixers (conv1d + selective scan) and, in hybrids, softmax attention", "-",
         "its Mamba layers would scan each shard from a zero state and zero conv history", _NEXT, _ROUTER),
     Family("other recurrent and convolutional mixers", (
@@ -197,6 +204,17 @@ def hybrid_model_types() -> tuple[str, ...]:
 # validator before launch, with this reason.
 SEAM_LIMITS: dict[str, str] = {}  # none today (Lightning Attention takes packed documents since issue 22)
 
+# The layouts each seam of ``seqpar.models.hybrid`` runs exactly in (its primitives take ``layout=``); a seam
+# not listed runs the contiguous layout only. A hybrid runs one layout for all its layers: one its seams share.
+SEAM_LAYOUTS: dict[str, tuple[str, ...]] = {"gated_delta": ("contiguous", "zigzag"),
+                                            "lightning": ("contiguous", "zigzag")}
+
+
+def seam_layouts(seams) -> tuple[str, ...]:
+    """The layouts every seam of ``seams`` (``Family.linear`` pairs) runs in, contiguous first."""
+    return tuple(x for x in ("contiguous", "zigzag")
+                 if all(x in SEAM_LAYOUTS.get(s, ("contiguous",)) for _, s in seams))
+
 
 def _typed_layers(layer_type: str, attr: str, kind: str):
     """Rule: ``config.<attr>`` as a ``kind`` ("window" or "chunk") on the layers ``config.layer_types`` marks
@@ -267,15 +285,18 @@ def linear_primitive_refusal(model_type: str | None, fits: tuple[str, ...]) -> s
 
 
 def layout_for(model_type: str | None, layout: str | None) -> str | None:
-    """The layout a model type runs with: a hybrid's linear layers fold states in rank order, so contiguous
-    (``layout`` None or "contiguous"); any other model keeps ``layout`` (None = the primitive's default)."""
+    """The layout a model type runs with: a hybrid's ``layout`` if all its seams run it (``SEAM_LAYOUTS``; its
+    linear layers fold their pieces' states in global chunk order), contiguous for None (the softmax primitive's
+    own default does not apply: one layout serves every layer); any other model keeps ``layout`` (None = the
+    primitive's default)."""
     fam = family_of(model_type)
     if fam is None or not fam.linear:
         return layout
-    if layout not in (None, "contiguous"):
-        raise ValueError(f"layout={layout!r} with model_type={model_type!r}: its linear-attention layers run LASP-2 "
-                         "on contiguous shards; pass layout='contiguous' or leave it None")
-    return "contiguous"
+    fits = seam_layouts(fam.linear)
+    if layout is not None and layout not in fits:
+        raise ValueError(f"layout={layout!r} with model_type={model_type!r}: its linear layers run in the "
+                         f"{' or '.join(fits)} layout only; pass layout={fits[0]!r} or leave it None")
+    return "contiguous" if layout is None else layout
 
 
 def register_family(family: Family) -> None:

@@ -20,6 +20,12 @@ Seams, the narrowest each model offers:
   only the block loop with ``seqpar.attention.lasp2.lasp2_linear_attention`` (decay λ_h = exp(-slope_h), the
   layer's own block size; packed documents reset the state at each document start, on every rank).
 
+Layouts: the whole model runs one layout, the patch's (``patch_model(..., layout=)``, ``families.layout_for``):
+contiguous, or zigzag where every seam of the family runs it (``families.SEAM_LAYOUTS``: both seams above),
+so the softmax layers get their balanced ring and no all-to-all runs between layers. ``install`` hands it to
+the seams, whose primitives fold the maps of the two zigzag pieces per rank in global chunk order and take the
+conv halo of each piece from its chunk's predecessor (``seqpar.attention.affine_maps``, ``short_conv``).
+
 The patched layers run seqpar's kernels on one device too (float64 stays float64, packed documents reset the
 state); a call with a cache or a padding mask there runs the model's own code (generation is
 single-device). Under SP (group size > 1) both are refused, as is anything else a seam does not implement,
@@ -40,6 +46,7 @@ import torch.nn.functional as F
 
 from seqpar import comm
 from seqpar.comm import Group
+from seqpar.models.families import SEAM_LAYOUTS, seam_layouts
 
 _ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("seqpar_linear_layer", default=None)
 _WRAPPED = "_seqpar_dispatch"  # marks a module function already replaced by its dispatcher
@@ -52,19 +59,24 @@ class _Call:
     group: Group
     cu_seqlens: torch.Tensor | None
     layer: str
+    layout: str = "contiguous"  # the patch's layout (``seqpar.sharding``), the same for every layer
 
 
-def install(model: torch.nn.Module, seams: tuple[tuple[str, str], ...], group: Group, calls: Counter) -> int:
-    """Patch every module of ``model`` whose class is named in ``seams`` (class name -> seam); returns how many.
-    Each layer call that runs seqpar's primitive counts once in ``calls`` under the seam's name
-    (``attention_calls``)."""
+def install(model: torch.nn.Module, seams: tuple[tuple[str, str], ...], group: Group, calls: Counter,
+            layout: str = "contiguous") -> int:
+    """Patch every module of ``model`` whose class is named in ``seams`` (class name -> seam) to run in ``layout``
+    (the softmax layers' too); returns how many. Each layer call that runs seqpar's primitive counts once in
+    ``calls`` under the seam's name (``attention_calls``)."""
+    if layout not in seam_layouts(seams):  # patch_model refuses it first (families.layout_for)
+        raise ValueError(f"layout={layout!r}: the linear layers of this model run in {seam_layouts(seams)} only")
     kinds = dict(seams)
     count = 0
     for module in model.modules():
         seam = kinds.get(type(module).__name__)
         if seam is None:
             continue
-        _SEAMS[seam](module, group, calls)
+        extra = {"layout": layout} if seam in SEAM_LAYOUTS else {}  # the seams that take a layout
+        _SEAMS[seam](module, group, calls, **extra)
         count += 1
     return count
 
@@ -95,7 +107,7 @@ def _refuse_unsharded(layer: str, group: Group, cache, attention_mask, kwargs: d
 # ---------------------------------------------------------------------------------------------- gated delta
 
 
-def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
+def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous") -> None:
     mod = sys.modules[type(layer).__module__]
     for name, make in (("causal_conv1d_fn", _conv_dispatcher), ("torch_chunk_gated_delta_rule", _rule_dispatcher)):
         fn = getattr(mod, name, None)
@@ -115,7 +127,7 @@ def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter) -
                 raise ValueError(f"{name}: packed documents (cu_seqlens) with a cache or padding mask: pass one")
             return original(hidden_states, cache, attention_mask, **kwargs)
         calls["gated_delta"] += 1
-        token = _ACTIVE.set(_Call(group, cu, name))
+        token = _ACTIVE.set(_Call(group, cu, name, layout))
         try:
             return original(hidden_states, cache, attention_mask, **kwargs)
         finally:
@@ -146,7 +158,8 @@ def _conv_dispatcher(original):
         if call is None:
             return original(hidden_states, weight, bias, activation, **kwargs)
         _refuse_keywords(call, "causal_conv1d_fn", kwargs)
-        return causal_conv1d(hidden_states, weight, bias, activation, group=call.group, cu_seqlens=call.cu_seqlens)
+        return causal_conv1d(hidden_states, weight, bias, activation, group=call.group, cu_seqlens=call.cu_seqlens,
+                             layout=call.layout)
 
     setattr(dispatch, _WRAPPED, True)
     return dispatch
@@ -168,7 +181,7 @@ def _rule_dispatcher(original):
                              "under seqpar: train with use_cache=False and seqpar's cu_seqlens (shard_batch)")
         _refuse_keywords(call, "torch_chunk_gated_delta_rule", kwargs)
         out = gated_delta_rule(query, key, value, g, beta, group=call.group, cu_seqlens=call.cu_seqlens,
-                               use_qk_l2norm=use_qk_l2norm_in_kernel, chunk_size=chunk_size)
+                               use_qk_l2norm=use_qk_l2norm_in_kernel, chunk_size=chunk_size, layout=call.layout)
         return out, None
 
     setattr(dispatch, _WRAPPED, True)
@@ -178,7 +191,7 @@ def _rule_dispatcher(original):
 # ---------------------------------------------------------------------------------------------- lightning
 
 
-def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
+def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous") -> None:
     original = layer.forward
     name = type(layer).__name__
 
@@ -188,13 +201,13 @@ def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter) -> 
         if _refuse_unsharded(name, group, cache, attention_mask, kwargs):
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         calls["lightning"] += 1
-        return _lightning(layer, hidden_states, group, cu), None
+        return _lightning(layer, hidden_states, group, cu, layout), None
 
     layer.forward, layer._seqpar_linear = forward, "lightning"
 
 
 def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group,
-               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+               cu_seqlens: torch.Tensor | None, layout: str = "contiguous") -> torch.Tensor:
     """MiniMaxLightningAttention.forward without a cache: o_t = Σ_{s<=t} λ^(t-s) (q_t·k_s) v_s per head (s in
     t's document when ``cu_seqlens`` packs several), then the layer's RMSNorm, sigmoid output gate and output
     projection (all per token)."""
@@ -206,10 +219,16 @@ def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group
     q, k, v = torch.split(qkv, D, dim=3)
     decay = torch.exp(-layer.slope_rate.reshape(H).to(torch.float64))
     out = lasp2_linear_attention(q, k, v, group=group, decay=decay, block_size=layer.block_size,
-                                 cu_seqlens=cu_seqlens)
+                                 cu_seqlens=cu_seqlens, layout=layout)
     out = layer.norm(out.reshape(B, n, H * D))
     out = F.sigmoid(layer.output_gate(hidden_states)) * out
     return layer.out_proj(out)
 
 
-_SEAMS = {"gated_delta": _install_gated_delta, "lightning": _install_lightning}
+def _install_ssd(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
+    from seqpar.models.mamba2 import install_ssd  # Mamba2 mixers (its module imports this one)
+
+    install_ssd(layer, group, calls)
+
+
+_SEAMS = {"gated_delta": _install_gated_delta, "lightning": _install_lightning, "ssd": _install_ssd}

@@ -149,7 +149,7 @@ def patch_model(
         raise ValueError(f"attention={attention!r} with {type(pretrained).__name__}, {why}")
     fam = family_of(model_type)
     seams = fam.linear if fam is not None else ()
-    layout = resolve_layout(attention, layout_for(model_type, layout))  # hybrids: contiguous (states fold in order)
+    layout = resolve_layout(attention, layout_for(model_type, layout))  # hybrids: contiguous unless asked (zigzag)
     group = sp_group_of(parallel)
     if comm.group_size(group) > 1:  # only sharding breaks a mixer: the family table refuses here, or not at all
         check_model(pretrained, pretrained.config)
@@ -185,7 +185,7 @@ def patch_model(
             "does not dispatch through transformers' AttentionInterface, so seqpar cannot patch it"
         )
     if seams:
-        hybrid.install(pretrained, seams, group, patch.calls)
+        hybrid.install(pretrained, seams, group, patch.calls, layout)  # the softmax layers' layout, too
     pretrained._seqpar_patch = patch
     return model
 
