@@ -35,16 +35,20 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
+def save_tiny_llama(path, tokenizer: PreTrainedTokenizerFast):
+    """A tiny random Llama (GQA 4:2, 320 positions, seeded) and ``tokenizer`` saved in ``path``; returns it."""
     cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=320,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    byte_level_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), byte_level_tokenizer())
 
 
 @pytest.fixture(scope="module")

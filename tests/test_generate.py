@@ -9,12 +9,12 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seqpar.cli import main
 from seqpar.inference import H2O_ATTENTION, H2OCache, kv_footprint, new_cache
 from seqpar.inference.generate import generate_text, render_prompt
-from tests.test_eval import byte_level_tokenizer
+from tests.test_eval import byte_level_tokenizer, save_tiny_llama
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -24,16 +24,9 @@ PROMPT = "Which module parses command-line options? Answer in one word."
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama (GQA 4:2, 320 positions) with the byte tokenizer and a small chat template."""
-    path = tmp_path_factory.mktemp("tiny_chat")
-    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=320,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok = byte_level_tokenizer()
     tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_chat"), tok)
 
 
 def _load(path, dtype=torch.float64):

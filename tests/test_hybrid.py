@@ -66,13 +66,18 @@ def _run(model, group, packed: bool):
     model.zero_grad(set_to_none=True)
     loss = sp_cross_entropy(model(**sp, use_cache=False).logits, labels, group)
     loss.backward()
+    return loss.item(), summed_grads(model, group)
+
+
+def summed_grads(model, group) -> dict:
+    """Every parameter's gradient summed over the SP group (each rank holds its tokens' share): one all-reduce."""
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     if group is not None and dist.get_world_size(group) > 1:
         flat = torch.cat([g.reshape(-1) for g in grads.values()])
         dist.all_reduce(flat, group=group)
         grads = dict(zip(grads, (f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads.values()]),
                                                               grads.values()))))
-    return loss.item(), grads
+    return grads
 
 
 _F32_IN_MODEL = ("A_log", "norm.weight")  # parameters the models cast with .float() whatever their dtype
@@ -175,18 +180,25 @@ def test_hybrids_are_exact_on_w_ranks(multi, world):
 def test_one_device_patch_equals_the_unpatched_model(model_type):
     """The patched model on one process (seqpar's kernels, packed documents honoured) is the reference above:
     it equals the unpatched model to float32 rounding, and packed documents do change it (resets applied)."""
+    model = _model(model_type, torch.float64)
+    patched = patch_equals_unpatched(model, _run)
+    assert abs(_run(model, None, True)[0] - patched[0]) > 1e-4
+
+
+def patch_equals_unpatched(model, run) -> tuple:
+    """Patch ``model`` on one process ("full") and check that ``run(model, None, False)`` (loss, gradients) equals
+    the unpatched model's to float32 noise (transformers' delta rule and scans are float32; every model's RMSNorm
+    casts to float32, where 1e-16 input differences flip roundings): the loss, and each gradient against the
+    largest gradient's norm. Returns the patched run."""
     from seqpar.models import patch_model
 
-    model = _model(model_type, torch.float64)
-    plain = _run(model, None, False)
+    plain = run(model, None, False)
     patch_model(model, "full", None)
-    patched = _run(model, None, False)
-    # float32 noise (transformers' delta rule is float32; every model's RMSNorm casts to float32, where 1e-16
-    # input differences flip roundings): the loss, and each gradient against the largest gradient's norm
+    patched = run(model, None, False)
     scale = max(g.norm() for g in plain[1].values())
     assert abs(patched[0] - plain[0]) / plain[0] <= 1e-6
     assert max((patched[1][n] - g).norm() / scale for n, g in plain[1].items()) <= 1e-5
-    assert abs(_run(model, None, True)[0] - patched[0]) > 1e-4
+    return patched
 
 
 def test_packed_documents_equal_each_document_alone(model_type="minimax"):

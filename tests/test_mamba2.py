@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_ranks
+from tests.test_hybrid import patch_equals_unpatched, summed_grads
 
 L = 48  # divisible by 1..4; >= 3 conv-history tokens per rank; 16-token chunks cut inside shards at W = 3
 PACKED = torch.tensor([0, 5, 5, 19, 31, L])  # an empty document, boundaries inside and at shard edges (12, 24)
@@ -66,13 +67,7 @@ def _run(model, group, packed: bool, batch_size: int = 2):
     hidden = model.base_model(**sp, use_cache=False).last_hidden_state
     loss = sp_cross_entropy(model.lm_head(hidden), labels, group)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    if group is not None and dist.get_world_size(group) > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads.values()])
-        dist.all_reduce(flat, group=group)
-        grads = dict(zip(grads, (f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads.values()]),
-                                                              grads.values()))))
-    return loss.item(), grads
+    return loss.item(), summed_grads(model, group)
 
 
 _F32_IN_MODEL = ("A_log", "norm.weight", "norm_f.weight", "mixer.gate.weight")
@@ -220,15 +215,10 @@ def test_one_device_patch_equals_the_unpatched_model_and_each_document_alone():
     """The patched model on one process (the reference of the W-rank runs) equals the unpatched model to
     float32 rounding; packed, each document's logits equal the unpatched model on that document alone (no state
     or conv history crosses a document start), and differ from the unpacked run (resets applied)."""
-    from seqpar.models import patch_model, shard_batch, unpatch_model
+    from seqpar.models import shard_batch, unpatch_model
 
     model = _model("mamba2", torch.float64)
-    plain = _run(model, None, False)
-    patch_model(model, "full", None)
-    patched = _run(model, None, False)
-    scale = max(g.norm() for g in plain[1].values())
-    assert abs(patched[0] - plain[0]) / plain[0] <= 1e-6
-    assert max((patched[1][n] - g).norm() / scale for n, g in plain[1].items()) <= 1e-5
+    patch_equals_unpatched(model, _run)
     ids = torch.randint(0, 128, (2, L), generator=torch.Generator().manual_seed(1))
     sp = shard_batch({"input_ids": ids, "cu_seqlens": PACKED}, None, "contiguous")
     sp.pop("labels")
