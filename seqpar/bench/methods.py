@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from seqpar.attention.registry import ATTENTIONS
-from seqpar.comm import group_size
-from seqpar.sharding import shard
+from seqpar.comm import group_rank, group_size
+from seqpar.sharding import global_index
 
 METHODS: dict[str, Callable] = {}
 
@@ -31,15 +31,28 @@ def method(name: str):
 
 
 def _qkv(cfg: dict, group, *, layout: str | None, requires_grad: bool = True):
-    """Full-sequence inputs from a fixed seed, sharded for this rank (``layout=None``: the whole sequence)."""
+    """Full-sequence inputs from a fixed seed, sharded for this rank (``layout=None``: the whole sequence).
+
+    The sequence is drawn in runs of tokens and each rank keeps only its own (``global_index``, in increasing
+    order in both layouts), so a rank never holds the whole q, k, v: the memory rows measure the call, not N
+    copies of the inputs (issue 28). Every rank and the one-process baseline draw the same numbers."""
     g = torch.Generator().manual_seed(0)
     B, L, H, Hkv, D = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     to = {"dtype": getattr(torch, cfg.get("dtype", "float32")), "device": cfg.get("device", "cpu")}
-    q = torch.randn(B, L, H, D, generator=g).to(**to)
-    k, v = (torch.randn(B, L, Hkv, D, generator=g).to(**to) for _ in range(2))
-    if layout is not None:
-        q, k, v = (shard(t, group=group, layout=layout) for t in (q, k, v))
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+    mine = None if layout is None or group_size(group) == 1 else \
+        global_index(L, group_size(group), group_rank(group), layout)
+    run = max(1, L // 16)
+
+    def draw(heads: int) -> torch.Tensor:
+        parts = []
+        for start in range(0, L, run):
+            x = torch.randn(B, min(run, L - start), heads, D, generator=g)
+            if mine is not None:
+                x = x[:, mine[(mine >= start) & (mine < start + run)] - start]
+            parts.append(x.to(**to))
+        return torch.cat(parts, dim=1)
+
+    return [t.requires_grad_(requires_grad) for t in (draw(H), draw(Hkv), draw(Hkv))]
 
 
 def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor], layout: str | None, *, heads_first: bool = False):
