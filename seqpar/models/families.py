@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FAMILIES", "MASK_WINDOWS", "SEAM_LAYOUTS", "SEAM_LIMITS", "Family", "check_model", "families_markdown",
+__all__ = ["FAMILIES", "MASK_WINDOWS", "SEAM_LAYOUTS", "Family", "check_model", "families_markdown",
            "family_of", "hybrid_model_types", "layout_for", "linear_primitive_refusal", "mask_window",
-           "packing_refusal", "refusal_for_config", "register_family", "seam_layouts", "shortest_window"]
+           "refusal_for_config", "register_family", "seam_layouts", "shortest_window"]
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,6 @@ def hybrid_model_types() -> tuple[str, ...]:
     return tuple(t for fam in FAMILIES if fam.linear for t in fam.model_types)
 
 
-# What a seam of ``seqpar.models.hybrid`` does not implement yet: refused by it at run time and by the recipe
-# validator before launch, with this reason.
-SEAM_LIMITS: dict[str, str] = {}  # none today (Lightning Attention takes packed documents since issue 22)
 
 # The layouts each seam of ``seqpar.models.hybrid`` runs exactly in (its primitives take ``layout=``); a seam
 # not listed runs the contiguous layout only. A hybrid runs one layout for all its layers: one its seams share.
@@ -266,12 +263,6 @@ def shortest_window(config) -> tuple[str, int] | None:
         if isinstance(window, int) and window > 0 and (types is None or "sliding_attention" in types):
             found.append(("window", window))
     return min(found, key=lambda w: w[1]) if found else None
-
-
-def packing_refusal(model_type: str | None) -> str | None:
-    """Why packed documents are refused for ``model_type`` (a seam in ``SEAM_LIMITS``), or None."""
-    fam = family_of(model_type)
-    return next((SEAM_LIMITS[s] for _, s in (fam.linear if fam else ()) if s in SEAM_LIMITS), None)
 
 
 def linear_primitive_refusal(model_type: str | None, fits: tuple[str, ...]) -> str | None:

@@ -16,7 +16,6 @@ from seqpar.models.families import (
     hybrid_model_types,
     layout_for,
     linear_primitive_refusal,
-    packing_refusal,
     refusal_for_config,
     shortest_window,
 )
@@ -203,8 +202,6 @@ def _check_model_data(r: Recipe, config: Any, errors: list[str]) -> None:
     elif config is not None and model_type not in (trained := SOFTMAX_MODEL_TYPES + LINEAR_MODEL_TYPES
                                                    + hybrid_model_types()):
         errors.append(f"model.model_type={model_type!r} is not supported: use one of {trained}")
-    if d.pack and (why := packing_refusal(model_type)):
-        errors.append(f"data.pack=true with model_type={model_type!r}: {why}; set data.pack=false")
     if m.from_config is not None and d.tokenizer is None and getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
         errors.append(f"model.from_config.vocab_size={config.vocab_size}: the built-in byte tokenizer needs >= "
                       f"{BYTE_VOCAB}; raise it or set data.tokenizer")
