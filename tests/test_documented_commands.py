@@ -59,6 +59,10 @@ PLAN: dict[str, tuple[str, str]] = {
     "torchrun --nproc_per_node 2 -m seqpar train recipes/hybrid-qwen3next-cpu.yaml":
         ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
     "seqpar train recipes/hybrid-qwen3next-80b-256k.yaml --dry-run --device-memory 80GiB": ("run", ""),
+    "torchrun --nproc_per_node 2 -m seqpar train recipes/hybrid-bamba-cpu.yaml":
+        ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
+    "seqpar train recipes/hybrid-kimi-linear-48b-128k.yaml --dry-run": ("run", ""),
+    "seqpar train recipes/hybrid-bamba-9b-128k.yaml --dry-run": ("run", ""),
     "sbatch --nodes 4 slurm/train.sbatch recipes/hybrid-qwen3next-80b-256k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
     "torchrun --nproc_per_node 2 -m seqpar train recipes/window-gptoss-cpu.yaml":

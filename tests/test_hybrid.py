@@ -1,5 +1,5 @@
-"""Hybrid linear/softmax models under SP: Qwen3-Next, Qwen3.5, OLMo-hybrid (Gated DeltaNet) and MiniMax
-(Lightning Attention), patched in place, exact at SP = 1..4, packed and unpacked.
+"""Hybrid linear/softmax models under SP: Qwen3-Next, Qwen3.5, OLMo-hybrid (Gated DeltaNet), Kimi Linear (Kimi
+Delta Attention, MLA) and MiniMax (Lightning Attention), patched in place, exact at SP = 1..4, packed and unpacked.
 
 The chain of references: seqpar's chunked gated delta rule and short conv equal float64 token-by-token
 recurrences (``seqpar.kernels.reference``) on one device (here) and on W ranks (outputs and every input gradient,
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tests.dist import run_ranks
 
 L = 48  # divisible by 1..4 and 6; >= 3 conv-history tokens per rank
-GDN = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid")
+GDN = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear")  # kimi: KDA
 # an empty document, boundaries inside shards and pieces and at shard edges (24: contiguous at W = 2, 4; a zigzag
 # chunk edge at W = 2, 3, 4)
 PACKED = torch.tensor([0, 5, 5, 19, 24, 31, L])
@@ -80,12 +80,15 @@ def summed_grads(model, group) -> dict:
     return grads
 
 
-_F32_IN_MODEL = ("A_log", "norm.weight")  # parameters the models cast with .float() whatever their dtype
+# parameters the models cast with .float() whatever their dtype (Kimi Linear: its router's float32 logits,
+# mlp.gate.weight, and its forget gate's dt_bias too)
+_F32_IN_MODEL = ("A_log", "norm.weight", "dt_bias", "mlp.gate.weight")
 
 
 def _err(a, b) -> float:
     """Max relative error of the loss and every parameter gradient. Gradients of the parameters the models
-    compute in float32 whatever their dtype (``A_log.float().exp()``, Qwen3's ``1 + weight.float()`` norms)
+    compute in float32 whatever their dtype (``A_log.float().exp()``, Qwen3's ``1 + weight.float()`` norms,
+    Kimi Linear's router and gate bias)
     sum float32 terms, 1e-7 apart between any two summation orders, patched or not: they count at 1e-3 of
     their error (so 1e-6 passes the 1e-9 bound), every other gradient in full."""
     (la, ga), (lb, gb) = a, b
@@ -246,6 +249,21 @@ def test_gated_delta_and_conv_kernels_equal_the_token_recurrence():
     hf, _ = torch_chunk_gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float(),
                                          use_qk_l2norm_in_kernel=True)
     assert (hf.double() - gated_delta_reference(q, k, v, g, beta)).abs().max() < 1e-5
+    # Kimi Delta Attention: a decay per key channel (heads not grouped, as Kimi Linear's), strong enough that
+    # e^{-γ} would overflow float64 over a chunk if the kernel factored it (it takes γ_t - γ_s pairwise)
+    from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
+
+    v = torch.randn(2, 50, 2, 8, dtype=torch.float64)
+    g, beta = -20 * torch.rand(2, 50, 2, 8, dtype=torch.float64), beta[:, :, :2]
+    for cu in (None, torch.tensor([0, 7, 30, 30, 50])):
+        ref = gated_delta_reference(q, k, v, g, beta, cu_seqlens=cu)
+        for chunk in (16, 64):  # one diagonal block per chunk, and blocks below the diagonal (16 tokens each)
+            assert (gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, chunk_size=chunk) - ref).abs().max() < 1e-12
+    hf, _ = chunk_kimi_delta_attention(q.float(), k.float(), v.float(), g.float(), beta.float(),
+                                       use_qk_l2norm_in_kernel=True)
+    ref = gated_delta_reference(q, k, v, g, beta)
+    assert (hf.double() - ref).abs().max() < 1e-5
+    assert (gated_delta_reference(q, k, v, g.mean(-1), beta) - ref).abs().max() > 1e-2  # per channel: engaged
 
 
 def _refusals(rank: int, world: int, group) -> dict:

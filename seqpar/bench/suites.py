@@ -9,7 +9,7 @@ from __future__ import annotations
 
 SHAPE = {"batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 64, "dtype": "float32", "causal": True}
 # Rows every ratio is taken against (one process, the whole sequence): attention and model-level.
-BASELINES = ("single_sdpa", "llama_single", "gdn_single", "lightning_single")
+BASELINES = ("single_sdpa", "llama_single", "gdn_single", "kda_single", "ssd_single", "lightning_single")
 
 
 def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict, baseline: str) -> list[dict]:
@@ -160,10 +160,15 @@ def hybrid(quick: bool) -> list[dict]:
     base = {"batch": 1, "heads": 8, "head_dim": 64, "dtype": "float32"}
     if quick:
         return (_grid({2: ["gdn_lasp2", "gdn_a2a"]}, [128], {**base, "model": "gdn"}, "gdn_single")
+                + _grid({2: ["kda_lasp2"]}, [128], {**base, "model": "kda"}, "kda_single")
+                + _grid({2: ["ssd_lasp2"]}, [128], {**base, "model": "ssd", "d_state": 64}, "ssd_single")
                 + _grid({2: ["lightning_lasp2"]}, [128], {**base, "model": "lightning"}, "lightning_single"))
     lengths = [8192, 16384, 32768, 65536]
     return (_grid({2: ["gdn_lasp2", "gdn_a2a"], 4: ["gdn_lasp2", "gdn_a2a"]}, lengths, {**base, "model": "gdn"},
                   "gdn_single")
+            + _grid({2: ["kda_lasp2"], 4: ["kda_lasp2"]}, lengths, {**base, "model": "kda"}, "kda_single")
+            + _grid({2: ["ssd_lasp2"], 4: ["ssd_lasp2"]}, lengths, {**base, "model": "ssd", "d_state": 64},
+                    "ssd_single")
             + _grid({2: ["lightning_lasp2", "lightning_a2a"], 4: ["lightning_lasp2", "lightning_a2a"]}, lengths,
                     {**base, "model": "lightning", "decay": 0.99}, "lightning_single"))
 

@@ -117,7 +117,9 @@ def gated_delta_reference(q, k, v, g, beta, *, cu_seqlens=None, use_qk_l2norm: b
     """The gated delta rule token by token in float64 (Gated DeltaNet; transformers' decay-first convention):
     S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t / sqrt(Dk), S reset to 0 at every
     document start of ``cu_seqlens``. ``q, k [B, L, Hk, Dk]``, ``v [B, L, Hv, Dv]``, ``g, beta [B, L, Hv]``
-    (Hk divides Hv: each q/k head serves Hv/Hk consecutive value heads). Returns ``[B, L, Hv, Dv]``."""
+    (Hk divides Hv: each q/k head serves Hv/Hk consecutive value heads). A ``g [B, L, Hv, Dk]`` decays each key
+    channel (row of S) on its own: Kimi Delta Attention, S_t = diag(exp g_t) (I - β_t k_t k_tᵀ) S_{t-1} + ...
+    Returns ``[B, L, Hv, Dv]``."""
     q, k, v, g, beta = (t.double() for t in (q, k, v, g, beta))
     B, L, Hv, Dv = v.shape
     rep = Hv // k.shape[2]
@@ -133,7 +135,8 @@ def gated_delta_reference(q, k, v, g, beta, *, cu_seqlens=None, use_qk_l2norm: b
         if t in starts:
             S = torch.zeros_like(S)
         kt, bt = k[:, t], beta[:, t, :, None]  # [B, H, Dk], [B, H, 1]
-        S = g[:, t].exp()[..., None, None] * S  # decay first
+        decay = g[:, t].exp()  # [B, H] or, per key channel, [B, H, Dk]
+        S = (decay[..., None] if g.dim() == 4 else decay[..., None, None]) * S  # decay first
         u = bt * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, kt))  # the delta: what S does not yet predict
         S = S + kt[..., :, None] * u[..., None, :]
         out.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))

@@ -117,7 +117,12 @@ FAMILIES: list[Family] = [
            + _REGISTRY_SEAM + "; contiguous or zigzag layout (one for every layer); packed documents reset the "
            "state at each start", loss_terms=_ROUTER, linear=(("MiniMaxLightningAttention", "lightning"),)),
     Family("Kimi Delta Attention hybrids", ("kimi_linear",), "`KimiLinearDeltaAttention` (KDA, short conv) and MLA",
-           "-", "its KDA layers would run on each shard from a zero state", _NEXT, _ROUTER),
+           "conv1d: `seqpar.attention.short_conv` (halo of K-1 inputs); KDA: `seqpar.attention.gated_delta` with a "
+           "decay per key channel (LASP-2, one all-gather of affine state maps), both through the modeling "
+           "module's `causal_conv1d_forward` / `chunk_kimi_delta_attention`; MLA softmax layers: "
+           + _REGISTRY_SEAM + "; contiguous or zigzag layout (one for every layer)", loss_terms=_ROUTER,
+           exempt=("KimiLinearAttention",),  # MLA (its name matches "LinearAttention"): through the registry
+           linear=(("KimiLinearDeltaAttention", "kimi_delta"),)),
     Family("Mamba2 models and hybrids", ("mamba2", "bamba", "nemotron_h", "falcon_h1", "granitemoehybrid"),
            "Mamba2 mixers (conv1d + SSD scan, gated RMSNorm) and, in hybrids, softmax attention",
            "Mamba2 mixers: their modeling module's `causal_conv1d_fn` (`seqpar.attention.short_conv`: K-1 halo) and "
@@ -204,6 +209,7 @@ def hybrid_model_types() -> tuple[str, ...]:
 # The layouts each seam of ``seqpar.models.hybrid`` runs exactly in (its primitives take ``layout=``); a seam
 # not listed runs the contiguous layout only. A hybrid runs one layout for all its layers: one its seams share.
 SEAM_LAYOUTS: dict[str, tuple[str, ...]] = {"gated_delta": ("contiguous", "zigzag"),
+                                            "kimi_delta": ("contiguous", "zigzag"),
                                             "lightning": ("contiguous", "zigzag")}
 
 

@@ -14,6 +14,10 @@ Seams, the narrowest each model offers:
   layer's forward is running (a context variable set by the layer's instance ``forward``), and the original
   functions otherwise: an unpatched model in the same process is untouched. No model code is copied: the
   projections, gates, norms and output projection are the model's own.
+* ``"kimi_delta"`` (Kimi Linear ``KimiLinearDeltaAttention``): the same, through its modeling module's
+  ``causal_conv1d_forward`` (the conv with its cache argument) and ``chunk_kimi_delta_attention`` (the rule with
+  a decay per key channel, which ``gated_delta_rule`` takes as ``g [B, n, H, Dk]``). Its softmax layers are
+  MLA (``KimiLinearAttention``, no rotary embedding), dispatched through the attention registry.
 * ``"lightning"`` (MiniMax ``MiniMaxLightningAttention``): the recurrence is written inline in the layer's
   forward (no function to wrap), so the seam is the forward itself: seqpar's forward keeps the model's
   projections and modules (``qkv_proj``, ``act_fn``, ``norm``, ``output_gate``, ``out_proj``) and replaces
@@ -107,9 +111,10 @@ def _refuse_unsharded(layer: str, group: Group, cache, attention_mask, kwargs: d
 # ---------------------------------------------------------------------------------------------- gated delta
 
 
-def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous") -> None:
+def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous",
+                         seam: str = "gated_delta") -> None:
     mod = sys.modules[type(layer).__module__]
-    for name, make in (("causal_conv1d_fn", _conv_dispatcher), ("torch_chunk_gated_delta_rule", _rule_dispatcher)):
+    for name, make in _DELTA_FUNCTIONS[seam]:
         fn = getattr(mod, name, None)
         if fn is None:
             raise ValueError(f"{type(layer).__name__}: transformers' {mod.__name__} has no {name}, the seam seqpar "
@@ -126,14 +131,18 @@ def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter, l
             if cu is not None:
                 raise ValueError(f"{name}: packed documents (cu_seqlens) with a cache or padding mask: pass one")
             return original(hidden_states, cache, attention_mask, **kwargs)
-        calls["gated_delta"] += 1
+        calls[seam] += 1
         token = _ACTIVE.set(_Call(group, cu, name, layout))
         try:
             return original(hidden_states, cache, attention_mask, **kwargs)
         finally:
             _ACTIVE.reset(token)
 
-    layer.forward, layer._seqpar_linear = forward, "gated_delta"
+    layer.forward, layer._seqpar_linear = forward, seam
+
+
+def _install_kimi_delta(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous") -> None:
+    _install_gated_delta(layer, group, calls, layout, seam="kimi_delta")
 
 
 # Keywords transformers' layers pass down to the two functions that change nothing in them (the torch fallbacks
@@ -160,6 +169,24 @@ def _conv_dispatcher(original):
         _refuse_keywords(call, "causal_conv1d_fn", kwargs)
         return causal_conv1d(hidden_states, weight, bias, activation, group=call.group, cu_seqlens=call.cu_seqlens,
                              layout=call.layout)
+
+    setattr(dispatch, _WRAPPED, True)
+    return dispatch
+
+
+def _conv_forward_dispatcher(original):
+    """Kimi Linear's ``causal_conv1d_forward(conv1d, x, cache, layer_idx, activation)`` (the cache is refused or
+    left to the model's own code before a patched layer gets here)."""
+    from seqpar.attention.short_conv import causal_conv1d
+
+    @functools.wraps(original)
+    def dispatch(conv1d, hidden_states, cache, layer_idx, activation=None, state_idx=0, **kwargs):
+        call = _ACTIVE.get()
+        if call is None:
+            return original(conv1d, hidden_states, cache, layer_idx, activation, state_idx, **kwargs)
+        _refuse_keywords(call, "causal_conv1d_forward", kwargs)
+        return causal_conv1d(hidden_states, conv1d.weight.squeeze(1), conv1d.bias, activation, group=call.group,
+                             cu_seqlens=call.cu_seqlens, layout=call.layout)
 
     setattr(dispatch, _WRAPPED, True)
     return dispatch
@@ -231,4 +258,12 @@ def _install_ssd(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
     install_ssd(layer, group, calls)
 
 
-_SEAMS = {"gated_delta": _install_gated_delta, "lightning": _install_lightning, "ssd": _install_ssd}
+# The module functions each delta-rule seam wraps: (name in the layer's modeling module, dispatcher maker).
+# Kimi Delta Attention's rule takes the same arguments with a per-key-channel g, which gated_delta_rule reads.
+_DELTA_FUNCTIONS = {
+    "gated_delta": (("causal_conv1d_fn", _conv_dispatcher), ("torch_chunk_gated_delta_rule", _rule_dispatcher)),
+    "kimi_delta": (("causal_conv1d_forward", _conv_forward_dispatcher),
+                   ("chunk_kimi_delta_attention", _rule_dispatcher)),
+}
+_SEAMS = {"gated_delta": _install_gated_delta, "kimi_delta": _install_kimi_delta, "lightning": _install_lightning,
+          "ssd": _install_ssd}
