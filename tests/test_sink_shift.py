@@ -26,18 +26,24 @@ CASES = [  # n = local length; L = n * W; S = None: the default (4)
     dict(name="sinks_fill_rank0", B=1, n=8, H=4, Hkv=2, D=16, G=4, S=8, dtype=f64, scale=0.3),
     dict(name="no_sinks", B=2, n=16, H=4, Hkv=2, D=16, G=8, S=0, dtype=f64),
     dict(name="sinks_in_halo_bf16", B=2, n=8, H=4, Hkv=2, D=16, G=8, S=6, dtype=bf16),
+    # the sink block in runs of 3 query rows (sink_shift.SINK_ROWS, 2048 otherwise): runs cut groups and ranks
+    dict(name="sink_row_runs", B=2, n=16, H=4, Hkv=2, D=16, G=8, S=6, dtype=f64, rows=3),
 ]
 
 
 def _accuracy(world: int, group) -> dict:
-    out = {}
+    import seqpar.attention.sink_shift as sink_shift
+
+    out, rows = {}, sink_shift.SINK_ROWS
     for i, case in enumerate(CASES):
+        sink_shift.SINK_ROWS = case.get("rows", rows)
         kwargs = dict(group_size=case["G"], softmax_scale=case.get("scale"))
         if case["S"] is not None:
             kwargs["num_sink_tokens"] = case["S"]
         S = 4 if case["S"] is None else case["S"]
         mask = s2_mask(case["n"] * world, case["H"], case["G"], num_sink_tokens=S)
         out[case["name"]] = run_case(sink_shift_attention, case, kwargs, mask, world, group, seed=100 + i)
+    sink_shift.SINK_ROWS = rows
     return out
 
 

@@ -50,9 +50,14 @@ def _sink_kv(k: torch.Tensor, v: torch.Tensor, plan: ShiftPlan) -> torch.Tensor:
     return broadcast_tensor(sinks, plan.group, src=0)
 
 
-def _sink_plans(plan: ShiftPlan) -> list[BlockPlan]:
-    """Per head half, the kernel plan of ``s < start(t)`` (the sinks outside t's group), from host ints: rows
-    of a group that starts at g see the first min(S, g) sinks; from the first group with g >= S on, all S."""
+SINK_ROWS = 512  # query rows per sink-block kernel call: its output and gradient transients hold this many
+
+
+def _sink_plans(plan: ShiftPlan) -> list[list[tuple[int, int, BlockPlan]]]:
+    """Per head half, the kernel plans of ``s < start(t)`` (the sinks outside t's group), from host ints: rows
+    of a group that starts at g see the first min(S, g) sinks; from the first group with g >= S on, all S.
+    Cut into runs of ``SINK_ROWS`` query rows ``(a, b, plan of rows [a, b))``: one call over all n rows held a
+    [n, H/2, D] output (and, in backward, its dq) next to the merged result, 1/2 unit of the local q each."""
     n, G, S, base = plan.local_len, plan.shift_size, plan.num_sink_tokens, plan.rank * plan.local_len
     plans = []
     for off in (0, G // 2):  # unshifted, shifted groups
@@ -65,7 +70,13 @@ def _sink_plans(plan: ShiftPlan) -> list[BlockPlan]:
                 break
             rows.append((t - base, end - base, start))
             t = end
-        plans.append(prefix_plan(n, S, rows))
+        runs = []
+        for a in range(0, n, SINK_ROWS):
+            b = min(a + SINK_ROWS, n)
+            cut = [(max(q0, a) - a, min(q1, b) - a, m) for q0, q1, m in rows if min(q1, b) > max(q0, a)]
+            if cut:
+                runs.append((a, b, prefix_plan(b - a, S, cut)))
+        plans.append(runs)
     return plans
 
 
@@ -80,10 +91,11 @@ def sink_shift_forward(q, k, v, plan: ShiftPlan):
     out, lse, halo = shift_short_forward(q, k, v, plan)
     if sinks is None:
         return out, lse, halo, None
-    for qh, sk, sv, p, oh, lh in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
-                                     _sink_plans(plan), _head_halves(out, 2), _head_halves(lse, 1)):
-        o, l = block_attention(qh, sk, sv, plan=p, softmax_scale=plan.softmax_scale)
-        merge_into(oh, lh, o, l)  # into the head half's rows of out/lse: no merged copy
+    for qh, sk, sv, runs, oh, lh in zip(_head_halves(q, 2), _head_halves(sinks[0], 2), _head_halves(sinks[1], 2),
+                                        _sink_plans(plan), _head_halves(out, 2), _head_halves(lse, 1)):
+        for a, b, p in runs:
+            o, l = block_attention(qh[:, a:b], sk, sv, plan=p, softmax_scale=plan.softmax_scale)
+            merge_into(oh[:, a:b], lh[..., a:b], o, l)  # into the head half's rows of out/lse: no merged copy
     return out, lse, halo, sinks
 
 
@@ -95,11 +107,13 @@ def sink_shift_backward(dout, q, k, v, out, lse, halo, sinks, plan: ShiftPlan):
     d_sinks = torch.zeros(sinks.shape, dtype=acc_dtype(q.dtype), device=q.device)
     halves = zip(_head_halves(dout, 2), _head_halves(q, 2), _head_halves(out, 2), _head_halves(lse, 1),
                  _head_halves(sinks, 3), _head_halves(dq, 2), _head_halves(d_sinks, 3), _sink_plans(plan))
-    for do, qh, o, s, kv, dqh, dkv, p in halves:
-        gq, gk, gv = block_attention_backward(do, qh, kv[0], kv[1], o, s, plan=p, softmax_scale=plan.softmax_scale)
-        dqh += gq  # views into dq / d_sinks
-        dkv[0] += gk
-        dkv[1] += gv
+    for do, qh, o, s, kv, dqh, dkv, runs in halves:
+        for a, b, p in runs:
+            gq, gk, gv = block_attention_backward(do[:, a:b], qh[:, a:b], kv[0], kv[1], o[:, a:b], s[..., a:b],
+                                                  plan=p, softmax_scale=plan.softmax_scale)
+            dqh[:, a:b] += gq  # views into dq / d_sinks
+            dkv[0] += gk
+            dkv[1] += gv
     d_sinks = reduce_tensor(d_sinks, plan.group, dst=0)  # onto the sinks' owner
     if plan.rank == 0:
         S = plan.num_sink_tokens
