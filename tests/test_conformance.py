@@ -399,7 +399,8 @@ def _one_byte(*args, **kwargs) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- token mixers
-# The hybrid models' token mixers (``registry.MIXERS``: the gated delta rule, the short conv), at W = 4, 2, 3, 1
+# The hybrid models' token mixers (``registry.MIXERS``: the gated and Kimi delta rules, the short conv, the
+# selective scan), at W = 4, 2, 3, 1
 # in one spawn: output and the gradient of every input (parameters summed over the group) vs the float64
 # reference of the rounded inputs, with packed documents, in each layout the entry lists (zigzag: two pieces
 # of N_LOCAL/2 tokens per rank); bytes equal the formula and do not grow with L.

@@ -141,11 +141,12 @@ def test_windows_and_chunks_are_engaged(sweep):
 
 def test_refusals_name_the_module_class(sweep):
     """The hybrids the issue names: the error names the mixer class seqpar does not shard."""
-    for t, name in {"falcon_mamba": "FalconMambaMixer", "mamba": "MambaMixer", "jamba": "JambaMambaMixer",
+    for t, name in {"zamba": "ZambaMambaMixer", "zamba2": "Zamba2MambaMixer", "jamba": "JambaMambaMixer",
                     "recurrent_gemma": "RecurrentGemma"}.items():
         assert sweep[t]["kind"] == "refused" and name in sweep[t]["why"], (t, sweep[t])
     for t in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "minimax", "kimi_linear",  # LASP-2
-              "mamba2", "bamba", "nemotron_h", "falcon_h1", "granitemoehybrid"):  # and the Mamba2 (SSD) ones
+              "mamba2", "bamba", "nemotron_h", "falcon_h1", "granitemoehybrid",  # the Mamba2 (SSD) ones
+              "mamba", "falcon_mamba"):  # and the Mamba (selective scan) ones
         assert sweep[t]["kind"] == "exact", (t, sweep[t])
     for t in ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"):  # learned sinks: exact, and their
         assert sweep[t]["kind"] == "exact", (t, sweep[t])  # gradients reached the sinks (same parameter set)

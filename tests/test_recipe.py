@@ -40,7 +40,7 @@ BAD = [
     (["data.source=files"], 2, ["data.files=[]", "local jsonl"]),
     (["model.from_config.vocab_size=100"], 2, ["vocab_size=100", "byte tokenizer needs >= 259"]),
     (["model.path=/nowhere"], 2, ["model:", "exactly one of model.path"]),
-    (["model.from_config.model_type=falcon_mamba"], 2, ["model_type='falcon_mamba'", "Mamba", "zero state"]),
+    (["model.from_config.model_type=jamba"], 2, ["model_type='jamba'", "Mamba", "zero state"]),
     (["model.from_config.model_type=qwen3_next", "attention.name=lasp2"], 2,
      ["attention.name='lasp2'", "model_type='qwen3_next'", "softmax layers", "'allgather' is LASP-2H"]),
     # a hybrid runs zigzag (its linear layers fold 2N maps): the length must split into 2N equal chunks

@@ -193,6 +193,9 @@ MIXERS: dict[str, MixerSpec] = {s.name: s for s in (
     MixerSpec("short_conv", "seqpar.attention.short_conv:causal_conv1d",
               "seqpar.kernels.reference:causal_conv_reference", "seqpar.attention.short_conv:causal_conv1d_bytes",
               "seqpar.attention.short_conv:example_inputs", ("contiguous", "zigzag")),
+    MixerSpec("selective_scan", "seqpar.attention.selective_scan:selective_scan",
+              "seqpar.kernels.reference:selective_scan_reference",
+              "seqpar.attention.selective_scan:selective_scan_bytes", "seqpar.attention.selective_scan:example_inputs"),
 )}
 
 

@@ -1,6 +1,7 @@
 """Independent single-process float64 references, written from the definitions: dense masked softmax
 attention, the causal linear-attention recurrence with per-head decay, the S2/SF (LongLoRA, SinkLoRA) masks, and
-the hybrid models' token-by-token recurrences (the gated delta rule, the short causal conv, Mamba2's SSD scan).
+the hybrid models' token-by-token recurrences (the gated delta rule, the short causal conv, Mamba2's SSD scan,
+Mamba's selective scan).
 O(L^2) memory or a Python loop over tokens: for checking, never for training.
 
 Nothing here uses seqpar's kernels: the tests and ``seqpar demo`` compare seqpar against these.
@@ -183,4 +184,25 @@ def ssd_reference(x, dt, A, B, C, D=None, *, cu_seqlens=None) -> torch.Tensor:
         h = decay * h + (dt[:, t, :, None] * x[:, t])[..., :, None] * B[:, t, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", h, C[:, t])
         out.append(y if D is None else y + D.double()[:, None] * x[:, t])
+    return torch.stack(out, dim=1)
+
+
+def selective_scan_reference(x, dt, A, B, C, D=None, *, cu_seqlens=None) -> torch.Tensor:
+    """The Mamba (v1) selective scan token by token in float64, per channel d and state n:
+
+        h_t[d, n] = exp(Δ_t[d] A[d, n]) h_{t-1}[d, n] + Δ_t[d] B_t[n] x_t[d]     (h reset to 0 at every
+        y_t[d]    = Σ_n C_t[n] h_t[d, n] + D[d] x_t[d]                             document start)
+
+    ``x, dt [B, L, D]`` (Δ, already biased and softplus'd), ``A [D, N]`` (< 0), ``B, C [B, L, N]``, ``D [D]`` or
+    None. Returns ``[B, L, D]`` in float64; differentiable."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    starts = set() if cu_seqlens is None else set(torch.as_tensor(cu_seqlens).tolist())
+    h = x.new_zeros(x.shape[0], *A.shape)
+    out = []
+    for t in range(x.shape[1]):
+        if t in starts:
+            h = torch.zeros_like(h)
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        y = torch.einsum("bdn,bn->bd", h, C[:, t])
+        out.append(y if D is None else y + D.double() * x[:, t])
     return torch.stack(out, dim=1)

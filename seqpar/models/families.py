@@ -131,8 +131,14 @@ FAMILIES: list[Family] = [
            "at each start", loss_terms=_ROUTER, exempt=("Mamba2Block",),  # Mamba2's block: a norm and the mixer
            linear=(("Mamba2Mixer", "ssd"), ("BambaMixer", "ssd"), ("NemotronHMamba2Mixer", "ssd"),
                    ("FalconH1Mixer", "ssd"), ("GraniteMoeHybridMambaLayer", "ssd"))),
-    Family("state-space models and Mamba hybrids", (
-        "mamba", "falcon_mamba", "jamba", "zamba", "zamba2"),
+    Family("Mamba (selective scan) models", ("mamba", "falcon_mamba"),
+           "Mamba v1 mixers (conv1d + selective scan, gated; Falcon-Mamba: RMS norms on B, C and Δ)",
+           "their modeling module's `causal_conv1d_forward` (`seqpar.attention.short_conv`: K-1 halo) and "
+           "`mamba_scan_forward` (`seqpar.attention.selective_scan`: one all-gather of per-rank elementwise affine "
+           "maps); contiguous layout; packed documents reset the state and conv history at each start",
+           loss_terms="none", exempt=("MambaBlock", "FalconMambaBlock"),  # a norm and the mixer
+           linear=(("MambaMixer", "selective"), ("FalconMambaMixer", "selective"))),
+    Family("state-space models and Mamba hybrids", ("jamba", "zamba", "zamba2"),
         "Mamba / Mamba2 mixers (conv1d + selective scan) and, in hybrids, softmax attention", "-",
         "its Mamba layers would scan each shard from a zero state and zero conv history", _NEXT, _ROUTER),
     Family("other recurrent and convolutional mixers", (

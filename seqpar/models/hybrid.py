@@ -23,9 +23,12 @@ Seams, the narrowest each model offers:
   projections and modules (``qkv_proj``, ``act_fn``, ``norm``, ``output_gate``, ``out_proj``) and replaces
   only the block loop with ``seqpar.attention.lasp2.lasp2_linear_attention`` (decay λ_h = exp(-slope_h), the
   layer's own block size; packed documents reset the state at each document start, on every rank).
+* ``"ssd"`` (Mamba2 and its hybrids) and ``"selective"`` (Mamba, Falcon-Mamba): installed by
+  ``seqpar.models.mamba2`` and ``seqpar.models.mamba`` (their docstrings say which module functions they wrap).
 
 Layouts: the whole model runs one layout, the patch's (``patch_model(..., layout=)``, ``families.layout_for``):
-contiguous, or zigzag where every seam of the family runs it (``families.SEAM_LAYOUTS``: both seams above),
+contiguous, or zigzag where every seam of the family runs it (``families.SEAM_LAYOUTS``: the delta-rule and
+Lightning seams),
 so the softmax layers get their balanced ring and no all-to-all runs between layers. ``install`` hands it to
 the seams, whose primitives fold the maps of the two zigzag pieces per rank in global chunk order and take the
 conv halo of each piece from its chunk's predecessor (``seqpar.attention.affine_maps``, ``short_conv``).
@@ -258,6 +261,12 @@ def _install_ssd(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
     install_ssd(layer, group, calls)
 
 
+def _install_selective(layer: torch.nn.Module, group: Group, calls: Counter) -> None:
+    from seqpar.models.mamba import install_selective  # Mamba (v1) mixers (its module imports this one)
+
+    install_selective(layer, group, calls)
+
+
 # The module functions each delta-rule seam wraps: (name in the layer's modeling module, dispatcher maker).
 # Kimi Delta Attention's rule takes the same arguments with a per-key-channel g, which gated_delta_rule reads.
 _DELTA_FUNCTIONS = {
@@ -266,4 +275,4 @@ _DELTA_FUNCTIONS = {
                    ("chunk_kimi_delta_attention", _rule_dispatcher)),
 }
 _SEAMS = {"gated_delta": _install_gated_delta, "kimi_delta": _install_kimi_delta, "lightning": _install_lightning,
-          "ssd": _install_ssd}
+          "ssd": _install_ssd, "selective": _install_selective}
