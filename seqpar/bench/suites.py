@@ -9,7 +9,8 @@ from __future__ import annotations
 
 SHAPE = {"batch": 1, "heads": 8, "kv_heads": 8, "head_dim": 64, "dtype": "float32", "causal": True}
 # Rows every ratio is taken against (one process, the whole sequence): attention and model-level.
-BASELINES = ("single_sdpa", "llama_single", "gdn_single", "kda_single", "ssd_single", "lightning_single")
+BASELINES = ("single_sdpa", "llama_single", "gdn_single", "kda_single", "ssd_single", "lightning_single",
+             "qwen3next_single")
 
 
 def _grid(methods_by_world: dict[int, list[str]], lengths: list[int], base: dict, baseline: str) -> list[dict]:
@@ -155,14 +156,17 @@ def gpu(quick: bool) -> list[dict]:
 
 
 def hybrid(quick: bool) -> list[dict]:
-    """The linear layers of hybrid models (``seqpar.bench.hybrid``): a Gated DeltaNet rule and a Lightning
-    Attention layer, LASP-2 against the head all-to-all approach, each against one process with N threads."""
+    """The linear layers of hybrid models (``seqpar.bench.hybrid``): a Gated DeltaNet rule, a Kimi Delta
+    Attention rule, a Mamba2 scan and a Lightning Attention layer, LASP-2 (against the head all-to-all approach
+    for GDN and Lightning), each against one process with N threads; and one training step of a whole tiny
+    Qwen3-Next (``seqpar.bench.training``)."""
     base = {"batch": 1, "heads": 8, "head_dim": 64, "dtype": "float32"}
     if quick:
         return (_grid({2: ["gdn_lasp2", "gdn_a2a"]}, [128], {**base, "model": "gdn"}, "gdn_single")
                 + _grid({2: ["kda_lasp2"]}, [128], {**base, "model": "kda"}, "kda_single")
                 + _grid({2: ["ssd_lasp2"]}, [128], {**base, "model": "ssd", "d_state": 64}, "ssd_single")
-                + _grid({2: ["lightning_lasp2"]}, [128], {**base, "model": "lightning"}, "lightning_single"))
+                + _grid({2: ["lightning_lasp2"]}, [128], {**base, "model": "lightning"}, "lightning_single")
+                + _grid({2: ["qwen3next_lasp2"]}, [128], {"batch": 1, "model": "qwen3next"}, "qwen3next_single"))
     lengths = [8192, 16384, 32768, 65536]
     return (_grid({2: ["gdn_lasp2", "gdn_a2a"], 4: ["gdn_lasp2", "gdn_a2a"]}, lengths, {**base, "model": "gdn"},
                   "gdn_single")
@@ -170,7 +174,10 @@ def hybrid(quick: bool) -> list[dict]:
             + _grid({2: ["ssd_lasp2"], 4: ["ssd_lasp2"]}, lengths, {**base, "model": "ssd", "d_state": 64},
                     "ssd_single")
             + _grid({2: ["lightning_lasp2", "lightning_a2a"], 4: ["lightning_lasp2", "lightning_a2a"]}, lengths,
-                    {**base, "model": "lightning", "decay": 0.99}, "lightning_single"))
+                    {**base, "model": "lightning", "decay": 0.99}, "lightning_single")
+            # one training step of a whole tiny Qwen3-Next (seqpar.bench.training.QWEN3_NEXT)
+            + _grid({2: ["qwen3next_lasp2"]}, [8192, 16384], {"batch": 1, "model": "qwen3next"},
+                    "qwen3next_single"))
 
 
 # Issue 28: each primitive's own memory per rank, fwd + bwd, in units of the local q ([1, L/N, H, D]).

@@ -9,6 +9,9 @@ returns it and ``results.json`` records it per row: equal losses across methods 
     llama_ring, llama_ulysses, llama_s2
                              ``patch_model(model, attention=..., parallel=group)``: seqpar's primitives
     llama_ring_ckpt          llama_ring with gradient checkpointing (the trainer's gradient_checkpointing)
+    qwen3next_single, qwen3next_lasp2
+                             a tiny Qwen3-Next (Gated DeltaNet hybrid, MoE): one process (seqpar's kernels on
+                             one device) against LASP-2 + ring attention (the hybrid suite's whole-model row)
     llama_deepspeed_ulysses  DeepSpeed's own HF sequence parallelism (ALST, Arctic Long Sequence Training):
                              ``UlyssesSPAttentionHF.register_with_transformers`` swaps transformers' "sdpa"
                              function for its all-to-all wrapper; same contiguous shards and loss
@@ -105,6 +108,45 @@ def _patched(attention: str):
 
 for _name in ("ring", "ulysses", "s2"):
     method(f"llama_{_name}")(_patched(_name))
+
+
+# The hybrid suite's whole-model row (issue 22): a tiny Qwen3-Next, 3 Gated DeltaNet layers then one gated
+# attention layer, MoE MLPs (4 experts, 2 per token), float32.
+QWEN3_NEXT = {"vocab_size": 1024, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "head_dim": 32, "linear_num_key_heads": 4, "linear_num_value_heads": 8,
+              "linear_key_head_dim": 32, "linear_value_head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "intermediate_size": 512}
+
+
+def build_qwen3_next(seq_len: int) -> torch.nn.Module:
+    """A randomly initialised ``Qwen3NextForCausalLM`` (seed 0), eager experts (no grouped-matmul kernel)."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3NextConfig(**QWEN3_NEXT, max_position_embeddings=max(seq_len, 2048))
+    config._experts_implementation = "eager"
+    model = Qwen3NextForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    return model.train()
+
+
+@method("qwen3next_single")
+def _qwen3next_single(cfg: dict, group):
+    """One process, the whole sequence: the model patched on one device (seqpar's chunked delta rule and conv,
+    the same kernels the SP rows run; transformers' own fallback is the slower per-row loop)."""
+    from seqpar.models.patch import patch_model
+
+    return _train_step(patch_model(build_qwen3_next(cfg["seq_len"]), attention="full", parallel=None), cfg,
+                       None, "contiguous")
+
+
+@method("qwen3next_lasp2")
+def _qwen3next_lasp2(cfg: dict, group):
+    """The Gated DeltaNet layers by LASP-2 (affine maps, conv halo), the attention layer by ring attention."""
+    from seqpar.models.patch import patch_model, patched_layout
+
+    model = patch_model(build_qwen3_next(cfg["seq_len"]), attention="ring", parallel=group)
+    return _train_step(model, cfg, group, patched_layout(model))
 
 
 @method("llama_ring_ckpt")
