@@ -143,6 +143,8 @@ def _check_report(report: dict, out: Path) -> None:
     assert all(0 < r["versus_bytes_ratio"] < 1 for r in windowed), [r["versus_bytes_ratio"] for r in windowed]
     e2e = {r["method"]: r["loss"] for r in rows if r["suite"] == "e2e"}
     assert max(e2e.values()) - min(e2e.values()) < 1e-4 * abs(e2e["llama_single"]), f"e2e losses differ: {e2e}"
+    qwen = {r["method"]: r["loss"] for r in rows if r["method"].startswith("qwen3next")}  # the whole hybrid step
+    assert abs(qwen["qwen3next_lasp2"] - qwen["qwen3next_single"]) < 1e-5 * abs(qwen["qwen3next_single"]), qwen
     for r in (r for r in rows if "search" in r):
         lengths = [p["seq_len"] for p in r["probes"]]
         assert lengths == sorted(lengths) and r["max_seq_len"] in lengths, r
@@ -151,9 +153,10 @@ def _check_report(report: dict, out: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_quick_run_writes_results_plots_and_markdown(tmp_path):
-    """The CI smoke run: ``seqpar bench --quick`` over every suite (gpu reports "skipped: no CUDA" on CPU)."""
+    """The CI smoke run: ``seqpar bench --quick`` over every suite (gpu reports "skipped: no CUDA" on CPU), two
+    configurations at a time (``--jobs 2``: smoke figures, not measurements)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "seqpar", "bench", "--quick", "--repeats", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "seqpar", "bench", "--quick", "--repeats", "2", "--jobs", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=290)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "TARGET ring_attention N=2 time vs one process" in proc.stdout

@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -67,51 +68,61 @@ def write_docs(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Every training run of this module, two at a time (independent runs: own folder, own port; their losses
+    do not depend on what else runs; the quick start and its resume run in order on one worker)."""
     tmp = tmp_path_factory.mktemp("train")
     docs = write_docs(tmp / "docs.jsonl")
-    out: dict = {"tmp": tmp}
-    # 1. quick start: S2-Attn over sp_size 2, LoRA + embed/norm, ZeRO-2, wandb offline, checkpoints every CKPT steps
-    out["sp2"] = launch(2, tmp / "sp2", [*COMMON, f"checkpoint.every={CKPT}"])
-    # 2. a crash after step CKPT: drop the last checkpoint and resume
-    shutil.rmtree(tmp / "sp2" / "checkpoints" / f"step-{STEPS:08d}")
-    # on resume metrics.jsonl keeps the steps up to the checkpoint and logs the later ones again: each step once
-    out["resumed"] = launch(2, tmp / "sp2", [*COMMON, f"checkpoint.every={CKPT}"], "--resume")[CKPT:]
+    jobs: dict = {}
+
+    def quickstart():
+        # 1. quick start: S2-Attn over sp_size 2, LoRA + embed/norm, ZeRO-2, wandb offline, checkpoints every CKPT
+        sp2 = launch(2, tmp / "sp2", [*COMMON, f"checkpoint.every={CKPT}"])
+        # 2. a crash after step CKPT: drop the last checkpoint and resume; on resume metrics.jsonl keeps the
+        # steps up to the checkpoint and logs the later ones again: each step once
+        shutil.rmtree(tmp / "sp2" / "checkpoints" / f"step-{STEPS:08d}")
+        return sp2, launch(2, tmp / "sp2", [*COMMON, f"checkpoint.every={CKPT}"], "--resume")[CKPT:]
+
     # 3. the same training in one process, sp_size 1
-    out["sp1"] = launch(1, tmp / "sp1", [*COMMON, "attention.sp_size=1", "logging.wandb=false"])
-    out["sp1_memory"] = launch(1, tmp / "sp1_memory", [*COMMON, "attention.sp_size=1", "logging.wandb=false", *MEMORY])
+    jobs["sp1"] = (1, tmp / "sp1", [*COMMON, "attention.sp_size=1", "logging.wandb=false"])
+    jobs["sp1_memory"] = (1, tmp / "sp1_memory", [*COMMON, "attention.sp_size=1", "logging.wandb=false", *MEMORY])
     # 4. ring attention, ZeRO-3, packed documents, sp_size 2; 5. its one-process sp_size 1 twin ("full")
-    out["ring"] = launch(2, tmp / "ring", [*RING, f"data.files=[{docs}]", *MEMORY])  # with ZeRO-3: head gathered
-    out["full"] = launch(1, tmp / "full", [*RING, f"data.files=[{docs}]", "attention.name=full",
-                                           "attention.sp_size=1", "deepspeed.zero_stage=2",
-                                           "trainer.gradient_checkpointing=true"])
+    jobs["ring"] = (2, tmp / "ring", [*RING, f"data.files=[{docs}]", *MEMORY])  # with ZeRO-3: head gathered
+    jobs["full"] = (1, tmp / "full", [*RING, f"data.files=[{docs}]", "attention.name=full", "attention.sp_size=1",
+                                      "deepspeed.zero_stage=2", "trainer.gradient_checkpointing=true"])
     # S2 (the quick start above), SF and full attention on the same data and seed, sp_size 2; SF with gradient
     # checkpointing and one evaluation (on held-out files: its training samples stay the others'), so its metrics
     # show the recomputation and the eval-mode fallback.
     short = [*COMMON, "trainer.max_steps=3", "logging.wandb=false", "checkpoint.every=0"]
-    out["sf"] = launch(2, tmp / "sf", [*short, "attention.name=sf", "trainer.gradient_checkpointing=true",
-                                       "eval.every=3", "eval.batches=1", f"data.eval_files=[{docs}]"])
-    out["full_sp2"] = launch(2, tmp / "full_sp2", [*short, "attention.name=full"])
+    jobs["sf"] = (2, tmp / "sf", [*short, "attention.name=sf", "trainer.gradient_checkpointing=true",
+                                  "eval.every=3", "eval.batches=1", f"data.eval_files=[{docs}]"])
+    jobs["full_sp2"] = (2, tmp / "full_sp2", [*short, "attention.name=full"])
     # 6. 2-D: sp_size 2 x dp_size 2 on 4 processes; 7. its one-process twin accumulating the same 2 sequences
     two_d = ["trainer.max_steps=4", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "logging.wandb=false"]
-    out["sp2dp2"] = launch(4, tmp / "sp2dp2", two_d)
-    out["accum2"] = launch(1, tmp / "accum2", [*two_d, "attention.sp_size=1", "trainer.grad_accum=2"])
+    jobs["sp2dp2"] = (4, tmp / "sp2dp2", two_d)
+    jobs["accum2"] = (1, tmp / "accum2", [*two_d, "attention.sp_size=1", "trainer.grad_accum=2"])
     # 8. LASP-2H: a hybrid Linear-Llama (linear + softmax layer), full fine-tuning, sp_size 2; 9. its sp_size 1 twin
     lin = ["model.from_config.model_type=linear_llama", "model.from_config.layer_types=[linear,softmax]",
            "attention.name=lasp2", "lora.enabled=false", "rope_scaling.type=null", "rope_scaling.factor=null",
            "trainer.max_steps=4", "trainer.lr=1e-3", "data.passkey.num_samples=16", "logging.wandb=false"]
-    out["lasp2"] = launch(2, tmp / "lasp2", lin)
-    out["lasp2_sp1"] = launch(1, tmp / "lasp2_sp1", [*lin, "attention.sp_size=1"])
+    jobs["lasp2"] = (2, tmp / "lasp2", lin)
+    jobs["lasp2_sp1"] = (1, tmp / "lasp2_sp1", [*lin, "attention.sp_size=1"])
     # 10. a Gated DeltaNet hybrid (Qwen3-Next, MoE) on packed documents, sp_size 2; 11. its sp_size 1 twin
     hyb = ["data.source=files", f"data.files=[{docs}]", "data.seq_len=256", "data.pack=true", "trainer.max_steps=4",
            "checkpoint.every=0"]
-    out["hybrid"] = launch(2, tmp / "hybrid", hyb, recipe=HYBRID)
-    out["hybrid_sp1"] = launch(1, tmp / "hybrid_sp1", [*hyb, "attention.sp_size=1"], recipe=HYBRID)
+    jobs["hybrid"] = (2, tmp / "hybrid", hyb, HYBRID)
+    jobs["hybrid_sp1"] = (1, tmp / "hybrid_sp1", [*hyb, "attention.sp_size=1"], HYBRID)
     # 12. sliding windows and learned sinks (issue 24): the tiny gpt-oss (64-token window on its first layer,
     # sinks on both) on packed documents, ring attention at sp_size 2 (the window's halo crosses ranks and
     # documents); 13. its sp_size 1 twin
     win = ["data.source=files", f"data.files=[{docs}]", "data.pack=true", "trainer.max_steps=3", "checkpoint.every=0"]
-    out["window"] = launch(2, tmp / "window", win, recipe=WINDOW)
-    out["window_sp1"] = launch(1, tmp / "window_sp1", [*win, "attention.sp_size=1"], recipe=WINDOW)
+    jobs["window"] = (2, tmp / "window", win, WINDOW)
+    jobs["window_sp1"] = (1, tmp / "window_sp1", [*win, "attention.sp_size=1"], WINDOW)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(quickstart)
+        done = {name: pool.submit(lambda job: launch(*job[:3], recipe=job[3] if len(job) > 3 else QUICK), job)
+                for name, job in jobs.items()}
+        out = {"tmp": tmp, **{name: f.result() for name, f in done.items()}}
+        out["sp2"], out["resumed"] = first.result()
     return out
 
 

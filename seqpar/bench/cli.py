@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from seqpar.bench.suites import BASELINES, SUITES
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per configuration")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="configurations run at a time (default 1: each measured alone; more only for smoke "
+                             "runs such as --quick, whose times and peaks then share the machine)")
     parser.add_argument("--max-len", type=int, default=None, help="skip configurations longer than this")
     parser.add_argument("--min-len", type=int, default=None, help="skip configurations shorter than this")
     parser.add_argument("--worlds", default=None, help="comma-separated SP sizes to run (baselines follow them)")
@@ -85,10 +89,16 @@ def run(args: argparse.Namespace) -> int:
     results = json.loads(previous.read_text())["results"] if args.append and previous.exists() else []
     # --append re-measures: a configuration run now replaces its earlier row (never two rows for one config)
     results = [r for r in results if not any(_same_config(r, c) for c in configs)]
-    for cfg in tqdm(configs, desc="seqpar bench", unit="config"):
+    if args.jobs < 1:
+        raise SystemExit(f"seqpar bench: --jobs {args.jobs}: pass 1 or more")
+
+    def measure(cfg: dict) -> dict:
         config_started = time.time()
-        results.append({**run_config(cfg, timeout=args.timeout), "config_wall_s": time.time() - config_started,
-                        "measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(config_started))})
+        return {**run_config(cfg, timeout=args.timeout), "config_wall_s": time.time() - config_started,
+                "measured_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(config_started))}
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each configuration runs in its own fresh processes
+        results += list(tqdm(pool.map(measure, configs), total=len(configs), desc="seqpar bench", unit="config"))
     derive(results)
     report = {"machine": machine_info(), "quick": args.quick, "seconds": time.time() - started,
               "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
