@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist import run_ranks
+from tests.sp_harness import spawn_worlds
 from tests.test_hybrid import patch_equals_unpatched, summed_grads
 
 L = 48  # divisible by 1..4; >= 3 conv-history tokens per rank; 16-token chunks cut inside shards at W = 3
@@ -171,23 +171,19 @@ def _cases(rank: int, world: int, group) -> dict:
     return out
 
 
-def _all_worlds(rank: int, world: int, group) -> dict:
-    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
-    trio = dist.new_group([0, 1, 2])
-    dist.new_group([3])
-    found = {4: _cases(rank, 4, group), 2: _cases(rank % 2, 2, pairs[rank // 2])}
-    if rank < 3:
-        found[3] = _cases(rank, 3, trio)
-    else:
-        found[1] = _cases(0, 1, None)
-    found["refusals"] = _refusals(rank % 2, 2, pairs[rank // 2])
-    return found
+def _check(rank: int, world: int, group) -> dict:
+    out = _cases(rank, world, group)
+    if world == 2:
+        out["refusals"] = _refusals(rank, world, group)
+    return out
 
 
 @pytest.fixture(scope="module")
-def worlds() -> dict[int, list[dict]]:
-    per_rank = run_ranks(_all_worlds, 4, timeout=300)
-    return {w: [r[w] for r in per_rank if w in r] for w in (1, 2, 3, 4, "refusals")}
+def worlds() -> dict:
+    """W = 4, 2, 3, 1 from one spawn of 4 ranks (tests/sp_harness.py), and the refusals at W = 2."""
+    found = spawn_worlds(_check)
+    found["refusals"] = [r["refusals"] for r in found[2]]
+    return found
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
