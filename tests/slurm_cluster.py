@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-CRED_EXPIRE_S = 20
+CRED_EXPIRE_S = 10
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scontrol")
 
 

@@ -11,8 +11,8 @@ quick start (tests/resume_harness.py: 8 steps, a checkpoint every 3), which is p
 A test-only hook (SEQPAR_FAULT_HOLD_AT_STEP, seqpar/train/faults.py) holds the ranks inside steps 2 and 5
 until the signal arrives, so the signal lands mid-step at a known step. SLURM holds a requeued job for its
 credential lifetime + 1 s before it may start again (BeginTime; 121 s by default): the test cluster sets
-``cred_expire`` to 20 s (tests/slurm_cluster.py) rather than forcing an earlier start, which raced SLURM's
-credential revocation and killed the requeued job.
+``cred_expire`` to 10 s (tests/slurm_cluster.py; 20 s before, which only made the suite wait longer) rather
+than forcing an earlier start, which raced SLURM's credential revocation and killed the requeued job.
 
 The job's losses and final weights equal the uninterrupted run's (tests/conftest.py), every step is in
 metrics.jsonl and in the one offline wandb run exactly once, in order, and the log holds all three runs.
