@@ -55,4 +55,5 @@ for step in range(3):
     optimizer.zero_grad()
     if dist.get_rank() == 0:
         print(f"step {step + 1} loss {loss.item():.5f}")
+dist.barrier()  # every rank done with the group before any tears it down (gloo aborts otherwise)
 dist.destroy_process_group()
