@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tests.sp_harness import spawn_worlds
-from tests.test_hybrid import summed_grads
+from tests.test_mamba2 import _run as mamba2_run
 
 L = 48  # divisible by 1..4; >= 3 conv-history tokens per rank
 # an empty document; boundaries at shard edges (16: W = 3; 24: W = 2 and 4) and inside shards; the last document
@@ -44,19 +44,8 @@ def _model(model_type: str, dtype: torch.dtype):
 
 
 def _run(model, group, packed: bool, batch_size: int = 2):
-    """Loss and parameter gradients (summed over the group) of one step. The logits come from the backbone and
-    the head directly: ``MambaForCausalLM.forward`` casts them to float32, which would make a float64 loss
-    float32 (a per-token cast, nothing to do with SP)."""
-    from seqpar.models import shard_batch, sp_cross_entropy
-
-    ids = torch.randint(0, 128, (batch_size, L), generator=torch.Generator().manual_seed(1))
-    sp = shard_batch({"input_ids": ids, **({"cu_seqlens": PACKED} if packed else {})}, group, "contiguous")
-    labels = sp.pop("labels")
-    model.zero_grad(set_to_none=True)
-    hidden = model.base_model(**sp, use_cache=False).last_hidden_state
-    loss = sp_cross_entropy(model.lm_head(hidden), labels, group)
-    loss.backward()
-    return loss.item(), summed_grads(model, group)
+    """tests/test_mamba2.py's step (loss, gradients summed over the group) with this module's documents."""
+    return mamba2_run(model, group, packed, batch_size, documents=PACKED)
 
 
 def _err(a, b) -> float:

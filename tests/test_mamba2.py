@@ -54,14 +54,15 @@ def _model(model_type: str, dtype: torch.dtype):
     return model.train()
 
 
-def _run(model, group, packed: bool, batch_size: int = 2):
-    """Loss and parameter gradients (summed over the group) of one step. The logits come from the backbone and
-    the head directly: ``Mamba2ForCausalLM.forward`` casts them to float32, which would make a float64 loss
+def _run(model, group, packed: bool, batch_size: int = 2, documents: torch.Tensor = PACKED):
+    """Loss and parameter gradients (summed over the group) of one step (``packed``: the ``documents``
+    boundaries). The logits come from the backbone and the head directly: ``Mamba2ForCausalLM.forward`` (and
+    ``MambaForCausalLM.forward``, tests/test_mamba.py) casts them to float32, which would make a float64 loss
     float32 (a per-token cast, nothing to do with SP)."""
     from seqpar.models import shard_batch, sp_cross_entropy
 
     ids = torch.randint(0, 128, (batch_size, L), generator=torch.Generator().manual_seed(1))
-    sp = shard_batch({"input_ids": ids, **({"cu_seqlens": PACKED} if packed else {})}, group, "contiguous")
+    sp = shard_batch({"input_ids": ids, **({"cu_seqlens": documents} if packed else {})}, group, "contiguous")
     labels = sp.pop("labels")
     model.zero_grad(set_to_none=True)
     hidden = model.base_model(**sp, use_cache=False).last_hidden_state
