@@ -118,9 +118,6 @@ def tiny_config(model_type: str):
     if engage:  # rebuilt, so that __post_init__ derives the layer types from the window (Qwen2, Qwen3...)
         cfg = AutoConfig.for_model(model_type, **engage)
     _shrink(cfg, set())
-    kda = vars(cfg).get("linear_attn_config")
-    if isinstance(kda, dict):  # Kimi Linear: which layers are KDA, head sizes
-        kda.update({k: v for k, v in {"num_heads": 4, "head_dim": 16}.items() if k in kda})
     return cfg
 
 

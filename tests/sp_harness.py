@@ -129,6 +129,21 @@ def spawn_worlds(check, *, with_three: bool = True) -> dict[int, list]:
     return found
 
 
+def _cases_and_refusals(rank: int, world: int, group, cases, refusals) -> dict:
+    out = cases(rank, world, group)
+    if world == 2:
+        out["refusals"] = refusals(rank, world, group)
+    return out
+
+
+def spawn_model_worlds(cases, refusals) -> dict:
+    """A model test module's ``cases(rank, world, group)`` for W = 4, 2, 3, 1 from one spawn (``spawn_worlds``),
+    and its ``refusals(rank, world, group)`` at W = 2 under ``"refusals"`` (module-level functions)."""
+    found = spawn_worlds(partial(_cases_and_refusals, cases=cases, refusals=refusals))
+    found["refusals"] = [r["refusals"] for r in found[2]]
+    return found
+
+
 def collect_errors(results: list[dict]) -> dict:
     """Worst error over ranks per case (and the case's tolerance under ``"tol"``)."""
     cases = results[0]["cases"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.sp_harness import spawn_worlds
+from tests.sp_harness import spawn_model_worlds
 from tests.test_mamba2 import _run as mamba2_run
 
 L = 48  # divisible by 1..4; >= 3 conv-history tokens per rank
@@ -141,19 +141,10 @@ def _cases(rank: int, world: int, group) -> dict:
     return out
 
 
-def _check(rank: int, world: int, group) -> dict:
-    out = _cases(rank, world, group)
-    if world == 2:
-        out["refusals"] = _refusals(rank, world, group)
-    return out
-
-
 @pytest.fixture(scope="module")
 def worlds() -> dict:
     """W = 4, 2, 3, 1 from one spawn of 4 ranks (tests/sp_harness.py), and the refusals at W = 2."""
-    found = spawn_worlds(_check)
-    found["refusals"] = [r["refusals"] for r in found[2]]
-    return found
+    return spawn_model_worlds(_cases, _refusals)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -144,9 +144,6 @@ def _install_gated_delta(layer: torch.nn.Module, group: Group, calls: Counter, l
     layer.forward, layer._seqpar_linear = forward, seam
 
 
-def _install_kimi_delta(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous") -> None:
-    _install_gated_delta(layer, group, calls, layout, seam="kimi_delta")
-
 
 # Keywords transformers' layers pass down to the two functions that change nothing in them (the torch fallbacks
 # ignore them too; the router loss is refused by the family table). Any other keyword with a value is refused:
@@ -274,5 +271,6 @@ _DELTA_FUNCTIONS = {
     "kimi_delta": (("causal_conv1d_forward", _conv_forward_dispatcher),
                    ("chunk_kimi_delta_attention", _rule_dispatcher)),
 }
-_SEAMS = {"gated_delta": _install_gated_delta, "kimi_delta": _install_kimi_delta, "lightning": _install_lightning,
+_SEAMS = {"gated_delta": _install_gated_delta, "kimi_delta": functools.partial(_install_gated_delta, seam="kimi_delta"),
+          "lightning": _install_lightning,
           "ssd": _install_ssd, "selective": _install_selective}
