@@ -32,7 +32,7 @@ _SET = {  # attribute -> tiny value, applied wherever the config (or a sub-confi
     "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
     "moe_intermediate_size": 32, "expert_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
-    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 12,
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 16,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16, "linear_num_heads": 4, "linear_head_dim": 16,

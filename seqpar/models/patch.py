@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
 from seqpar import comm
@@ -263,8 +264,15 @@ def seqpar_attention_forward(
     _check_local_positions(module, n, q_len * n, cu_seqlens)
     limit = _layer_limit(module, sliding_window)  # ("window", w) | ("chunk", c) | None
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> [B, L, H, D]
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:  # MLA (DeepSeek, Kimi Linear): value heads narrower or wider than query/key heads.
+        # The primitives take one head size: zero columns of V give zero output columns (sliced off below), zero
+        # columns of q and k leave the scores unchanged (the scale is the model's); as transformers' flash path
+        scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+        width = max(dv, q.shape[-1])
+        q, k, v = (t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     if k_len != q_len:  # decoding with a KV cache: new queries attend to the cached keys (one device only)
-        return _decode(patch, module, q, k, v, scaling, sinks, limit, cu_seqlens, kwargs), None
+        return _decode(patch, module, q, k, v, scaling, sinks, limit, cu_seqlens, kwargs)[..., :dv], None
     total = q_len * n
     if limit is not None and limit[1] >= total:
         limit = None  # a window or chunk covering the whole sequence has no effect
@@ -284,7 +292,7 @@ def seqpar_attention_forward(
     patch.calls[spec.name] += 1
     first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
     out = spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, sinks=sinks, **extra)
-    return out.contiguous(), None
+    return out[..., :dv].contiguous(), None
 
 
 def _layer_limit(module: torch.nn.Module, sliding_window: int | None) -> tuple[str, int] | None:
