@@ -109,6 +109,7 @@ PLAN: dict[str, tuple[str, str]] = {
         ("long", "full run"),
     "python scripts/linear_before_after.py --local-len 16384 --repeats 7":
         ("long", "full sizes; reads the old kernel from git history, which a shallow CI clone may lack"),
+    "scripts/gpu-check.sh": ("gpu", "one GPU; without CUDA it only reports so (test below)"),
     ".venv/bin/python -m pytest -q tests/test_slurm.py": ("suite", "part of this suite"),
     ".venv/bin/python -m pytest -q tests/test_multinode.py": ("suite", "part of this suite"),
     ".venv/bin/python -m pytest -q tests/test_crash_resume.py tests/test_bad_inputs.py tests/test_safe_loading.py":
@@ -294,3 +295,14 @@ def test_torchrun_script_takes_flags_and_overrides_in_any_order(workspace):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 steps, lr 0.001" in proc.stdout and "device: cpu" in proc.stdout  # launch.device=cpu came first
+
+
+def test_gpu_check_script_reports_no_cuda_and_fails_without_a_gpu(tmp_path):
+    """scripts/gpu-check.sh (README): on a machine without CUDA it writes its results file, says why, exits 1."""
+    out = tmp_path / "gpu-check"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    report = (out / "results.md").read_text()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "# seqpar GPU check" in report and "torch 2" in report
+    assert "no CUDA device is visible" in report
