@@ -63,6 +63,7 @@ PLAN: dict[str, tuple[str, str]] = {
         ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
     "seqpar train recipes/hybrid-kimi-linear-48b-128k.yaml --dry-run": ("run", ""),
     "torchrun --nproc_per_node 2 docs/examples/own_loop.py": ("run", ""),
+    "torchrun --nproc_per_node 2 docs/examples/hf_trainer.py": ("run", ""),
     "seqpar train recipes/hybrid-bamba-9b-128k.yaml --dry-run": ("run", ""),
     "sbatch --nodes 4 slurm/train.sbatch recipes/hybrid-qwen3next-80b-256k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
