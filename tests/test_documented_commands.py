@@ -64,6 +64,10 @@ PLAN: dict[str, tuple[str, str]] = {
     "seqpar train recipes/hybrid-kimi-linear-48b-128k.yaml --dry-run": ("run", ""),
     "torchrun --nproc_per_node 2 docs/examples/own_loop.py": ("run", ""),
     "torchrun --nproc_per_node 2 docs/examples/hf_trainer.py": ("run", ""),
+    "torchrun --nproc_per_node 4 -m seqpar train recipes/fsdp2-cpu.yaml":
+        ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
+    "torchrun --nproc_per_node 2 -m seqpar train recipes/fsdp2-cpu.yaml trainer.grad_accum=2 trainer.max_steps=30 "
+    "--resume": ("run", "trainer.max_steps=3 data.passkey.num_samples=8"),
     "seqpar train recipes/hybrid-bamba-9b-128k.yaml --dry-run": ("run", ""),
     "sbatch --nodes 4 slurm/train.sbatch recipes/hybrid-qwen3next-80b-256k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
@@ -198,7 +202,13 @@ def workspace(tmp_path_factory):
     chain = [(cmd, extra) for cmd, extra in runs if "quickstart-cpu" in cmd and (cmd, extra) not in dry]
     trainings = [(cmd, extra) for cmd, extra in runs if cmd.startswith("torchrun") and (cmd, extra) not in chain]
     rest = [r for r in runs if r not in chain + trainings]
-    chain, rest = chain + trainings[0::2], trainings[1::2] + rest
+    # a recipe's trainings stay together and in order (the FSDP2 resume on 2 ranks reads the 4-rank run)
+    groups: dict[str, list] = {}
+    for cmd, extra in trainings:
+        groups.setdefault(next((w for w in cmd.split() if w.endswith((".yaml", ".py"))), cmd), []).append((cmd, extra))
+    dealt = list(groups.values())
+    chain = chain + [r for g in dealt[0::2] for r in g]
+    rest = [r for g in dealt[1::2] for r in g] + rest
     with ThreadPoolExecutor(2) as pool:
         lanes = [pool.submit(lambda lane: {cmd: run(cmd, extra) for cmd, extra in lane}, lane)
                  for lane in (chain, rest)]

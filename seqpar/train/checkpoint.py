@@ -4,6 +4,8 @@ Layout of one checkpoint::
 
     step-00000010/
       deepspeed/        engine.save_checkpoint: model + optimizer + LR-scheduler state (ZeRO partitions)
+      fsdp2/            (engine: fsdp2, instead of deepspeed/) torch.distributed.checkpoint: every rank's shards
+                        of the trainable weights and their AdamW states, .metadata, schedule.json
       adapter/          peft save_pretrained (safetensors): LoRA + trainable embed/norm   (LoRA runs)
       model/            plain transformers save_pretrained (safetensors)                  (full fine-tuning)
       rng/rank{r}.pt    python / torch / CUDA RNG states of every rank
@@ -14,12 +16,16 @@ Layout of one checkpoint::
 
 Every rank writes into ``.tmp-step-.../``; after a barrier rank 0 writes the marker and renames the folder
 (an atomic rename on one filesystem). A crash mid-save leaves only a ``.tmp-`` folder, which is never
-mistaken for a checkpoint and is removed by the next save.
+mistaken for a checkpoint and is removed by the next save. Both engines go through the same steps: only what
+lands in ``deepspeed/`` or ``fsdp2/`` differs.
 
 Before resuming, ``verify_checkpoint`` (every rank, before any collective) checks the manifest (truncated,
 missing or added files), the pickle files' imports (torch's ``weights_only`` allow-list plus DeepSpeed's
-state classes: DeepSpeed itself unpickles without that restriction), and that the checkpoint was written
-for this model and world size. Sizes, not hashes: hashing a 7B full fine-tuning checkpoint would take minutes.
+state classes: DeepSpeed itself unpickles without that restriction; for DCP, the globals of its pickled
+``.metadata``, read without unpickling, and no pickled non-tensor entries), and that the checkpoint was
+written for this model, engine and (DeepSpeed: ZeRO shards are per rank) world size; DCP reshards, so an FSDP2
+checkpoint resumes on another world size. Sizes, not hashes: hashing a 7B full fine-tuning checkpoint would
+take minutes.
 """
 
 from __future__ import annotations
@@ -95,6 +101,19 @@ def export_weights(module: Any, folder: Path, *, zero_stage: int, rank: int) -> 
                 module.save_pretrained(folder / "model", state_dict=state, safe_serialization=True)
 
 
+def export_fsdp2_weights(engine: Any, folder: Path, *, rank: int) -> None:
+    """Collective: the FSDP2 engine's unsharded weights (DCP's full state dict, on rank 0's CPU) written by
+    rank 0 as the same safetensors as the DeepSpeed path: the peft adapter or the whole model."""
+    state = engine.full_state_dict()
+    if rank != 0:
+        return
+    module = engine.module
+    if hasattr(module, "peft_config"):
+        module.save_pretrained(folder / "adapter", state_dict=state, safe_serialization=True)
+    else:
+        module.save_pretrained(folder / "model", state_dict=state, safe_serialization=True)
+
+
 def save_checkpoint(engine: Any, recipe: Recipe, step: int, *, rank: int, base_model: Path,
                     tokenizer: Any = None) -> Path:
     """Collective: every rank calls it. Returns the final folder."""
@@ -104,19 +123,26 @@ def save_checkpoint(engine: Any, recipe: Recipe, step: int, *, rank: int, base_m
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    lora = recipe.lora.enabled
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=lora)
+    lora, fsdp2 = recipe.lora.enabled, recipe.engine == "fsdp2"
+    if fsdp2:
+        engine.save_state(tmp / "fsdp2")
+    else:
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=lora)
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
     world = dist.get_world_size() if dist.is_initialized() else 1
     faults.maybe_kill("save", step, rank, world)
-    export_weights(engine.module, tmp, zero_stage=recipe.deepspeed.zero_stage, rank=rank)
+    if fsdp2:
+        export_fsdp2_weights(engine, tmp, rank=rank)
+    else:
+        export_weights(engine.module, tmp, zero_stage=recipe.deepspeed.zero_stage, rank=rank)
     _barrier()
     if rank == 0:
         save_recipe(recipe, tmp / "recipe.yaml")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "data_position": step, "world_size": world, "base_model": str(Path(base_model).resolve())}))
+            {"step": step, "data_position": step, "world_size": world, "base_model": str(Path(base_model).resolve()),
+             "engine": recipe.engine}))
         write_manifest(tmp)
         (tmp / MARKER).write_text("ok\n")  # last: its presence means everything above is on disk
         shutil.rmtree(final, ignore_errors=True)
@@ -131,11 +157,22 @@ def save_checkpoint(engine: Any, recipe: Recipe, step: int, *, rank: int, base_m
 
 def load_checkpoint(engine: Any, folder: Path, *, rank: int, lora: bool) -> int:
     """Restore model, optimizer, scheduler and RNG states; return the step to continue from."""
-    engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=not lora)
+    if (folder / "fsdp2").is_dir():
+        engine.load_state(folder / "fsdp2")
+    else:
+        engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=not lora)
     rng = folder / "rng" / f"rank{rank}.pt"
     if rng.is_file():  # absent when resuming on a different world size
         _set_rng_state(torch.load(rng, weights_only=True))
     return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+
+
+def saved_world_size(folder: Path) -> int | None:
+    """The world size that wrote the checkpoint (trainer_state.json), or None if unreadable."""
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,6 +242,73 @@ def _check_files(folder: Path) -> None:
                                   f"{MANIFEST}): remove it, or delete the checkpoint")
         if Path(rel).suffix in PICKLE_SUFFIXES:
             _check_pickle(folder, rel)
+        if Path(rel).name == ".metadata":
+            _check_dcp_metadata(folder, rel)
+
+
+# DCP's .metadata is a plain pickle (FileSystemReader calls pickle.load): the classes it may name. Tensors in
+# the .distcp files are read with weights_only=True; pickled non-tensor entries (BytesStorageMetadata) would be
+# unpickled without restriction, and seqpar never writes any.
+DCP_MODULES = ("torch.distributed.checkpoint.",)
+DCP_GLOBALS = {"torch.Size", "torch.serialization._get_layout", "pathlib.PosixPath", "pathlib.WindowsPath",
+               "pathlib.PurePosixPath", "collections.OrderedDict", "builtins.set", "builtins.frozenset"}
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """Every ``module.name`` a plain pickle would import, read without running any of it: the unpickler
+    resolves each global to an inert stub (no import, no call, no ``__setstate__`` of a real class)."""
+    import pickle
+
+    found: list[str] = []
+
+    class Stub:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __setstate__(self, state: Any) -> None:
+            pass
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            pass
+
+        def append(self, value: Any) -> None:
+            pass
+
+        def extend(self, values: Any) -> None:
+            pass
+
+        add = append
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            found.append(f"{module}.{name}")
+            return type("Stub", (Stub,), {})
+
+        def persistent_load(self, pid: Any) -> Any:
+            return None
+
+    with path.open("rb") as fh:
+        Reader(fh).load()
+    return found
+
+
+def _dcp_global_ok(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if name in DCP_GLOBALS or (module + ".").startswith(DCP_MODULES):
+        return not name.endswith(".BytesStorageMetadata")
+    return module == "torch" and isinstance(getattr(torch, attr, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format))
+
+
+def _check_dcp_metadata(folder: Path, rel: str) -> None:
+    try:
+        bad = sorted({g for g in pickle_globals(folder / rel) if not _dcp_global_ok(g)})
+    except Exception as err:  # a truncated or foreign file: any failure to read it refuses the checkpoint
+        raise CheckpointError(f"checkpoint {folder}: {rel} refused: not a readable checkpoint index "
+                              f"({type(err).__name__}); it is corrupt or truncated: {_fix(folder)}") from err
+    if bad:
+        raise CheckpointError(f"checkpoint {folder}: {rel} refused: unpickling it would import {bad}, which could "
+                              f"run code (not written by seqpar train): {_fix(folder)}")
 
 
 def _model_differences(saved: Recipe, recipe: Recipe) -> list[str]:
@@ -235,13 +339,19 @@ def verify_checkpoint(folder: Path, recipe: Recipe, world_size: int) -> int:
         raise CheckpointError(f"checkpoint {folder}: trainer_state.json or recipe.yaml is unreadable "
                               f"({type(err).__name__}): delete the checkpoint to resume from the one before it, "
                               "or start fresh (no --resume, checkpoint.resume=never)") from err
+    saved_engine = state.get("engine", "deepspeed")
+    if saved_engine != recipe.engine:
+        raise CheckpointError(f"checkpoint {folder} was written by engine={saved_engine}; this run has "
+                              f"engine={recipe.engine}: resume it with engine={saved_engine}, or start fresh in a new "
+                              "trainer.output_dir (its adapter/ or model/ folder holds the weights either engine can "
+                              "start from)")
     diff = _model_differences(saved, recipe)
     if diff:
         raise CheckpointError(f"checkpoint {folder} was written for a different model ({'; '.join(diff)}): resume "
                               "it with the recipe that wrote it, or give this run a new trainer.output_dir "
                               "(or checkpoint.dir)")
     saved_world = state.get("world_size", world_size)
-    if saved_world != world_size:
+    if saved_world != world_size and recipe.engine == "deepspeed":
         raise CheckpointError(f"checkpoint {folder} was written by world size {saved_world}; this run has "
                               f"{world_size}: launch {saved_world} processes to resume it (ZeRO shards are per "
                               "rank), or start fresh in a new trainer.output_dir")

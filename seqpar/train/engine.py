@@ -1,4 +1,9 @@
-"""The DeepSpeed engine built from a recipe: ZeRO stage, offload, AdamW, LR schedule, clipping.
+"""The engine built from a recipe: DeepSpeed (ZeRO stage, offload) or FSDP2 (``engine: fsdp2``,
+seqpar/train/fsdp2.py), with AdamW, the LR schedule and clipping.
+
+Both engines follow one contract, which the trainer's loss scaling relies on: ``backward(x)`` backpropagates
+x / G and the gradient reduction averages over all W ranks. DeepSpeed does so as described below; the FSDP2
+engine divides by G itself and pins FSDP2's reduce-scatter divide factor to W (fsdp2.py).
 
 Sequence parallelism, accumulation and DeepSpeed's gradient averaging. DeepSpeed (given no ``mpu``) treats
 all W = S D ranks (SP size S, DP size D) as data parallel: ``engine.backward(x)`` backpropagates x / G
@@ -84,8 +89,13 @@ def gradient_precision(recipe: Recipe) -> dict:
     return out
 
 
-def build_engine(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> Any:
-    """``deepspeed.initialize`` over the trainable parameters (the frozen base stays out of the optimizer)."""
+def build_engine(model: torch.nn.Module, recipe: Recipe, device: torch.device, parallel: Any = None) -> Any:
+    """``deepspeed.initialize`` over the trainable parameters (the frozen base stays out of the optimizer), or
+    with ``engine: fsdp2`` the FSDP2 engine over ``parallel``'s (dp, sp) mesh."""
+    if recipe.engine == "fsdp2":
+        from seqpar.train.fsdp2 import build_fsdp2_engine
+
+        return build_fsdp2_engine(model, recipe, parallel)
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -106,8 +106,9 @@ def build_base_model(recipe: Recipe, folder: Path, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_model(recipe: Recipe, path: str | Path) -> Any:
-    """The causal LM at ``path`` with the recipe's RoPE scaling and dtype (on CPU; the engine moves it)."""
+def load_model(recipe: Recipe, path: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """The causal LM at ``path`` with the recipe's RoPE scaling and dtype (on CPU; the engine moves it).
+    ``dtype`` overrides trainer.dtype: FSDP2 keeps float32 master weights and casts to bf16 for compute."""
     from transformers import AutoModelForCausalLM
 
     m = recipe.model
@@ -118,7 +119,7 @@ def load_model(recipe: Recipe, path: str | Path) -> Any:
     apply_rope_scaling(recipe, config)
     safe = any(Path(path).glob("*.safetensors"))  # then pickle .bin files next to them are never read
     return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=torch_dtype(recipe), trust_remote_code=m.trust_remote_code,
+        path, config=config, dtype=dtype or torch_dtype(recipe), trust_remote_code=m.trust_remote_code,
         use_safetensors=True if safe else None,
     )
 

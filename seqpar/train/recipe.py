@@ -137,6 +137,17 @@ class DeepSpeedSection:
 
 
 @dataclass
+class Fsdp2Section:
+    """``engine: fsdp2`` (seqpar/train/fsdp2.py): FSDP2 ``fully_shard`` over all dp x sp ranks of a DeviceMesh."""
+
+    # true: free each layer's gathered weights after its forward (ZeRO-3-like); false: keep them until its
+    # backward (ZeRO-2-like: more memory, one all-gather per layer and step less)
+    reshard_after_forward: bool = True
+    offload: Literal["none", "cpu"] = "none"  # CPUOffloadPolicy: sharded parameters, gradients, Adam on the host
+    dp_size: int | None = None  # None: world / attention.sp_size; if set, the mesh must be dp_size x sp_size
+
+
+@dataclass
 class MemorySection:
     """Longest context per device (seqpar.models.fused_loss / tiled_mlp / offload; ALST's three pieces)."""
 
@@ -188,7 +199,9 @@ class Recipe:
     rope_scaling: RopeScalingSection = field(default_factory=RopeScalingSection)
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"  # who shards and steps: DeepSpeed ZeRO or FSDP2
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    fsdp2: Fsdp2Section = field(default_factory=Fsdp2Section)
     memory: MemorySection = field(default_factory=MemorySection)
     launch: LaunchSection = field(default_factory=LaunchSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -196,7 +209,17 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every section, but only the section of the engine that runs (``deepspeed`` or ``fsdp2``): a saved
+        recipe loads again without tripping the check that refuses the other engine's settings."""
+        out = dataclasses.asdict(self)
+        out.pop("fsdp2" if self.engine == "deepspeed" else "deepspeed")
+        return out
+
+
+def given_sections(recipe: Recipe) -> frozenset[str]:
+    """Top-level keys the YAML file or an override wrote (``engine: fsdp2`` with a ``deepspeed:`` section is an
+    error, which the filled-in defaults alone cannot tell apart from no section). Empty for a ``Recipe()``."""
+    return getattr(recipe, "_given", frozenset())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,7 +311,9 @@ def recipe_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
             if not isinstance(node, dict):
                 raise RecipeError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    return _build(Recipe, data)
+    recipe = _build(Recipe, data)
+    recipe._given = frozenset(data)  # not a dataclass field: asdict (the saved recipe) leaves it out
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

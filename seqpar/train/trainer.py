@@ -1,10 +1,13 @@
-"""The training loop: recipe -> process groups -> model (+ LoRA, + seqpar attention) -> DeepSpeed -> steps.
+"""The training loop: recipe -> process groups -> model (+ LoRA, + seqpar attention) -> engine -> steps.
+
+The engine is DeepSpeed ZeRO (default) or FSDP2 (``engine: fsdp2``, seqpar/train/fsdp2.py); both follow the
+contract of seqpar/train/engine.py, so the loop, the loss rule, checkpoints and preemption are shared.
 
 Per optimizer step, each DP rank takes its global batch (all ranks of an SP group take the same one),
 ``shard_batch`` keeps this rank's tokens (globally shifted labels, global positions, packed-document
 boundaries), the patched model runs the SP attention primitive, and each rank's summed token loss is
 backpropagated scaled by ``W G / T`` (T: the target tokens of the whole step, counted before the first
-forward), so that after DeepSpeed's division by G = grad_accum and average over the W ranks the gradient is
+forward), so that after the engine's division by G = grad_accum and average over the W ranks the gradient is
 exactly that of the token mean of the whole global batch, whatever the split (``train_step``; engine.py).
 """
 
@@ -60,7 +63,9 @@ def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
 def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
     from seqpar.models import patch_model
 
-    model = load_model(recipe, path)
+    # FSDP2 shards float32 master weights and casts to bf16 per layer (MixedPrecisionPolicy); DeepSpeed's bf16
+    # mode takes a bf16 model and keeps its own float32 copy in the optimizer.
+    model = load_model(recipe, path, torch.float32 if recipe.engine == "fsdp2" else None)
     model.config.use_cache = False
     a = recipe.attention
     patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
@@ -140,7 +145,7 @@ def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: 
         local = causal_lm_loss(engine, sp, y, parallel, chunk_size=loss_chunk(recipe), reduction="sum")
         if faults.nan_loss(step + 1):
             local = local * float("nan")
-        engine.backward(local * scale.to(local.dtype))  # DeepSpeed then divides by G and averages over W
+        engine.backward(local * scale.to(local.dtype))  # the engine divides by G and averages over W
         faults.maybe_kill("step", step + 1, parallel.rank, parallel.world_size)
         engine.step()
         summed += local.detach().double()
@@ -199,13 +204,11 @@ class Run:
 
 
 def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> Run:
-    """Process groups, data, model (+ LoRA, + seqpar attention), DeepSpeed engine, resumed state.
+    """Process groups, data, model (+ LoRA, + seqpar attention), engine (DeepSpeed or FSDP2), resumed state.
 
     ``validated``: the caller (``seqpar train``) already ran ``validate(recipe, world, check_paths=True)`` and
     verified the checkpoint to resume, before the rendezvous; otherwise it is done here, once.
     """
-    import deepspeed
-
     preempt = Preemption(recipe)  # first: a signal during start-up stops the run after its first step
     parallel = join(recipe)
     if parallel.is_main:
@@ -218,9 +221,12 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
         if latest is not None:  # before any model is built, on every rank alike (no collective involved)
             ckpt.verify_checkpoint(latest, recipe, parallel.world_size)
     ckpt.refuse_earlier_run(recipe, resume, parallel)  # before anything is written: resume it or refuse
-    export_rank_env(parallel)
-    deepspeed.init_distributed(dist_backend=parallel.backend)
-    _warn_accelerate_mismatch(recipe, parallel)
+    if recipe.engine == "deepspeed":
+        import deepspeed
+
+        export_rank_env(parallel)
+        deepspeed.init_distributed(dist_backend=parallel.backend)
+        _warn_accelerate_mismatch(recipe, parallel)
     torch.manual_seed(recipe.trainer.seed)
     tokenizer = load_tokenizer(recipe)
     samples, held_out = split_eval(build_dataset(recipe, tokenizer), recipe, tokenizer, parallel.dp_size)
@@ -229,12 +235,17 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
     # initialisation, and with it the whole run, is the same on every rank and on every rerun.
     torch.manual_seed(recipe.trainer.seed)
     model = prepare_model(recipe, base, parallel)
-    engine = build_engine(model.to(parallel.device), recipe, parallel.device)
+    engine = build_engine(model.to(parallel.device), recipe, parallel.device, parallel)
+    facts = engine.describe() if recipe.engine == "fsdp2" else None  # collective
+    if facts is not None and parallel.is_main:
+        print(_describe_fsdp2(facts), flush=True)
     start = 0
     if latest is not None:
         start = ckpt.load_checkpoint(engine, latest, rank=parallel.rank, lora=recipe.lora.enabled)
         if parallel.is_main:
-            print(f"resumed from {latest} at step {start}", flush=True)
+            saved, world = ckpt.saved_world_size(latest), parallel.world_size  # differ only under FSDP2 (DCP)
+            moved = "" if saved in (None, world) else f" (written by {saved} ranks, resharded to {world})"
+            print(f"resumed from {latest} at step {start}{moved}", flush=True)
     # from_pretrained returns an eval()-mode model and DeepSpeed keeps it: without this S2/SF would run their
     # eval-time full attention and gradient checkpointing (active only in training mode) would be off.
     engine.module.train()
@@ -242,48 +253,68 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
 
 
 def loop(run: Run) -> list[dict]:
-    """Optimizer steps from ``run.start`` to ``trainer.max_steps``: log, evaluate, checkpoint; returns the logs."""
+    """Optimizer steps from ``run.start`` to ``trainer.max_steps``: log, evaluate, checkpoint; returns the logs.
+    The engine is read from ``run`` each time (no local holds it): a preempted run releases it before exiting."""
     from seqpar.models import attention_calls
 
-    recipe, parallel, engine, samples = run.recipe, run.parallel, run.engine, run.samples
+    recipe, parallel, samples = run.recipe, run.parallel, run.samples
     logger = MetricsLogger(recipe, rank=parallel.rank, start_step=run.start, resumed=run.resumed)
     tokens_per_step = recipe.data.seq_len * recipe.trainer.micro_batch * recipe.trainer.grad_accum * parallel.dp_size
     history, every = [], recipe.checkpoint.every
     for step in range(run.start + 1, recipe.trainer.max_steps + 1):
-        t0, lr = time.perf_counter(), engine.get_lr()[0]  # the lr this step uses
-        loss, targets = train_step(engine, samples, recipe, step - 1, parallel)
+        t0, lr = time.perf_counter(), run.engine.get_lr()[0]  # the lr this step uses
+        loss, targets = train_step(run.engine, samples, recipe, step - 1, parallel)
         if not math.isfinite(loss):  # the same value on every rank (a world token mean): all stop together
             raise TrainingError(nan_message(loss, step, lr, ckpt.latest_checkpoint(run.root)))
         # loss: the mean over the step's `targets` target tokens (the loss rule, train_step)
-        metrics = {"loss": loss, "target_tokens": targets, "lr": lr, "grad_norm": _grad_norm(engine),
+        metrics = {"loss": loss, "target_tokens": targets, "lr": lr, "grad_norm": _grad_norm(run.engine),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t0), "seq_len": recipe.data.seq_len,
                    "max_steps": recipe.trainer.max_steps,
                    # which attention the layers really ran (s2/sf fall back to full in eval mode)
-                   "attention_calls": attention_calls(engine.module, reset=True)}
+                   "attention_calls": attention_calls(run.engine.module, reset=True)}
         if recipe.eval.every and step % recipe.eval.every == 0:
-            metrics["eval_loss"] = evaluate(engine, run.held_out, recipe, parallel)
-            metrics["eval_attention_calls"] = attention_calls(engine.module, reset=True)
+            metrics["eval_loss"] = evaluate(run.engine, run.held_out, recipe, parallel)
+            metrics["eval_attention_calls"] = attention_calls(run.engine.module, reset=True)
         logger.log(step, metrics, parallel.device)
         history.append({"step": step, "loss": loss})
         saved = (every and step % every == 0) or step == recipe.trainer.max_steps
         if saved:
-            ckpt.save_checkpoint(engine, recipe, step, rank=parallel.rank, base_model=run.base,
-                                 tokenizer=run.tokenizer)
+            _save(run, step)
         if run.preempt.requested(parallel) and step < recipe.trainer.max_steps:  # one 4-byte all_reduce per step
-            run.preempt.exit(step, parallel, None if saved else partial(
-                ckpt.save_checkpoint, engine, recipe, step, rank=parallel.rank, base_model=run.base,
-                tokenizer=run.tokenizer), logger.close)
+            run.preempt.exit(step, parallel, None if saved else partial(_save, run, step),
+                             partial(_close, run, logger))
     run.preempt.close()
     logger.close()
     return history
+
+
+def _save(run: Run, step: int) -> None:
+    ckpt.save_checkpoint(run.engine, run.recipe, step, rank=run.parallel.rank, base_model=run.base,
+                         tokenizer=run.tokenizer)
+
+
+def _close(run: Run, logger: MetricsLogger) -> None:
+    logger.close()
+    release(run)
 
 
 def train(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> list[dict]:
     """Run the recipe under the launcher's environment (torchrun, srun or one process); returns the logs."""
     run = setup(recipe, resume=resume, validated=validated)
     history = loop(run)
+    release(run)
     run.parallel.destroy()  # a clean exit: torch warns about process groups left alive
     return history
+
+
+def release(run: Run) -> None:
+    """Drop the engine before the process groups go: FSDP2's sharded state and its DeviceMesh hold gloo work
+    objects, and a gloo group destroyed only at interpreter shutdown aborts the process (SIGABRT, "terminate
+    called without an active exception") when those still reference tensors."""
+    import gc
+
+    run.engine = None
+    gc.collect()
 
 
 def export_rank_env(parallel: ParallelState) -> None:
@@ -311,6 +342,13 @@ def _warn_accelerate_mismatch(recipe: Recipe, parallel: ParallelState) -> None:
     if parallel.is_main and stage is not None and int(stage) != recipe.deepspeed.zero_stage:
         print(f"seqpar: accelerate config asks for ZeRO-{stage}, the recipe for ZeRO-{recipe.deepspeed.zero_stage}: "
               f"using the recipe's (override with deepspeed.zero_stage={stage})", flush=True)
+
+
+def _describe_fsdp2(facts: dict) -> str:
+    """The startup line of an FSDP2 run: the mesh and what really is sharded (tests/test_fsdp2.py reads it)."""
+    import json
+
+    return "seqpar: fsdp2 " + json.dumps(facts)
 
 
 def _grad_norm(engine: Any) -> float | None:

@@ -22,7 +22,7 @@ from seqpar.models.families import (
 from seqpar.sharding import ShardingError, check_divisible
 from seqpar.train.memory import check_memory
 from seqpar.train.preemption import check_signals
-from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError
+from seqpar.train.recipe import LINEAR_MODEL_TYPES, SOFTMAX_MODEL_TYPES, Recipe, RecipeError, given_sections
 
 TRAINABLE_EXTRAS = {"embed": "embed_tokens", "norm": "norm", "lm_head": "lm_head"}
 BYTE_VOCAB = 259  # 256 bytes + <pad>, <s>, </s> (seqpar.train.data.byte_tokenizer)
@@ -53,6 +53,34 @@ def _check_numbers(r: Recipe, errors: list[str]) -> None:
     if r.deepspeed.offload != "none" and r.deepspeed.zero_stage == 0:
         errors.append(f"deepspeed.offload={r.deepspeed.offload!r} needs ZeRO: set deepspeed.zero_stage to 2 or 3 "
                       "or deepspeed.offload=none")
+
+
+def _check_engine(r: Recipe, world_size: int | None, errors: list[str], cuda: bool | None) -> None:
+    """The engine's own section, and only that one: a ``deepspeed:`` section under ``engine: fsdp2`` (or the
+    reverse) would be silently ignored, and a ZeRO stage the user asked for would not be what ran."""
+    given, f = given_sections(r), r.fsdp2
+    if r.engine == "fsdp2" and "deepspeed" in given:
+        errors.append(f"engine=fsdp2 with a deepspeed section (deepspeed.zero_stage={r.deepspeed.zero_stage}): FSDP2 "
+                      "shards parameters, gradients and optimizer states over all dp x sp ranks itself, so a ZeRO "
+                      "stage does not apply: remove the deepspeed section (fsdp2.reshard_after_forward=false is the "
+                      "ZeRO-2-like setting, fsdp2.offload=cpu the offload) or set engine=deepspeed")
+    if r.engine == "deepspeed" and "fsdp2" in given:
+        errors.append("fsdp2 section with engine=deepspeed: its settings would be ignored: set engine=fsdp2, or "
+                      "remove the fsdp2 section")
+    if r.engine != "fsdp2":
+        return
+    sp = r.attention.sp_size
+    if f.dp_size is not None and f.dp_size < 1:
+        errors.append(f"fsdp2.dp_size={f.dp_size}: must be >= 1 (or null: world size / attention.sp_size)")
+    elif f.dp_size is not None and world_size is not None and sp >= 1 and f.dp_size * sp != world_size:
+        fits = f"fsdp2.dp_size={world_size // sp}" if world_size % sp == 0 else "a world divisible by attention.sp_size"
+        errors.append(f"fsdp2.dp_size={f.dp_size} x attention.sp_size={sp} = {f.dp_size * sp} ranks, but the world "
+                      f"has {world_size}: the (dp, sp) mesh must cover every rank once: use {fits}, fsdp2.dp_size=null "
+                      f"(world / sp_size), or launch {f.dp_size * sp} processes")
+    if f.offload == "cpu" and (r.launch.device == "cpu" or cuda is False):
+        errors.append("fsdp2.offload=cpu moves sharded parameters, gradients and optimizer states from the GPU to "
+                      "host memory, but this run has no GPU (launch.device=cpu or none visible): set "
+                      "fsdp2.offload=none")
 
 
 def _check_attention(r: Recipe, config: Any, world_size: int | None, errors: list[str]) -> None:
@@ -262,6 +290,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
         _check_data_files(recipe, errors)
         _check_device(recipe, errors)
     _check_attention(recipe, config, world_size, errors)
+    _check_engine(recipe, world_size, errors, _cuda() if check_paths else None)
     check_memory(recipe, errors, cuda=_cuda() if check_paths else None)
     leaves = module_leaf_names(config) if config is not None and not errors else None
     _check_lora(recipe, leaves, errors)
