@@ -8,12 +8,13 @@ after the warm-up call (``peak_work_bytes``: temporaries only); on CUDA ``torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -39,8 +40,41 @@ class Measurement:
         return {**asdict(self), "median_s": self.median_s}
 
 
+# glibc keeps freed blocks in its arenas and returns them lazily, so a process's RSS peak depends on the order
+# of earlier frees, not only on what it holds: the memory suite (issue 28) starts its ranks with glibc told to
+# return freed blocks at once (no trim threshold; blocks of 64 KiB and more mmap-ed, so a free unmaps them),
+# which makes the peak RSS the peak of live memory. Read by glibc at process start, hence set for children.
+GLIBC_RETURNS_FREED = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@contextlib.contextmanager
+def child_environ(extra: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` plus ``extra`` for the processes started inside the block (spawn copies it then)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def rss_bytes() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Lower the process's RSS high-water mark (``ru_maxrss``, VmHWM) to its current RSS (Linux >= 4.0:
+    ``/proc/self/clear_refs`` "5"), so a later peak is the peak of what runs after this; False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_bytes() -> int:

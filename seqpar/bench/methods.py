@@ -56,14 +56,19 @@ def _qkv(cfg: dict, group, *, layout: str | None, requires_grad: bool = True):
 
 
 def _fwd_bwd(fn: Callable, tensors: list[torch.Tensor], layout: str | None, *, heads_first: bool = False):
-    """``step()``: forward + backward of ``fn(*tensors)``; returns the output as ``[B, L_local, H, D]``."""
+    """``step()``: forward + backward of ``fn(*tensors)`` with an all-ones output gradient made on the first
+    call and kept (an input, like q, k, v); returns the output as ``[B, L_local, H, D]``."""
 
     def step() -> torch.Tensor:
         for t in tensors:
             t.grad = None
         out = fn(*tensors)
-        out.backward(torch.ones_like(out))
+        if step.grad_out is None:  # the output gradient is an input like q, k, v (made once, kept)
+            step.grad_out = torch.ones_like(out)
+        out.backward(step.grad_out)
         return out.detach().transpose(1, 2) if heads_first else out.detach()
+
+    step.grad_out = None
 
     step.layout, step.inputs, step.heads_first = layout, tensors, heads_first
     return step

@@ -37,9 +37,9 @@ def derive(results: list[dict]) -> list[dict]:
                 r["mem_ratio"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
     _versus(timed)
     for r in timed:
-        if r["suite"] == "memory":  # issue 28: the peak in units of the local q [B, L/N, H, D]
+        if r["suite"] == "memory":  # issue 28: the peak above the inputs in units of the local q [B, L/N, H, D]
             local_q = r.get("batch", 1) * r["seq_len"] // r["sp"] * r["heads"] * r["head_dim"]
-            r["units"] = r["peak_mem_bytes"] / (local_q * _ITEMSIZE[r["dtype"]])
+            r["units"] = r.get("peak_call_bytes", r["peak_mem_bytes"]) / (local_q * _ITEMSIZE[r["dtype"]])
     return results
 
 

@@ -6,7 +6,15 @@ import torch
 
 import seqpar.bench.hybrid  # (registers the gdn_* and lightning_* methods)
 import seqpar.bench.training  # noqa: F401  (registers the llama_* methods)
-from seqpar.bench.measure import Measurement, MemoryProbe, TrackedPeak, time_repeats
+from seqpar.bench.measure import (
+    GLIBC_RETURNS_FREED,
+    Measurement,
+    MemoryProbe,
+    TrackedPeak,
+    child_environ,
+    reset_peak_rss,
+    time_repeats,
+)
 from seqpar.bench.methods import METHODS
 from seqpar.comm import ByteCounter
 from seqpar.launcher import RankFailed, spawn_ranks
@@ -35,14 +43,27 @@ def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
         else:
             with tracked:
                 result = step()
+    extra = {"loss": float(result)} if result.dim() == 0 else {}  # training steps return their loss
+    call = None
+    if cfg.get("live_peak") and device.type == "cpu":
+        # Issue 28's measure (the memory suite): what one call holds above its inputs, without one-time costs
+        # (imports, gloo's pair buffers, thread-pool stacks). After the warm-up, drop its output and input
+        # gradients, take the RSS (inputs + one-time costs) as the base and forget the warm-up's peak; the
+        # peak over the repeats above that base is the call's output, dO, gradients and temporaries.
+        del result
+        for t in getattr(step, "inputs", ()):
+            t.grad = None
+        call = MemoryProbe(device)
+        reset_peak_rss()
     # Working memory: above the level after the warm-up (inputs and their gradients allocated, lazily loaded
     # kernels loaded); ru_maxrss still holds the warm-up's peak, the same computation as every repeat.
     work = MemoryProbe(device)
     times = time_repeats(step, warmup=max(0, cfg["warmup"] - 1), repeats=cfg["repeats"], group=sp_group)
-    extra = {"loss": float(result)} if result.dim() == 0 else {}  # training steps return their loss
     # Peers communicate through torch.distributed directly: their bytes are unknown, not zero.
     sent, received = (None, None) if getattr(step, "peer", False) else (counter.sent, counter.received)
     extra["peak_work_bytes"] = work.peak()
+    if call is not None:
+        extra["peak_call_bytes"] = call.peak()
     return Measurement(times, total.peak() if tracked is None else tracked.peak, sent, received, extra).to_dict()
 
 
@@ -54,8 +75,10 @@ def run_config(cfg: dict, *, timeout: float) -> dict:
         from seqpar.bench.scaling import run_search
 
         return run_search(cfg, timeout=timeout)
+    env = GLIBC_RETURNS_FREED if cfg.get("live_peak") else {}
     try:
-        ranks = spawn_ranks(_run_rank, cfg["world"], args=(cfg,), threads=cfg["threads"], timeout=timeout)
+        with child_environ(env):
+            ranks = spawn_ranks(_run_rank, cfg["world"], args=(cfg,), threads=cfg["threads"], timeout=timeout)
     except RankFailed as err:
         return {**cfg, "error": str(err).strip().splitlines()[-1][:300]}
     row = {
@@ -66,6 +89,8 @@ def run_config(cfg: dict, *, timeout: float) -> dict:
         "bytes_sent_per_rank": None if ranks[0]["bytes_sent"] is None else max(r["bytes_sent"] for r in ranks),
         "ranks": ranks,
     }
+    if "peak_call_bytes" in ranks[0]["extra"]:
+        row["peak_call_bytes"] = max(r["extra"]["peak_call_bytes"] for r in ranks)
     if "loss" in ranks[0]["extra"]:
         row["loss"] = ranks[0]["extra"]["loss"]
     return row
