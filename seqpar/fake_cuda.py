@@ -18,7 +18,9 @@ read during ``import torch``, so the library must be loaded first: :func:`enviro
         ring_attention(q, q, q, group=group).sum().backward()
 
 Real CUDA tensors still fail in such a process (there is no CUDA library), and ``torch.cuda.is_available()``
-stays False: only fake tensors are CUDA here. The build (~20 s once per machine, cached by PyTorch in
+stays False: only fake tensors are CUDA here. seqpar's deliberate host reads go through
+``seqpar.kernels.host.host_read``, which gives fake tensors and fake groups their declared stand-in values;
+tests/test_cuda_paths.py and docs/gpu.md use all of this. The build (~20 s once per machine, cached by PyTorch in
 ``$TORCH_EXTENSIONS_DIR``) runs in a child process, so the building process is left unchanged.
 """
 

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from seqpar.comm import Group, all_gather, group_rank, group_size
+from seqpar.kernels.host import host_read
 
 Layout = Literal["zigzag", "contiguous"]
 LAYOUTS = ("zigzag", "contiguous")
@@ -118,7 +119,7 @@ def host_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     version = _version(cu_seqlens)
     if memo is not None and version is not None and memo[0] == version:
         return memo[1]
-    bounds = tuple(int(c) for c in cu_seqlens.reshape(-1).tolist())
+    bounds = tuple(int(c) for c in host_read(cu_seqlens.reshape(-1), "cu_seqlens"))
     remember_bounds(cu_seqlens, bounds)
     return bounds
 
@@ -161,10 +162,12 @@ def document_ids(cu_seqlens: torch.Tensor, seq_len: int, positions: torch.Tensor
                  device=None) -> torch.Tensor:
     """Document id of each global position (default: every position ``0..seq_len-1``), ``[len(positions)]``,
     under ``document_bounds``' rule."""
-    cu = document_bounds(cu_seqlens, seq_len)
+    document_bounds(cu_seqlens, seq_len)  # validates (host ints, read once per tensor)
     device = cu_seqlens.device if device is None else device
     positions = torch.arange(seq_len, device=device) if positions is None else positions.to(device)
-    return torch.searchsorted(torch.tensor(cu, device=device), positions, right=True) - 1
+    # the validated tensor itself (no tensor made from the host ints: a blocking copy to a GPU)
+    bounds = cu_seqlens.to(device=device, dtype=torch.int64)
+    return torch.searchsorted(bounds, positions, right=True) - 1
 
 
 def local_documents(cu_seqlens: torch.Tensor | None, n: int, world_size: int, rank: int) -> list[tuple[int, int, int]]:

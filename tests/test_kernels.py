@@ -148,3 +148,115 @@ def test_square_block_with_explicit_positions_is_not_plain_causal(backend):
     k_pos = torch.cat([torch.arange(16, 32), torch.arange(32, 48)])
     mask = k_pos[None] <= pos[:, None]
     check_block(q, k, v, mask, 2e-6, causal=True, q_pos=pos, k_pos=k_pos, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------ flash-attn varlen
+
+
+def reference_flash_attn():
+    """A stand-in ``flash_attn`` module in pure PyTorch, written from flash-attn's documented semantics
+    (flash_attn_interface.py docstrings): ``flash_attn_varlen_func`` takes ``[total, H, D]`` tensors and int32
+    ``cu_seqlens``; causal masks are aligned to the bottom-right corner of each sequence (query i of Lq sees
+    keys j <= i + Lk - Lq); GQA head h reads kv head h // (H / Hkv); ``return_attn_probs`` returns the lse
+    ``[H, total_q]`` float32 (``flash_attn_func``: ``[B, H, Lq]``); a row that sees no key gives 0 and lse +inf."""
+    import types
+    from collections import Counter
+
+    mod = types.ModuleType("flash_attn")
+    mod.calls = Counter()
+
+    def one(q, k, v, scale, causal):  # q [Lq, H, D], k/v [Lk, Hkv, D] -> out [Lq, H, D], lse [H, Lq]
+        Lq, H, _ = q.shape
+        Lk, Hkv = k.shape[:2]
+        kk, vv = (t.double().repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+        s = torch.einsum("qhd,khd->hqk", q.double(), kk) * scale
+        if causal:
+            keep = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
+            s = s.masked_fill(~keep, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        empty = torch.isneginf(lse)
+        p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
+        out = torch.einsum("hqk,khd->qhd", p, vv)
+        return out.to(q.dtype), torch.where(empty, float("inf"), lse).float()
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, return_attn_probs=False):
+        mod.calls["flash_attn_varlen_func"] += 1
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and q.dim() == k.dim() == 3
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        assert len(cq) == len(ck) and cq[0] == ck[0] == 0 and cq[-1] == q.shape[0] and ck[-1] == k.shape[0]
+        assert max(b - a for a, b in itertools.pairwise(cq)) == max_seqlen_q
+        assert max(b - a for a, b in itertools.pairwise(ck)) == max_seqlen_k
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        parts = [one(q[a:b], k[c:d], v[c:d], scale, causal) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])]
+        out, lse = torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts], dim=1)
+        return (out, lse, None) if return_attn_probs else out
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_attn_probs=False):
+        mod.calls["flash_attn_func"] += 1
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        parts = [one(q[b], k[b], v[b], scale, causal) for b in range(q.shape[0])]
+        out, lse = torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts])
+        return (out, lse, None) if return_attn_probs else out
+
+    mod.flash_attn_varlen_func, mod.flash_attn_func = flash_attn_varlen_func, flash_attn_func
+    return mod
+
+
+def test_reference_flash_attn_follows_its_documented_masks():
+    """flash-attn's docstring: seqlen_q = 2, seqlen_k = 5 keeps [[1 1 1 1 0], [1 1 1 1 1]]; seqlen_q = 5,
+    seqlen_k = 2 keeps rows [0 0] x 3, [1 0], [1 1], and an all-zero row gives output zero (lse +inf)."""
+    fa = reference_flash_attn()
+    g = torch.Generator().manual_seed(0)
+    for lq, lk, keep in ((2, 5, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), (5, 2, [[0, 0]] * 3 + [[1, 0], [1, 1]])):
+        q, k, v = (torch.randn(n, 2, 8, generator=g, dtype=torch.float64) for n in (lq, lk, lk))
+        out, lse, _ = fa.flash_attn_varlen_func(q, k, v, torch.tensor([0, lq], dtype=torch.int32),
+                                                torch.tensor([0, lk], dtype=torch.int32), lq, lk, causal=True,
+                                                return_attn_probs=True)
+        mask = torch.tensor(keep, dtype=torch.bool)
+        ref_out, ref_lse = dense_attention(q[None], k[None], v[None], mask)
+        assert lse.shape == (2, lq) and lse.dtype == torch.float32
+        empty = ~mask.any(1)
+        assert torch.equal(torch.isposinf(lse), empty[None].expand(2, -1))
+        assert torch.allclose(out, ref_out[0]) and torch.allclose(lse[:, ~empty].double(), ref_lse[0][:, ~empty])
+
+
+def _varlen_plans():
+    from seqpar.kernels import aligned_plan, spans_plan
+    from seqpar.sharding import local_chunks
+
+    L, N = 96, 3
+    runs = [local_chunks(L, N, r, "zigzag") for r in range(N)]
+    cu = [0, 10, 10, 40, 41, 90, 96]  # an empty document, a one-token one, documents crossing chunks
+    return {
+        "zigzag diagonal, documents": spans_plan(runs[1], runs[1], causal=True, cu_seqlens=cu),
+        "zigzag src < rank, documents": spans_plan(runs[2], [runs[0][0]], causal=True, cu_seqlens=cu),
+        "zigzag src > rank, documents": spans_plan([runs[0][1]], runs[2], causal=True, cu_seqlens=cu),
+        "contiguous diagonal, documents": spans_plan([(32, 64)], [(32, 64)], causal=True, cu_seqlens=cu),
+        "bottom-right, Lq < Lk": aligned_plan(24, 40, "bottom_right"),
+        "bottom-right, Lq > Lk": aligned_plan(40, 24, "bottom_right"),
+        "window": aligned_plan(40, 40, True, window=7),
+    }
+
+
+@pytest.mark.parametrize("name", list(_varlen_plans()))
+def test_flash_attn_varlen_adapter_matches_the_tiled_kernel(monkeypatch, name):
+    """A packed block through ``flash_attn_varlen_func`` (one call) equals the tiled kernel on the same plan,
+    output and lse (with -inf for rows that see no key); a plan that is not one varlen call (a window's
+    anti-diagonals) runs piece by piece through ``flash_attn_func``."""
+    from seqpar.kernels import softmax
+
+    plan = _varlen_plans()[name]
+    fa = reference_flash_attn()
+    monkeypatch.setattr(softmax, "_flash_attn_module", lambda: fa)
+    q, k, v = make_qkv(B=2, Lq=plan.lq, Lk=plan.lk, H=4, Hkv=2, D=16, dtype=torch.float32)
+    got_out, got_lse = softmax._plan_forward(q, k, v, 0.3, plan, "flash_attn", 16)
+    ref_out, ref_lse = softmax._plan_forward(q, k, v, 0.3, plan, "torch", 16)
+    varlen = softmax.varlen_segments(plan)
+    assert (varlen is None) == (name == "window")
+    assert fa.calls == ({"flash_attn_varlen_func": 1} if varlen else {"flash_attn_func": len(plan.pieces)})
+    assert got_out.dtype == got_lse.dtype == torch.float32 and got_lse.shape == ref_lse.shape
+    assert torch.equal(torch.isneginf(got_lse), torch.isneginf(ref_lse))
+    seen = torch.isfinite(ref_lse)
+    assert torch.allclose(got_lse[seen], ref_lse[seen], atol=1e-5)
+    assert torch.allclose(got_out, ref_out, atol=1e-5)

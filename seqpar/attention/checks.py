@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import Group, _all_gather_flat, group_size
+from seqpar.kernels.host import host_read
 from seqpar.sharding import check_divisible, chunks_per_rank, host_bounds
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -28,7 +29,9 @@ def _gather_ints(values: dict[str, list[int]], group: Group) -> dict[str, list[l
     mine = torch.tensor(row, dtype=torch.int64, device=dev)
     everyone = torch.empty(n * len(row), dtype=torch.int64, device=dev)
     _all_gather_flat(everyone, mine, group=group)
-    table, out, at = everyone.view(n, len(row)).tolist(), {}, 0
+    # The one deliberate read of a forward (a host sync on nccl); simulated, every rank has this rank's values.
+    table = host_read(everyone.view(n, len(row)), "shape_check", lambda: [list(row)] * n, group=group)
+    out, at = {}, 0
     for name, v in values.items():
         out[name], at = [r[at : at + len(v)] for r in table], at + len(v)
     return out
@@ -238,12 +241,17 @@ def check_linear_args(q, k, v, *, decay, causal: bool, block_size: int) -> torch
             f"decay={decay!r} with causal=False: decay λ^(t-s) is defined only for s <= t; pass decay=None "
             "(non-causal linear attention is Q · Σ_s k_s^T v_s) or causal=True"
         )
+    bad = ValueError(f"decay={decay!r}: pass None, a float, or a tensor [{H}] (one per query head), values in (0, 1]")
+    if not isinstance(decay, torch.Tensor):  # a number is checked on the host: no device read per call
+        if not isinstance(decay, (int, float)) or not 0 < float(decay) <= 1:
+            raise bad
+        return torch.full((H,), float(decay), dtype=acc, device=q.device).log()  # a fill: no copy to the GPU
     # A tensor keeps its autograd graph (learned decay): log λ gets a gradient through ``decay_grad``.
-    lam = decay if isinstance(decay, torch.Tensor) else torch.tensor(float(decay), dtype=torch.float64)
-    lam = lam.to(device=q.device, dtype=acc).flatten()
-    lam = lam.expand(H) if lam.numel() == 1 else lam
-    if lam.shape != (H,) or not bool(((lam.detach() > 0) & (lam.detach() <= 1)).all()):
-        raise ValueError(
-            f"decay={decay!r}: pass None, a float, or a tensor [{H}] (one per query head), values in (0, 1]"
-        )
-    return lam.log()
+    if decay.numel() not in (1, H) or decay.is_complex():
+        raise bad
+    if decay.device.type == "cpu":  # the range check reads the values: free on CPU, a host sync per layer on a GPU
+        ok = ((decay.detach() > 0) & (decay.detach() <= 1)).all()
+        if not host_read(ok, "decay_check", lambda: True):
+            raise bad
+    lam = decay.to(device=q.device, dtype=acc).flatten()
+    return (lam.expand(H) if lam.numel() == 1 else lam).log()

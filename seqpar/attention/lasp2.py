@@ -214,14 +214,16 @@ class _LASP2(torch.autograd.Function):
         return (*grads_out, d_log_decay, None, None, None)
 
 
-def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_size: int):
-    """Validate (locally, then lengths collectively) and repeat GQA k, v heads; returns (k, v, log_decay).
+def prepare_linear_inputs(q, k, v, *, group: Group, decay, causal: bool, block_size: int, validate: bool = True):
+    """Validate (locally, then lengths collectively unless ``validate=False``) and repeat GQA k, v heads;
+    returns (k, v, log_decay).
 
     Shared with LASP-1 (``seqpar.attention.lasp1``)."""
     # Lengths may differ per rank: compare them collectively FIRST, so a rank that would raise below never
     # leaves the others waiting in a collective (the remaining checks give the same verdict on every rank).
-    lengths = torch.empty((*q.shape[:2], *k.shape[:2], *v.shape[:2]), device="meta")
-    check_same_shape(lengths, group=group, name="[batch, seq] of q, k, v")
+    if validate:
+        lengths = torch.empty((*q.shape[:2], *k.shape[:2], *v.shape[:2]), device="meta")
+        check_same_shape(lengths, group=group, name="[batch, seq] of q, k, v")
     log_decay = check_linear_args(q, k, v, decay=decay, causal=causal, block_size=block_size)
     groups = q.shape[2] // k.shape[2]
     if groups > 1:  # autograd sums the repeated heads' gradients back
@@ -250,6 +252,7 @@ def lasp2_linear_attention(
     block_size: int = DEFAULT_LINEAR_BLOCK,
     cu_seqlens: torch.Tensor | None = None,
     layout: str = "contiguous",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Exact linear attention over the whole sequence from this rank's shard (LASP-2).
 
@@ -265,13 +268,15 @@ def lasp2_linear_attention(
             only): the state resets at every document start. None: one document.
         layout: ``"contiguous"`` or ``"zigzag"`` (causal: two pieces per rank, 2N states gathered; non-causal
             attention is the same sum in any layout).
+        validate: compare the lengths across ranks (one small collective, a host read); False skips it when
+            the caller already did in this forward (a model's layers after the first).
 
     Returns:
         ``[B, L/N, H, Dv]``, this rank's shard of the output, in q's dtype.
     """
     check_layout(layout)
     k, v, log_decay = prepare_linear_inputs(
-        q, k, v, group=group, decay=decay, causal=causal, block_size=block_size
+        q, k, v, group=group, decay=decay, causal=causal, block_size=block_size, validate=validate
     )
     if cu_seqlens is not None and not causal:
         raise ValueError("cu_seqlens with causal=False: packed documents need causal linear attention")

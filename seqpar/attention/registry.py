@@ -156,7 +156,8 @@ ATTENTIONS: dict[str, AttentionSpec] = {s.name: s for s in (
     AttentionSpec("lasp2", "seqpar.attention.lasp2:lasp2_linear_attention", ("contiguous",), models="linear",
                   why_layout="LASP-2 needs the contiguous layout (each rank's prefix state covers all earlier "
                              "tokens)",
-                  options=("causal", "decay", "block_size"), reference="seqpar.kernels.reference:linear_reference",
+                  options=("causal", "decay", "block_size", "validate"),
+                  reference="seqpar.kernels.reference:linear_reference",
                   comm_bytes="seqpar.attention.lasp2:lasp2_bytes"),
 )}
 NAMES = tuple(ATTENTIONS)

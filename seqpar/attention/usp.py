@@ -36,6 +36,7 @@ all-to-all terms are unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,7 +46,8 @@ from seqpar.attention.checks import check_options, check_qkv, check_sinks, effec
 from seqpar.attention.ring import ring_attention, ring_bytes
 from seqpar.attention.ulysses import head_share, heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
-from seqpar.sharding import Layout, global_index
+from seqpar.kernels.host import count, fake_backend
+from seqpar.sharding import Layout, global_index, local_chunks
 
 
 def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
@@ -66,7 +68,11 @@ def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
         return None, None
     mine = (tuple(global_rank(group, i) for i in range(n)), ulysses_degree)
     everyone: list[tuple | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)  # every world rank must create every sub-group, in one order
+    count("subgroups")  # a host read, once per (group, degree): setup, not a forward
+    if fake_backend(group):  # a simulated world (seqpar.fake_cuda.fake_group): every rank has this SP group
+        everyone = [mine] * len(everyone)
+    else:
+        dist.all_gather_object(everyone, mine)  # every world rank must create every sub-group, in one order
     ulysses, ring = None, None
     for members, u in sorted(set(everyone)):  # each SP group with its own degree (sizes may differ)
         for i in range(len(members) // u):
@@ -117,15 +123,29 @@ def usp_bytes(q, k, v, *, group: Group = None, ulysses_group: Group = None, ring
 
 def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str, device=None) -> torch.Tensor | None:
     """Index that reorders the rank-major tokens gathered by Ulysses group ``ring_rank`` into the ring
-    rank's ``layout`` shard over ``r`` ranks; None when that is already the order (contiguous, u = 1)."""
+    rank's ``layout`` shard over ``r`` ranks; None when that is already the order (contiguous, u = 1).
+    Checked on the host once per shape (``_ring_order``) and built on the device from ranges: a call reads
+    nothing from the device and copies nothing to it."""
+    if _ring_order(seq_len, u, r, ring_rank, layout) is None:
+        return None
     n = u * r
     gathered = torch.cat([global_index(seq_len, n, ring_rank * u + j, layout, device=device) for j in range(u)])
     target = global_index(seq_len, r, ring_rank, layout, device=device)
     order = torch.argsort(gathered)
-    perm = order[torch.searchsorted(gathered[order], target)]
-    if not torch.equal(gathered[perm], target):  # the composition argument of the module docstring
+    return order[torch.searchsorted(gathered[order], target)]
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str) -> tuple[int, ...] | None:
+    n = u * r
+    gathered = [p for j in range(u) for a, b in local_chunks(seq_len, n, ring_rank * u + j, layout)
+                for p in range(a, b)]
+    target = [p for a, b in local_chunks(seq_len, r, ring_rank, layout) for p in range(a, b)]
+    where = {p: i for i, p in enumerate(gathered)}
+    if sorted(where) != sorted(target):  # the composition argument of the module docstring
         raise AssertionError(f"{layout} shards of a Ulysses group are not a ring shard (u={u}, r={r})")
-    return None if torch.equal(perm, torch.arange(len(perm), device=device)) else perm
+    perm = tuple(where[p] for p in target)
+    return None if perm == tuple(range(len(perm))) else perm
 
 
 def _check_groups(group: Group, ulysses_group: Group, ring_group: Group, validate: bool = True) -> tuple[int, int]:

@@ -67,7 +67,10 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
 
 def powers(log_decay: torch.Tensor, exponents: torch.Tensor | float) -> torch.Tensor:
     """λ_h^e as [H, len(e), 1] (or [H, 1, 1] for a scalar e), ready to scale [B, H, L, D] tensors."""
-    e = torch.as_tensor(exponents, dtype=log_decay.dtype, device=log_decay.device).reshape(1, -1)
+    if isinstance(exponents, torch.Tensor):
+        e = exponents.to(dtype=log_decay.dtype, device=log_decay.device).reshape(1, -1)
+    else:  # a fill on the device, not a blocking host-to-device copy of one number
+        e = torch.full((1, 1), float(exponents), dtype=log_decay.dtype, device=log_decay.device)
     return _exp(log_decay[:, None] * e).unsqueeze(-1)
 
 
@@ -152,8 +155,9 @@ class _Plan:
 
     def end_pow(self) -> torch.Tensor:
         """λ^(L - end of run i) as [runs, 1, H, 1, 1]: how a gradient of the final state reaches each run's end."""
-        ends = torch.tensor([r.start + r.g * r.c for r in self.runs], device=self.ld.device)
-        return powers(self.ld, self.L - ends).transpose(0, 1)[:, None, :, :, None]
+        # one fill per run (a handful), not a tensor made from host data (a blocking copy to the GPU)
+        pows = torch.cat([powers(self.ld, float(self.L - r.start - r.g * r.c)) for r in self.runs], dim=1)
+        return pows.transpose(0, 1)[:, None, :, :, None]
 
 
 def _rows(x: torch.Tensor, r: _Run) -> torch.Tensor:

@@ -27,10 +27,13 @@ blocks (``Lq != Lk``, either alignment) take the same route. The tensor masks ab
 kernel: they run the tiled kernel.
 
 Backends (``backend="auto"`` picks the first that supports the call):
-  * ``"sdpa"``: PyTorch's fused flash kernel (CPU and CUDA) for unmasked or square-causal blocks; K/V heads
-    are repeated for GQA inside this backend only.
+  * ``"sdpa"``: PyTorch's fused kernels for unmasked or square-causal blocks: the flash kernel on CPU (any
+    float dtype) and on CUDA (fp16/bf16, head_dim a multiple of 8 up to 256), the memory-efficient kernel on
+    CUDA for float32 (head_dim a multiple of 4 up to 256; it returns the lse too). The flash kernels take GQA
+    K/V as they are; for the memory-efficient one K/V heads are repeated once per block call.
   * ``"flash_attn"``: the flash-attn package's public ``flash_attn_func`` (CUDA, fp16/bf16, forward only;
-    its backward goes through ``"sdpa"``), used only when installed.
+    its backward goes through ``"sdpa"``), used only when installed. A packed block (a plan whose rows each
+    see one key run, ``varlen_segments``) is one ``flash_attn_varlen_func`` call instead of one per piece.
   * ``"torch"``: tiled PyTorch (any device, any mask), memory O(block_size^2) per head, never O(Lq x Lk);
     the reference, and the fallback for what no fused kernel computes (tensor masks, an unsupported dtype or
     head_dim). Every fallback under ``backend="auto"`` is counted (``fallback_counts()``) and warned about
@@ -48,7 +51,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from seqpar.kernels.host import is_fake
 from seqpar.kernels.merge import merge_into
 from seqpar.kernels.plan import ANTI, BlockPlan, aligned_plan, spans_plan
 
@@ -63,16 +68,29 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _Mask:
-    """Visibility rule of one block: causal over positions and/or equal segment ids; None fields = off."""
+    """Visibility rule of one block: causal over positions and/or equal segment ids; None fields = off.
+    ``shift``: the positions are ``arange(Lq) + shift`` and ``arange(Lk)`` (a plain causal mask), so which
+    tiles are wholly visible or hidden is known on the host."""
 
     q_pos: torch.Tensor | None
     k_pos: torch.Tensor | None
     q_seg: torch.Tensor | None
     k_seg: torch.Tensor | None
+    shift: int | None = None
 
     @property
     def empty(self) -> bool:
         return self.q_pos is None and self.q_seg is None
+
+    def _extent(self, qs: slice, ks: slice) -> tuple[int, int, int, int] | None:
+        """(min, max) of the tile's query positions and key positions as host ints; None when only the device
+        knows them (explicit position tensors off the CPU: reading them would sync every tile)."""
+        if self.shift is not None:
+            return qs.start + self.shift, qs.stop - 1 + self.shift, ks.start, ks.stop - 1
+        if self.q_pos.device.type != "cpu":
+            return None
+        qp, kp = self.q_pos[qs], self.k_pos[ks]
+        return int(qp.min()), int(qp.max()), int(kp.min()), int(kp.max())
 
     def tile(self, qs: slice, ks: slice) -> torch.Tensor | bool:
         """Boolean [bq, bk] visibility of a tile; True = all visible, False = nothing visible."""
@@ -80,13 +98,13 @@ class _Mask:
             return True
         vis = None
         if self.q_pos is not None:
-            qp, kp = self.q_pos[qs], self.k_pos[ks]
-            if int(kp.max()) <= int(qp.min()):
+            extent = self._extent(qs, ks)
+            if extent is not None and extent[3] <= extent[0]:
                 vis = None if self.q_seg is not None else True
-            elif int(kp.min()) > int(qp.max()):
+            elif extent is not None and extent[2] > extent[1]:
                 return False
             else:
-                vis = kp[None, :] <= qp[:, None]
+                vis = self.k_pos[ks][None, :] <= self.q_pos[qs][:, None]
             if vis is True:
                 return True
         if self.q_seg is not None:
@@ -102,11 +120,12 @@ def _make_mask(Lq, Lk, causal, q_pos, k_pos, q_seg, k_seg, device) -> _Mask:
         raise ValueError("q_pos/k_pos and q_seg/k_seg must be given in pairs")
     if q_pos is not None and causal is False:
         raise ValueError("q_pos/k_pos only define a causal mask: pass causal=True with them")
+    shift = None
     if causal and q_pos is None:
         shift = Lk - Lq if causal == "bottom_right" else 0
         q_pos = torch.arange(Lq, device=device) + shift
         k_pos = torch.arange(Lk, device=device)
-    return _Mask(q_pos, k_pos, q_seg, k_seg)
+    return _Mask(q_pos, k_pos, q_seg, k_seg, shift)
 
 
 def _split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -263,12 +282,23 @@ def _fused_ok(q, k, causal, explicit_mask: bool, backend: str) -> bool:
     if backend == "flash_attn":
         return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
                 and flash_attn_available(q.device))
-    ops = _sdpa_ops(q.device)
-    if ops is None:
-        return False
-    if q.is_cuda:  # CUDA flash kernel: half precision, head_dim multiple of 8 and <= 256
-        return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-    return True
+    return _sdpa_kernel(q) is not None
+
+
+def _sdpa_kernel(q: torch.Tensor) -> str | None:
+    """PyTorch's fused kernel for this block: ``"flash"`` (CPU any float dtype; CUDA half precision, head_dim a
+    multiple of 8 up to 256), ``"efficient"`` (CUDA float32, head_dim a multiple of 4 up to 256: the
+    memory-efficient kernel, which also returns the lse), or None (the tiled kernel)."""
+    if _sdpa_ops(q.device) is None:
+        return None
+    if not q.is_cuda:
+        return "flash"
+    D = q.shape[-1]
+    if q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
+        return "flash"
+    if q.dtype == torch.float32 and D % 4 == 0 and D <= 256:
+        return "efficient"
+    return None
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -276,10 +306,12 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _sdpa_kv_groups(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Query heads per kv head that the SDPA op needs repeated: 1 on CPU, whose flash op takes GQA K/V as
-    they are (forward and backward; dK/dV come back per kv head), so no ``[B, L, H, D]`` copies of K, V and
-    their gradients exist (issue 14: they were the peak of a long-sequence step's attention backward)."""
-    return 1 if q.device.type == "cpu" else q.shape[2] // k.shape[2]
+    """Query heads per kv head that the SDPA op needs repeated. 1 for the flash kernels, CPU and CUDA, which take
+    GQA K/V as they are (forward and backward; dK/dV come back per kv head), so no ``[B, L, H, D]`` copies of K,
+    V and their gradients exist (issue 14: they were the peak of a long-sequence step's attention backward).
+    The CUDA memory-efficient kernel (float32) needs equal head counts: K/V are repeated once per block call
+    (``_plan_inputs``: every piece of the block slices the one copy)."""
+    return q.shape[2] // k.shape[2] if _sdpa_kernel(q) == "efficient" else 1
 
 
 def _cpu_compute(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -289,12 +321,21 @@ def _cpu_compute(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return xs
 
 
+def _efficient_lse_rows(Lq: int) -> int:
+    """Rows of the CUDA memory-efficient kernel's lse: the query length rounded up to a multiple of 32."""
+    return -(-Lq // 32) * 32
+
+
 def _sdpa_forward(q, k, v, scale, causal: bool):
-    fwd, _ = _sdpa_ops(q.device)
     acc = acc_dtype(q.dtype)
     q, k, v = _cpu_compute(q, k, v)
     g = _sdpa_kv_groups(q, k)
     args = (q.transpose(1, 2), _expand_kv(k, g).transpose(1, 2), _expand_kv(v, g).transpose(1, 2))
+    if _sdpa_kernel(q) == "efficient":  # (out, lse [B, H, ceil32(Lq)], seed, offset)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            *args, None, True, 0.0, bool(causal), scale=scale)[:2]
+        return out.transpose(1, 2).to(acc), lse[..., : q.shape[1]].to(acc)
+    fwd, _ = _sdpa_ops(q.device)
     # The CUDA op takes an extra return_debug_mask flag.
     flags = (0.0, bool(causal), False) if q.is_cuda else (0.0, bool(causal))
     out, lse = fwd(*args, *flags, scale=scale)[:2]
@@ -302,7 +343,6 @@ def _sdpa_forward(q, k, v, scale, causal: bool):
 
 
 def _sdpa_backward(dout, q, k, v, out, lse, scale, causal: bool):
-    _, bwd = _sdpa_ops(q.device)
     acc = acc_dtype(q.dtype)
     q, k, v = _cpu_compute(q, k, v)
     g = _sdpa_kv_groups(q, k)
@@ -311,13 +351,24 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal: bool):
     dot = dout.to(q.dtype).transpose(1, 2)
     ot = out.to(q.dtype).transpose(1, 2)
     lse = lse.to(torch.float32) if q.dtype != torch.float64 else lse
-    if q.is_cuda:
+    kernel = _sdpa_kernel(q)
+    if kernel == "efficient":
+        # the lse in the layout the forward returns (rows padded to 32); no dropout: the seed is never read
+        Lq = q.shape[1]
+        lse = F.pad(lse, (0, _efficient_lse_rows(Lq) - Lq)).contiguous()
+        seed = torch.zeros((), dtype=torch.int64)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dot, qt, kt, vt, None, ot, lse, seed, seed, 0.0, [True, True, True, False], bool(causal),
+            scale=scale)[:3]
+    elif q.is_cuda:
         # The CUDA flash backward also wants the rng state and cumulative lengths its forward returned.
+        _, bwd = _sdpa_ops(q.device)
         Lq, Lk = q.shape[1], k.shape[1]
         zero = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = bwd(dot, qt, kt, vt, ot, lse.contiguous(), None, None, Lq, Lk, 0.0, bool(causal), zero, zero,
                          scale=scale)
     else:
+        _, bwd = _sdpa_ops(q.device)
         dq, dk, dv = bwd(dot, qt, kt, vt, ot, lse.contiguous(), 0.0, bool(causal), scale=scale)
     dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)
     if g > 1:  # gradients of the repeated heads go back to their kv head
@@ -334,6 +385,92 @@ def _flash_attn_forward(q, k, v, scale, causal: bool):
     # flash-attn gives rows that see no key lse = +inf; ours are -inf (out is 0 either way).
     lse = lse[..., : q.shape[1]].to(acc)
     return out.to(acc), lse.masked_fill(lse == float("inf"), float("-inf"))
+
+
+@functools.lru_cache(maxsize=256)
+def varlen_segments(plan: BlockPlan) -> tuple[bool, tuple[tuple[int, int, int, int], ...]] | None:
+    """The plan as one ``flash_attn_varlen_func`` call: ``(causal, segments)``, each ``(q0, q1, k0, k1)`` a run of
+    rows attending a run of keys (bottom-right causal when ``causal``), rows and keys consecutive and together
+    covering the block; None when the plan is not of that form (then it runs piece by piece).
+
+    Rows see one key run each: a full rectangle, a square causal diagonal, or a rectangle of earlier keys
+    followed by the diagonal (a document's rows in a causal block: exactly flash-attn's bottom-right mask).
+    Rows no piece covers get no keys (flash-attn returns 0 and lse = +inf), keys no row sees a segment of no
+    rows. One call computes full rectangles (causal=False) or causal segments, not both (a one-row rectangle
+    is either).
+    """
+    if any(p[4] == ANTI for p in plan.pieces):
+        return None
+    groups: dict[tuple[int, int], list] = {}
+    for q0, q1, k0, k1, kind in plan.pieces:
+        groups.setdefault((q0, q1), []).append((k0, k1, kind))
+    runs, kinds = [], set()
+    for (q0, q1), pieces in sorted(groups.items()):
+        pieces.sort()
+        if len(pieces) == 1 and pieces[0][2] is False:
+            if q1 - q0 > 1:  # one row sees all its keys under either mask (a one-token document)
+                kinds.add(False)
+            runs.append((q0, q1, pieces[0][0], pieces[0][1]))
+            continue
+        *before, (d0, d1, kind) = pieces
+        if kind is not True or d1 - d0 != q1 - q0 or len(before) > 1 or any(b[2] is not False or b[1] != d0
+                                                                               for b in before):
+            return None
+        kinds.add(True)
+        runs.append((q0, q1, before[0][0] if before else d0, d1))
+    if len(kinds) > 1:
+        return None
+    segments, q_at, k_at = [], 0, 0
+    for q0, q1, k0, k1 in runs:
+        if q0 < q_at or k0 < k_at:  # overlapping row or key runs: not one varlen call
+            return None
+        if q0 > q_at:
+            segments.append((q_at, q0, k_at, k_at))  # rows that see nothing
+        if k0 > k_at:
+            segments.append((q0, q0, k_at, k0))  # keys nobody here sees
+        segments.append((q0, q1, k0, k1))
+        q_at, k_at = q1, k1
+    if q_at < plan.lq:
+        segments.append((q_at, plan.lq, k_at, k_at))
+    if k_at < plan.lk:
+        segments.append((plan.lq, plan.lq, k_at, plan.lk))
+    return bool(kinds and kinds.pop()), tuple(segments)
+
+
+def _flash_varlen_forward(q, k, v, scale, causal: bool, segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole packed block in one ``flash_attn_varlen_func`` call (``varlen_segments``): flash-attn's layout is
+    ``[total, H, D]`` with int32 cumulative lengths on the device, its lse ``[H, total]`` float32, +inf for
+    rows that see no key (ours: -inf). The batch rows become consecutive sequences. K/V keep their kv heads."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    max_q = max(q1 - q0 for q0, q1, _, _ in segments)
+    max_k = max(k1 - k0 for _, _, k0, k1 in segments)
+    out, lse, _ = _flash_attn_module().flash_attn_varlen_func(
+        q.reshape(B * Lq, H, D), k.reshape(B * Lk, k.shape[2], D), v.reshape(B * Lk, v.shape[2], D),
+        *_varlen_cu(segments, B, Lq, Lk, q.device), max_q, max_k, softmax_scale=scale, causal=causal,
+        return_attn_probs=True)
+    acc = acc_dtype(q.dtype)
+    lse = lse.to(acc).view(H, B, Lq).permute(1, 0, 2)
+    return out.view(B, Lq, H, D).to(acc), lse.masked_fill(lse == float("inf"), float("-inf"))
+
+
+_CU: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _varlen_cu(segments, B: int, Lq: int, Lk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``(cu_seqlens_q, cu_seqlens_k)`` of the segments on ``device``, copied there once per plan and shape
+    (every layer and step reuses them: a copy of host data to the GPU waits for the stream)."""
+    key = (segments, B, Lq, Lk, device)
+    if key not in _CU:
+        cu_q = [b * Lq + q0 for b in range(B) for q0, _, _, _ in segments] + [B * Lq]
+        cu_k = [b * Lk + k0 for b in range(B) for _, _, k0, _ in segments] + [B * Lk]
+        cu = tuple(torch.tensor(c, dtype=torch.int32, device=device) for c in (cu_q, cu_k))
+        if is_fake(cu[0]):  # fake tensors belong to their FakeTensorMode: never kept
+            return cu
+        if len(_CU) >= 256:
+            _CU.clear()
+        _CU[key] = cu
+    return _CU[key]
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -367,6 +504,8 @@ def _plan_forward(q, k, v, scale, plan: BlockPlan, name: str, block: int):
     acc = acc_dtype(q.dtype)
     B, Lq, H, D = q.shape
     single = len(plan.pieces) == 1 and plan.pieces[0][:2] == (0, Lq)
+    if name == "flash_attn" and not single and plan.pieces and (varlen := varlen_segments(plan)) is not None:
+        return _flash_varlen_forward(q, k, v, scale, *varlen)  # a packed block: one kernel call, no merges
     out = None if single else q.new_zeros((B, Lq, H, D), dtype=acc)
     lse = None if single else q.new_full((B, H, Lq), float("-inf"), dtype=acc)
     qc, kc, vc, _ = _plan_inputs(q, k, v, name)

@@ -18,6 +18,7 @@ Communication: ``shard_batch`` none; ``sp_cross_entropy`` one all-reduce of 2 fl
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar.comm import Group, all_reduce_tensor, group_size
+from seqpar.kernels.host import host_read
 from seqpar.parallel import ParallelState
 from seqpar.sharding import check_divisible, document_bounds, document_ids, remember_bounds, shard
 
@@ -103,7 +105,7 @@ def _shifted_labels(batch: Mapping, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
             raise ValueError(f"batch['attention_mask'] must match input_ids {tuple(ids.shape)}, got {_describe(mask)}")
         keep = mask.bool()
-        if bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+        if host_read((keep[:, 1:] & ~keep[:, :-1]).any(), "padding_check", lambda: False):
             raise ValueError(
                 "batch['attention_mask'] has padding before real tokens (left padding or holes): seqpar applies "
                 "no padding mask, so pad on the right (tokenizer.padding_side = 'right') or pack documents"
@@ -121,9 +123,26 @@ def _cu_seqlens(batch: Mapping, seq_len: int, device) -> torch.Tensor | None:
     if cu is None and lens is None:
         return None
     if cu is None:
+        known = _host_ints(lens)
         lens = torch.as_tensor(lens, dtype=torch.long, device=device)
         cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
-    return torch.as_tensor(cu, dtype=torch.long, device=device)
+        known = None if known is None else tuple(itertools.accumulate(known, initial=0))
+    else:
+        known = _host_ints(cu)
+        cu = torch.as_tensor(cu, dtype=torch.long, device=device)
+    # Host ints given (a list): remembered, nothing is read. A tensor's boundaries are read once, by
+    # ``document_ids`` (``host_bounds``: a host sync when it lives on a GPU).
+    return cu if known is None or cu.dim() != 1 else remember_bounds(cu, known)
+
+
+def _host_ints(x) -> tuple[int, ...] | None:
+    """``x`` as Python ints if it is a flat sequence of numbers (not a tensor), else None."""
+    if isinstance(x, torch.Tensor):
+        return None
+    try:
+        return tuple(int(c) for c in x)
+    except (TypeError, ValueError):
+        return None
 
 
 def _describe(x) -> str:

@@ -77,12 +77,14 @@ def install(model: torch.nn.Module, seams: tuple[tuple[str, str], ...], group: G
     if layout not in seam_layouts(seams):  # patch_model refuses it first (families.layout_for)
         raise ValueError(f"layout={layout!r}: the linear layers of this model run in {seam_layouts(seams)} only")
     kinds = dict(seams)
-    count = 0
+    count, lightning = 0, 0
     for module in model.modules():
         seam = kinds.get(type(module).__name__)
         if seam is None:
             continue
         extra = {"layout": layout} if seam in SEAM_LAYOUTS else {}  # the seams that take a layout
+        if seam == "lightning":  # LASP-2's cross-rank length check (a host read): at the first such layer only
+            extra["validate"], lightning = lightning == 0, lightning + 1
         _SEAMS[seam](module, group, calls, **extra)
         count += 1
     return count
@@ -218,7 +220,8 @@ def _rule_dispatcher(original):
 # ---------------------------------------------------------------------------------------------- lightning
 
 
-def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous") -> None:
+def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter, layout: str = "contiguous",
+                       validate: bool = True) -> None:
     original = layer.forward
     name = type(layer).__name__
 
@@ -228,13 +231,13 @@ def _install_lightning(layer: torch.nn.Module, group: Group, calls: Counter, lay
         if _refuse_unsharded(name, group, cache, attention_mask, kwargs):
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         calls["lightning"] += 1
-        return _lightning(layer, hidden_states, group, cu, layout), None
+        return _lightning(layer, hidden_states, group, cu, layout, validate), None
 
     layer.forward, layer._seqpar_linear = forward, "lightning"
 
 
 def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group,
-               cu_seqlens: torch.Tensor | None, layout: str = "contiguous") -> torch.Tensor:
+               cu_seqlens: torch.Tensor | None, layout: str = "contiguous", validate: bool = True) -> torch.Tensor:
     """MiniMaxLightningAttention.forward without a cache: o_t = Σ_{s<=t} λ^(t-s) (q_t·k_s) v_s per head (s in
     t's document when ``cu_seqlens`` packs several), then the layer's RMSNorm, sigmoid output gate and output
     projection (all per token)."""
@@ -246,7 +249,7 @@ def _lightning(layer: torch.nn.Module, hidden_states: torch.Tensor, group: Group
     q, k, v = torch.split(qkv, D, dim=3)
     decay = torch.exp(-layer.slope_rate.reshape(H).to(torch.float64))
     out = lasp2_linear_attention(q, k, v, group=group, decay=decay, block_size=layer.block_size,
-                                 cu_seqlens=cu_seqlens, layout=layout)
+                                 cu_seqlens=cu_seqlens, layout=layout, validate=validate)
     out = layer.norm(out.reshape(B, n, H * D))
     out = F.sigmoid(layer.output_gate(hidden_states)) * out
     return layer.out_proj(out)

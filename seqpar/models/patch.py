@@ -71,6 +71,7 @@ from seqpar import comm
 from seqpar.attention.local import local_attention
 from seqpar.attention.registry import ATTENTIONS, get_spec, resolve_layout
 from seqpar.comm import Group
+from seqpar.kernels.host import host_read
 from seqpar.models import hybrid
 from seqpar.models.batch import sp_group_of
 from seqpar.models.families import check_model, family_of, layout_for, linear_primitive_refusal, mask_window
@@ -332,7 +333,7 @@ def _absolute_end(kwargs: dict, k_len: int) -> int:
     for name in ("position_ids", "cache_position"):
         pos = kwargs.get(name)
         if isinstance(pos, torch.Tensor) and pos.numel():
-            ends.append(int(pos.max()) + 1)
+            ends.append(int(host_read(pos.max(), "decode_positions")) + 1)
     return max(ends)
 
 
@@ -443,9 +444,12 @@ def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) ->
         want = torch.arange(q_len, device=position_ids.device)
     else:
         want = global_index(q_len * n, n, comm.group_rank(patch.group), patch.layout, device=position_ids.device)
-    ok = position_ids.shape[-1] == q_len and bool((position_ids == want).all())
-    bad = comm.all_reduce_tensor(torch.tensor([0 if ok else 1], device=device), patch.group, op=dist.ReduceOp.MAX)
-    if int(bad.item()):
+    if position_ids.shape[-1] == q_len:  # the flag stays on the device until the one read below
+        flag = (position_ids != want).any().to(torch.int64).reshape(1)
+    else:
+        flag = torch.ones(1, dtype=torch.int64, device=device)
+    bad = comm.all_reduce_tensor(flag.to(device), patch.group, op=dist.ReduceOp.MAX)
+    if host_read(bad, "position_check", lambda: [0], group=patch.group)[0]:
         raise ValueError(
             f"position_ids are not the global positions of the {patch.layout} shards on every rank of the SP "
             "group (missing position_ids, packed documents without cu_seqlens, or left padding): build the "
