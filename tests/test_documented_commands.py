@@ -86,6 +86,10 @@ PLAN: dict[str, tuple[str, str]] = {
     "ring_contiguous_window4096 --min-len 8192 --repeats 1 --out docs/bench/windows":
         ("long", "the full run of the window rows"),
     "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run --device-memory 80GiB": ("run", ""),
+    "seqpar train recipes/ring-llama3-8b-128k.yaml --dry-run --simulate":
+        ("long", "one simulated step of Llama-3-8B at 128k on fake CUDA, about a minute on 2 cores"),
+    "seqpar train recipes/ring-llama3-8b-128k.yaml deepspeed.offload=cpu --dry-run --simulate --device-memory 80GB":
+        ("long", "the simulated length search: 4 fake-CUDA steps, minutes on 2 cores"),
     "seqpar bench fidelity --quick": ("suite", "tests/test_fidelity.py runs the same --quick pipeline"),
     "seqpar bench fidelity --seeds 3 --out runs/fidelity": ("long", "the full fidelity run, ~12 min on 2 idle cores"),
     "seqpar bench fidelity --markdown docs/fidelity.md --out runs/fidelity": ("long", "needs the full run's results"),

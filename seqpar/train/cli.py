@@ -4,7 +4,8 @@ Started by ``torchrun --nproc_per_node N -m seqpar train ...``, by ``srun`` (one
 variables), by ``accelerate launch -m seqpar train ...``, or as one plain process. ``--dry-run`` resolves
 and validates the recipe and prints the process layout and the estimated peak memory per rank
 (seqpar.train.planner; ``--device-memory 80GiB`` adds the longest ``data.seq_len`` that fits) without
-starting any process group or reading model weights.
+starting any process group or reading model weights; ``--simulate`` adds the peak of one simulated step of the
+real model shape on fake CUDA (seqpar.train.simulate).
 
 Errors are one line on stderr of every rank, ``seqpar: error: <what is wrong and the fix>``, no traceback:
 exit code 2 for user errors (recipe, files, process layout, checkpoint to resume), 1 for a NaN/inf loss or a
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-memory", default=None, metavar="SIZE",
                         help="with --dry-run: also print the longest data.seq_len whose estimated peak fits SIZE "
                              "per rank, e.g. 80GiB")
+    parser.add_argument("--simulate", action="store_true",
+                        help="with --dry-run: also run one training step of the real model shape as one rank on "
+                             "fake CUDA (no GPU, no weights) and print its peak device memory next to the estimate")
 
 
 def planned_world(recipe: Recipe, override: int | None) -> int:
@@ -150,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
 
     faults.hooks()  # test-only fault variables: parsed once, a bad one is a one-line error here
     recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "simulate", False) and not args.dry_run:
+        raise RecipeError("--simulate runs a step on fake CUDA for the memory plan: add --dry-run")
     if args.dry_run:
         world = planned_world(recipe, args.world_size)
         config = validate(recipe, world)
@@ -160,6 +166,10 @@ def _run(args: argparse.Namespace) -> int:
         from seqpar.train.planner import describe_memory
 
         print(describe_memory(recipe, config, world, args.device_memory))
+        if args.simulate:
+            from seqpar.train.simulate import describe_simulated
+
+            print(describe_simulated(recipe, config, world, args.device_memory), flush=True)
         for warning in recipe_warnings(recipe):
             print(f"# warning: {warning}")
         return 0

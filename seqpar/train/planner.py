@@ -1,10 +1,17 @@
 """Memory planner for ``seqpar train RECIPE --dry-run``: estimated peak memory per rank, and the longest
-``data.seq_len`` that fits a device (``--device-memory 80GiB``).
+``data.seq_len`` that fits a device (``--device-memory 80GiB``); ``--simulate`` checks it by running the step
+(seqpar.train.simulate).
 
-Static state (per rank, W ranks, P parameters of which T trainable, b bytes per element of the model dtype):
-parameters ``P b`` (ZeRO-3: / W), gradients ``T b`` (ZeRO-2/3: / W), Adam ``T x (8 + 4 if b < 4)`` (m, v and a
-float32 master copy; ZeRO-1/2/3: / W; ``deepspeed.offload=cpu``: on the host). P is counted on the meta device
-from the config (MoE experts and linear-attention layers included; the dense formula where that fails).
+State kept across steps (per rank, W ranks, P parameters of which T trainable, b bytes per element of the model
+dtype), as DeepSpeed 0.19 holds it with seqpar.train.engine's config (``plan_memory`` says where each part
+comes from in deepspeed/runtime/zero): parameters ``P b`` (ZeRO-3: / W); the optimizer: a float32 clone of this
+rank's partition (also for float32 models) and Adam's m, v, ``12 T / W`` (ZeRO-0: ``T (8 + 4 if b < 4)``;
+``deepspeed.offload=cpu``: on the host); gradients: ZeRO-0/1 whole in ``.grad``, ZeRO-2 only in the step (a
+bucket of ``reduce_bucket_size`` = 5e8 elements from the first gradient on, on CPU the pages written; then its
+flattened copy and the reduced partition), ZeRO-3 a flat partition and the bucket from the build on, plus one
+module's gathered parameters and the prefetch window. float32 gradients when bf16 runs with sequence
+parallelism (engine.gradient_precision). On CPU the process itself (CPU_RUNTIME). P is counted on the meta
+device from the config (MoE experts and linear-attention layers included; the dense formula where that fails).
 
 Activations of one micro-batch, ``t = micro_batch x seq_len / sp_size`` tokens per rank (Llama-family
 decoder, HF code, SDPA-style attention that keeps only q, k, v, out and a float32 log-sum-exp):
@@ -16,15 +23,22 @@ decoder, HF code, SDPA-style attention that keeps only q, k, v, out and a float3
     gradient checkpointing           only the layer input ``t d b`` per layer (0 with checkpoint offload), plus
                                      one layer's activations while it is recomputed
     tiled MLP                        the ``4 I b`` term for ``mlp_chunk_size`` tokens instead of t
-    head + loss                      full logits: ``t V (b + 4 + 4)`` (logits, float32 log-softmax, gradient);
-                                     fused: ``2 c V x 4`` for a tile of c tokens + ``V d x 4`` (float32 d W if b < 4)
+    head + loss                      full logits: ``12 t V`` (at log-softmax's backward: its float32 output, the
+                                     gradients of the log-probabilities and of the logits); fused: ``2 c V x 4``
+                                     for a tile of c tokens and logsumexp's temporary + the float32 ``V d x 4``;
+                                     both + the final RMSNorm's saved work ``t d (2 b + 8)`` (b < 4)
+    the loss's backward (fused)      ``V d (4 + b)`` (d W scaled, cast) + ``2 t d b``, if above one layer's
+    below float32                    + ``8 t d`` in a layer's backward (RMSNorm's float32 gradients)
     communication buffers            ring: 2 K/V blocks in flight; Ulysses/USP: the all-to-all'd q, k, v, out;
                                      all-gather/LASP-2H: the whole K, V
 
-The peak is the static state plus the larger of (all kept activations + the head's peak) and (all kept
-activations + one layer's recomputation with its gradients). It is an estimate: allocator fragmentation,
-CUDA context and kernel workspaces are not counted (leave ~10% headroom); tests/test_planner.py checks it
-against measured peaks of toy runs (within 25%).
+The peak is the engine build's (the loaded model and its flattened copy) or the state plus the largest of three
+phases of the step: the forward's end (kept activations + the loss head), the backward (kept activations + one
+layer's recomputation with its gradients, or the loss's backward, + ZeRO-2's bucket), the reduction (bucket,
+flattened copy, partition). Not counted: allocator fragmentation, the CUDA context and kernel workspaces (leave
+~10% headroom). Checked (tests/test_planner.py) against the RSS peak of whole ``seqpar train`` processes on CPU
+(toy recipes: ZeRO-2 fp32 with the memory options, ZeRO-3 bf16 Ulysses; within 15%, 1.00x when written) and the
+live tensors of one step at 2 ranks (within 25%); tests/test_simulate.py against a simulated step.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from seqpar.train.recipe import Recipe, RecipeError
@@ -104,10 +118,11 @@ def _count_built(config_json: str, config_class: type) -> int:
 
 def activation_bytes(s: ModelShape, tokens: int, b: int, *, attention: str = "full", sp: int = 1,
                      checkpointing: bool = False, offload: bool = False, fused_chunk: int | None = None,
-                     mlp_chunk: int | None = None) -> dict[str, int]:
+                     mlp_chunk: int | None = None, cpu: bool = False) -> dict[str, int]:
     """Peak activation bytes of one forward + backward on one rank holding ``tokens`` tokens (see the module
     docstring); returns the parts: ``kept`` (saved for backward), ``head`` (loss), ``working`` (one layer's
-    recomputation or backward), ``comm`` (attention buffers)."""
+    recomputation or backward, or the loss's backward if larger), ``comm`` (attention buffers). ``cpu``: the
+    fused loss computes in float32 there."""
     t, d, I = tokens, s.hidden, s.intermediate
     qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
     mlp_tokens = min(t, mlp_chunk) if mlp_chunk else t
@@ -118,12 +133,27 @@ def activation_bytes(s: ModelShape, tokens: int, b: int, *, attention: str = "fu
     kept = s.layers * (layer_input if checkpointing else layer)
     if fused_chunk:
         c = min(t, fused_chunk)
-        head = 2 * c * s.vocab * 4 + (s.vocab * d * 4 if b < 4 else 0) + t * d * b
+        # a tile's float32 logits and logsumexp's [c, V] temporary, the float32 d W accumulator (made in the
+        # forward: the weight's gradient only after the loss's backward), d hidden; on CPU below float32 the
+        # float32 copy of the weight the tiles are computed with
+        head = 2 * c * s.vocab * 4 + s.vocab * d * 4 + t * d * b + (s.vocab * d * 4 if b < 4 and cpu else 0)
+        # the loss's backward: d W scaled in place and cast to the weight's dtype, d hidden scaled
+        head_backward = s.vocab * d * (4 + (b if b < 4 else 0)) + 2 * t * d * b
     else:
-        head = t * s.vocab * (b + 4 + 4)
-    # Backward through one layer: its activations (recomputed when checkpointed) and their gradients' worth.
-    working = (layer if checkpointing else 0) + t * (qkv + 3 * d) * b + mlp_tokens * 3 * I * b + \
-        (mlp_tile if mlp_chunk else 0)
+        head = t * s.vocab * 12  # at log_softmax's backward: its float32 output, d log-probs, d logits
+        head_backward = 0  # inside ``head``: the logits' backward is the loss's
+    # The final RMSNorm (outside the checkpointed layers) keeps its float32 work for the backward while the loss
+    # runs: measured on fake CUDA (Llama-3-8B, bf16, 64k-537k tokens per rank) ~12 bytes per token and hidden unit.
+    head += t * d * (2 * b + 8 if b < 4 else 8)
+    # Backward through one layer: its activations (recomputed when checkpointed) and their gradients' worth;
+    # below float32, the RMSNorms' float32 gradients and input copies too (~8 bytes per token and hidden unit,
+    # measured as above).
+    attn_grads = t * (qkv + 3 * d) * b + (t * d * 8 if b < 4 else 0)
+    mlp_grads = mlp_tokens * 3 * I * b + (mlp_tile if mlp_chunk else 0)
+    # A tiled MLP's backward (tile by tile) is over before the attention's starts: the larger of the two is alive
+    # with the layer's recomputed activations; untiled, the MLP's gradients are still alive during the attention's.
+    grads = max(attn_grads, mlp_grads) if mlp_chunk else attn_grads + mlp_grads
+    working = max((layer if checkpointing else 0) + grads, head_backward)
     kv = t * 2 * s.kv_heads * s.head_dim * b
     comm = {"ring": 2 * kv, "rsa": 2 * kv, "allgather": sp * kv, "lasp2": sp * kv,
             "ulysses": 2 * t * qkv * b, "usp": 2 * t * qkv * b}.get(attention, 0) if sp > 1 else 0
@@ -134,24 +164,67 @@ def step_peak(parts: dict[str, int]) -> int:
     return parts["kept"] + parts["comm"] + max(parts["head"], parts["working"])
 
 
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py, 0.19; seqpar.train.engine sets none of them): the
+# gradient bucket (elements) and ZeRO-3's prefetch window.
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
+# What a CPU training process holds besides its tensors once it has run a step: code pages of torch's kernels
+# touched by the first step, the allocator's heap of small blocks, gloo's and DeepSpeed's host buffers, thread
+# stacks. Measured 84 MiB between the steps of issue 26's toy recipe (RSS 344 MiB above the imports, live tensors
+# 260 MiB); on a GPU the same is host memory (the device's counterpart, the CUDA context, is not counted).
+CPU_RUNTIME = 80 * 2**20
+
+
 @dataclass
 class MemoryPlan:
+    """One rank's bytes. ``state``: kept across steps (parameters, optimizer states: DeepSpeed's float32
+    master partition and Adam's m and v, gradients where they persist). ``phases``: the step's three candidate
+    peaks above that state, each the activations alive then plus DeepSpeed's buffers: ``head`` (the end of the
+    forward: all kept activations and the loss), ``backward`` (one layer's backward with the gradients made so
+    far in DeepSpeed's bucket), ``reduce`` (the end of the backward: the bucket, its flattened copy and the
+    reduced partition). ``setup``: the peak while the engine is built (the model and its flattened copy)."""
+
     params: int
     grads: int
     optimizer: int
     activations: dict
     tokens_per_rank: int
+    buffers: dict = field(default_factory=dict)
+    runtime: int = 0
+    setup: int = 0
+
+    @property
+    def state(self) -> int:
+        return self.params + self.grads + self.optimizer + self.runtime + self.buffers.get("kept_bucket", 0)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        a, bu = self.activations, self.buffers
+        alive = a["kept"] + a["comm"] + bu.get("gathered", 0)
+        return {"head": alive + a["head"],
+                "backward": alive + a["working"] + bu.get("bucket", 0),
+                "reduce": bu.get("bucket", 0) + bu.get("flat_copy", 0) + bu.get("partition", 0)}
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + step_peak(self.activations)
+        return max(self.setup, self.state + max(self.phases.values()))
 
     def lines(self) -> list[str]:
-        a = self.activations
-        return [f"estimated peak memory per rank: {gib(self.total)} ({self.tokens_per_rank} tokens per rank)",
-                f"  parameters {gib(self.params)}, gradients {gib(self.grads)}, optimizer states {gib(self.optimizer)}",
-                f"  activations kept for backward {gib(a['kept'])}, loss head {gib(a['head'])}, one layer's "
-                f"backward {gib(a['working'])}, attention communication buffers {gib(a['comm'])}"]
+        a, bu, ph = self.activations, self.buffers, self.phases
+        peak = max(ph, key=ph.get)
+        out = [f"estimated peak memory per rank: {gib(self.total)} ({self.tokens_per_rank} tokens per rank)",
+               f"  parameters {gib(self.params)}, gradients {gib(self.grads)}, optimizer states {gib(self.optimizer)}"
+               " (float32 master partition + Adam m, v)" + (f", CPU process runtime {gib(self.runtime)}"
+                                                            if self.runtime else ""),
+               f"  activations kept for backward {gib(a['kept'])}, loss head {gib(a['head'])}, one layer's "
+               f"backward {gib(a['working'])}, attention communication buffers {gib(a['comm'])}",
+               f"  deepspeed buffers: gradient bucket {gib(bu.get('bucket', 0) or bu.get('kept_bucket', 0))}"
+               f"{' (kept across steps)' if bu.get('kept_bucket') else ''}, its flattened copy "
+               f"{gib(bu.get('flat_copy', 0))}, reduced partition {gib(bu.get('partition', 0))}, gathered "
+               f"parameters {gib(bu.get('gathered', 0))}",
+               f"  peak at the step's {peak} phase (head {gib(ph['head'])}, backward {gib(ph['backward'])}, "
+               f"reduce {gib(ph['reduce'])} above the state); engine build {gib(self.setup)}"]
+        return out
 
 
 def _trainable(recipe: Recipe, s: ModelShape) -> int:
@@ -168,24 +241,59 @@ def _trainable(recipe: Recipe, s: ModelShape) -> int:
 
 
 def plan_memory(recipe: Recipe, config: Any, world: int, seq_len: int | None = None) -> MemoryPlan:
-    """Estimated peak memory of one rank training ``recipe`` on ``world`` ranks (see the module docstring)."""
+    """Estimated peak memory of one rank training ``recipe`` on ``world`` ranks (see the module docstring).
+
+    DeepSpeed's part follows deepspeed/runtime/zero (0.19) as ``seqpar.train.engine`` configures it: ZeRO-1/2
+    flatten the parameters into one buffer (the build briefly holds both), keep a float32 clone of this rank's
+    partition as the master copy whatever the model dtype, and Adam's m and v for it; ZeRO-2's gradients go into a
+    bucket of ``reduce_bucket_size`` elements (allocated whole from the first gradient of each step on a GPU; on
+    CPU only the pages written count, at most the trainable parameters), flattened once more for the reduction
+    (float32 when bf16 gradients are communicated in float32: sequence parallelism) and kept reduced as this
+    rank's partition; ZeRO-3 keeps its bucket and a flat gradient partition from the engine's build on, and
+    gathers one module's parameters at a time (the head's or embedding's V x d, or a layer) plus a prefetch
+    window. ``deepspeed.offload=cpu`` moves the master partition, Adam and (ZeRO-3) the parameters to the host.
+    ``engine: fsdp2`` is planned as ZeRO-3 without DeepSpeed's buckets.
+    """
     s = ModelShape.of(config)
     b = 2 if recipe.trainer.dtype == "bf16" else 4
-    z, W = recipe.deepspeed.zero_stage, max(1, world)
-    trainable = _trainable(recipe, s)
-    params = s.params * b // (W if z == 3 else 1)
-    if recipe.lora.enabled and z == 3:
-        params = s.params * b // W
-    grads = trainable * b // (W if z >= 2 else 1)
-    optimizer = 0 if recipe.deepspeed.offload == "cpu" else trainable * (8 + (4 if b < 4 else 0)) // (W if z else 1)
-    sp = recipe.attention.sp_size
+    fsdp = getattr(recipe, "engine", "deepspeed") == "fsdp2"
+    z = 3 if fsdp else recipe.deepspeed.zero_stage
+    offload = (recipe.fsdp2.offload if fsdp else recipe.deepspeed.offload) == "cpu"
+    W, sp = max(1, world), recipe.attention.sp_size
+    cpu = recipe.launch.device == "cpu"
+    T = _trainable(recipe, s)
+    gb = 4 if b < 4 and sp > 1 and z > 0 else b  # fp32 gradient accumulation with SP (engine.gradient_precision)
+    params = 0 if (z == 3 and offload) else s.params * b // (W if z == 3 else 1)
+    # Adam's m, v (+ a float32 master copy of bf16 weights); ZeRO: this rank's float32 partition clone + m, v
+    optimizer = T * (8 + (4 if b < 4 else 0)) if z == 0 else 0 if offload else T * 12 // W
+    buffers: dict[str, int] = {}
+    bucket_cap = T if fsdp else min(REDUCE_BUCKET, T) if cpu else REDUCE_BUCKET
+    flat = min(REDUCE_BUCKET, T)
+    comm_copy = flat * 4 if (b < 4 and sp > 1) else 0
+    if z <= 1:
+        grads = T * b  # whole gradients in .grad until the boundary's reduction
+        buffers.update(flat_copy=flat * b + comm_copy, partition=T * gb // W if z else 0)
+    elif z == 2:
+        grads = 0  # in the bucket during the backward, freed after the step
+        buffers.update(bucket=bucket_cap * gb, flat_copy=flat * gb + comm_copy, partition=T * gb // W)
+    else:
+        grads = 0 if offload else T * gb // W  # the flat gradient partition, from the engine's build on
+        buffers["kept_bucket"] = 0 if fsdp else bucket_cap * gb  # ZeRO-3's bucket, also from the build on
+        layer = (s.params - s.vocab * s.hidden * (1 if s.tied else 2)) // max(1, s.layers)
+        gathered = max(s.vocab * s.hidden, layer) + (0 if fsdp else min(PREFETCH_BUCKET, s.params))
+        buffers["gathered"] = gathered * b
+    runtime = CPU_RUNTIME if cpu else 0
     tokens = recipe.trainer.micro_batch * (seq_len or recipe.data.seq_len) // sp
     m = recipe.memory
     parts = activation_bytes(
         s, tokens, b, attention=recipe.attention.name, sp=sp, checkpointing=recipe.trainer.gradient_checkpointing,
-        offload=bool(m.offload_checkpoints), fused_chunk=m.loss_chunk_size if m.fused_loss else None,
-        mlp_chunk=m.mlp_chunk_size if m.tiled_mlp else None)
-    return MemoryPlan(params, grads, optimizer, parts, tokens)
+        offload=bool(m.offload_checkpoints) and not cpu, fused_chunk=m.loss_chunk_size if m.fused_loss else None,
+        mlp_chunk=m.mlp_chunk_size if m.tiled_mlp else None, cpu=cpu)
+    # The build: from_config models are made in float32 (rank 0, then saved); ZeRO-1/2 then hold the loaded
+    # parameters and their flattened copy at once, and the float32 partition.
+    setup = max(s.params * 4 if recipe.model.from_config is not None else 0,
+                (2 * s.params * b + (0 if offload else T * 4 // W)) if z in (1, 2) else 0) + runtime
+    return MemoryPlan(params, grads, optimizer, parts, tokens, buffers, runtime, setup)
 
 
 def longest_seq_len(recipe: Recipe, config: Any, world: int, budget: int) -> int:
