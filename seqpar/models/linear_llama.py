@@ -128,6 +128,14 @@ class LinearAttention(nn.Module):
         learned = config.linear_decay == "learned"
         self.decay_logit = nn.Parameter(self.initial_decay_logit()) if learned else None
         self.sp_group: Group = None
+        self.first_linear = config.layer_types.index(LINEAR) == layer_idx
+        self._decay_on: dict[torch.device, torch.Tensor] = {}
+
+    def fixed_decay(self, device: torch.device) -> torch.Tensor:
+        """The fixed per-head decay on ``device``, made once (not a host-to-device copy per forward)."""
+        if device not in self._decay_on:
+            self._decay_on[device] = torch.tensor(self.decay, device=device)
+        return self._decay_on[device]
 
     def initial_decay_logit(self) -> torch.Tensor:
         lam = torch.tensor(self.decay, dtype=torch.float64)
@@ -141,8 +149,10 @@ class LinearAttention(nn.Module):
         if self.decay_logit is not None:
             decay = torch.sigmoid(self.decay_logit)
         else:
-            decay = None if self.decay is None else torch.tensor(self.decay, device=q.device)
-        o = lasp2_linear_attention(q, k, v, group=self.sp_group, decay=decay, block_size=self.block_size)
+            decay = None if self.decay is None else self.fixed_decay(q.device)
+        # The lengths are compared across ranks (a host read) at the first linear layer of a forward only.
+        o = lasp2_linear_attention(q, k, v, group=self.sp_group, decay=decay, block_size=self.block_size,
+                                   validate=self.first_linear)
         o = o.reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(o if self.out_norm is None else self.out_norm(o)), None
 
