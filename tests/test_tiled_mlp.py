@@ -37,7 +37,7 @@ def _step(model, ids):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, counter.largest
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "linear_llama"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "linear_llama"])
 def test_tiled_mlp_and_offload_equal_plain(kind, monkeypatch):
     from seqpar.models import offload
 

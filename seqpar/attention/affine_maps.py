@@ -56,6 +56,11 @@ def global_order(world: int, layout: str) -> list[int]:
     return [where[c] for c in range(P * world)]
 
 
+def _reorder(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``x[order]`` along dim 0 from host ints: no index tensor (a host-to-device copy on a GPU per call)."""
+    return x if order == list(range(len(order))) else torch.stack([x[i] for i in order])
+
+
 @dataclass(frozen=True)
 class Piece:
     """One of a rank's pieces: local tokens ``[start, end)`` of the shard, global chunk ``chunk`` whose first
@@ -106,7 +111,7 @@ class _EntryStates(torch.autograd.Function):
         N, rank, dk = group_size(group), group_rank(group), M.shape[-1]
         maps = all_gather_tensor(torch.cat([M, U], dim=-1), group)  # [N·P, ...], rank-major
         order = global_order(N, layout)
-        maps = maps.view(len(order), *U.shape[1:-1], -1)[order]  # global chunk order
+        maps = _reorder(maps.view(len(order), *U.shape[1:-1], -1), order)  # global chunk order
         M_all, U_all = maps[..., :dk], maps[..., dk:]
         chunks = chunks_of(rank, N, layout)
         S = _fold(M_all, U_all, chunks)
@@ -118,7 +123,7 @@ class _EntryStates(torch.autograd.Function):
     def backward(ctx, dS):
         M_all, S = ctx.saved_tensors
         order = global_order(group_size(ctx.group), ctx.layout)
-        dS_all = all_gather_tensor(dS.contiguous(), ctx.group).view(len(order), *dS.shape[1:])[order]
+        dS_all = _reorder(all_gather_tensor(dS.contiguous(), ctx.group).view(len(order), *dS.shape[1:]), order)
         G, dM, dU = torch.zeros_like(dS[0]), {}, {}
         for c in range(len(order) - 1, min(ctx.chunks) - 1, -1):  # G = G_{c+1}, the total gradient of S_in(c+1)
             if c in ctx.chunks:

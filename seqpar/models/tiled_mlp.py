@@ -6,8 +6,8 @@ We reuse DeepSpeed's ``TiledMLP`` autograd function (deepspeed.runtime.sequence_
 forward runs the tiles under no_grad and keeps only the input; its backward recomputes each tile and
 backpropagates the real incoming gradient into it, so parameter gradients get every scaling of the loss, and
 it tells ZeRO (``ds_grad_is_ready``) to reduce them once, after the last tile. The MLP's own ``forward`` is
-what each tile runs (Llama, Mistral, Qwen2 and Linear-Llama share the gate/up/down shape; peft layers inside
-work unchanged).
+what each tile runs (Llama, Mistral, Qwen2, Qwen3, Gemma 3 and Linear-Llama share the gate/up/down shape; peft
+layers inside work unchanged).
 
 Memory per MLP: ``chunk_size x intermediate_size x 3`` activations during its forward/backward instead of
 ``L/N x intermediate_size x 3``; cost: one more MLP forward per step (twice with gradient checkpointing, as
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # Linear-Llama's layers are LlamaDecoderLayer: LlamaMLP
+# Dense, position-wise MLPs (gate/up/down, no state, no aux loss). Linear-Llama's layers use LlamaMLP.
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
 
 
 def _mlps(model: Any) -> list[torch.nn.Module]:
@@ -55,7 +56,7 @@ def tile_mlp(model: Any, chunk_size: int = 4096) -> int:
     mlps = _mlps(model)
     if not mlps:
         raise ValueError(f"tile_mlp found no {'/'.join(MLP_CLASSES)} in {type(model).__name__}: tiled MLPs "
-                         "support Llama, Mistral, Qwen2 and Linear-Llama (set memory.tiled_mlp=false)")
+                         "support Llama, Mistral, Qwen2, Qwen3, Gemma 3 and Linear-Llama (set memory.tiled_mlp=false)")
     for mlp in mlps:
         mlp.forward = _tiled_forward(mlp, chunk_size)
     return len(mlps)

@@ -51,6 +51,15 @@ def planned_world(recipe: Recipe, override: int | None) -> int:
     return recipe.launch.nnodes * recipe.launch.nproc_per_node
 
 
+def _engine(recipe) -> str:
+    """The engine line of the plan: DeepSpeed's ZeRO stage, or FSDP2's mesh and resharding."""
+    if recipe.engine == "fsdp2":
+        f = recipe.fsdp2
+        return (f"fsdp2 over all dp x sp ranks (reshard after forward: {str(f.reshard_after_forward).lower()}), "
+                f"offload {f.offload}")
+    return f"deepspeed ZeRO-{recipe.deepspeed.zero_stage}, offload {recipe.deepspeed.offload}"
+
+
 def describe_plan(recipe: Recipe, world: int, config) -> str:
     from seqpar.attention.registry import resolve_layout
     from seqpar.models.families import layout_for
@@ -74,7 +83,7 @@ def describe_plan(recipe: Recipe, world: int, config) -> str:
         f"{d.seq_len // a.sp_size} per rank",
         f"global batch {t.micro_batch} x {t.grad_accum} (accum) x {dp} (dp) = "
         f"{t.micro_batch * t.grad_accum * dp} sequences = {t.micro_batch * t.grad_accum * dp * d.seq_len} tokens/step",
-        f"deepspeed ZeRO-{recipe.deepspeed.zero_stage}, offload {recipe.deepspeed.offload}, dtype {t.dtype}, "
+        f"{_engine(recipe)}, dtype {t.dtype}, "
         f"{t.max_steps} steps, lr {t.lr:g} ({t.schedule}, warm-up {t.warmup_steps})",
     ]
     if a.name == "usp":
