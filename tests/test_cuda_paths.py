@@ -42,12 +42,6 @@ UNEXECUTED = {
                                               "train_step ends in a .tolist() of the logged loss (the one read "
                                               "per step, seqpar/train/trainer.py): the step here is patched "
                                               "model + fused loss + backward + SGD",
-    "patch_model(Linear-Llama, 'lasp2') under SP": "seqpar.models.families refuses Linear-Llama's LinearAttention "
-                                                  "at W > 1; the worker sets its sequence parallelism directly "
-                                                  "(set_sequence_parallel), as tests/test_linear_llama.py does",
-    "Linear-Llama's per-layer length check": "each LASP-2 layer compares lengths across ranks (one read per "
-                                             "layer, counted below): linear_llama.py does not pass "
-                                             "validate=False after the first layer yet",
 }
 __doc__ += "\n".join(f"  * {what}: {why}." for what, why in UNEXECUTED.items())
 
@@ -168,9 +162,9 @@ def test_linear_attention_paths(records):
         assert r["info"] == {"reads_validated": want, "reads_unvalidated": {}}, (name, r["info"])
     for name, r in pick(records, "train lasp2").items():
         world = world_of(name)
-        assert r["info"]["reads"] == ({} if world == 1 else {"shape_check": LAYERS}), (name, r["info"])
-        refused = r["info"]["patch_model_refused"]
-        assert (refused is None) == (world == 1), refused  # listed in UNEXECUTED while families.py refuses it
+        # LASP-2 compares lengths across ranks at the first linear layer of a forward only
+        assert r["info"]["reads"] == ({} if world == 1 else {"shape_check": 1}), (name, r["info"])
+        assert r["info"]["model_type"] == "linear_llama", r["info"]  # patch_model ran it through LASP-2
 
 
 def test_shard_batch_on_cuda_ids(records):
