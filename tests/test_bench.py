@@ -156,7 +156,7 @@ def test_quick_run_writes_results_plots_and_markdown(tmp_path):
     """The CI smoke run: ``seqpar bench --quick`` over every suite (gpu reports "skipped: no CUDA" on CPU), two
     configurations at a time (``--jobs 2``: smoke figures, not measurements)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "seqpar", "bench", "--quick", "--repeats", "2", "--jobs", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "seqpar", "bench", "--quick", "--repeats", "1", "--jobs", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=290)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "TARGET ring_attention N=2 time vs one process" in proc.stdout

@@ -65,9 +65,9 @@ PLAN: dict[str, tuple[str, str]] = {
     "torchrun --nproc_per_node 2 docs/examples/own_loop.py": ("run", ""),
     "torchrun --nproc_per_node 2 docs/examples/hf_trainer.py": ("run", ""),
     "torchrun --nproc_per_node 4 -m seqpar train recipes/fsdp2-cpu.yaml":
-        ("run", "trainer.max_steps=2 data.passkey.num_samples=8"),
+        ("suite", "tests/test_fsdp2.py trains this recipe under torchrun on 4 ranks (and through a crash)"),
     "torchrun --nproc_per_node 2 -m seqpar train recipes/fsdp2-cpu.yaml trainer.grad_accum=2 trainer.max_steps=30 "
-    "--resume": ("run", "trainer.max_steps=3 data.passkey.num_samples=8"),
+    "--resume": ("suite", "tests/test_fsdp2.py resumes the 4-rank run's checkpoint on 2 ranks with grad_accum=2"),
     "seqpar train recipes/hybrid-bamba-9b-128k.yaml --dry-run": ("run", ""),
     "sbatch --nodes 4 slurm/train.sbatch recipes/hybrid-qwen3next-80b-256k.yaml": ("cluster", "SLURM"),
     "seqpar train recipes/usp-llama3-8b-128k.yaml --dry-run": ("run", ""),
