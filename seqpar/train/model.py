@@ -160,3 +160,20 @@ def module_leaf_names(config: Any) -> set[str] | None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def patch_for_training(model: Any, recipe: Recipe, parallel: Any) -> Any:
+    """The recipe's attention over ``parallel`` (``patch_model``), gradient checkpointing and LoRA: what
+    ``seqpar train`` and ``--simulate`` do to a built model before the memory options. Returns the model."""
+    from seqpar.models import patch_model
+
+    a = recipe.attention
+    patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
+                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree, s2_wrap=a.s2_wrap)
+    if recipe.trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.enabled:
+        from seqpar.train.lora import apply_lora
+
+        model = apply_lora(model, recipe.lora)
+    return model

@@ -153,10 +153,9 @@ def _build(recipe: Recipe, config: Any, world: int, rank: int):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from seqpar.models import patch_model
     from seqpar.parallel import group_ranks
     from seqpar.train.memory import apply_memory
-    from seqpar.train.model import apply_rope_scaling, torch_dtype
+    from seqpar.train.model import apply_rope_scaling, patch_for_training, torch_dtype
 
     a = recipe.attention
     sp_groups, _ = group_ranks(world, a.sp_size)
@@ -175,14 +174,7 @@ def _build(recipe: Recipe, config: Any, world: int, rank: int):
     finally:
         torch.set_default_dtype(default)
     model.config.use_cache = False
-    patch_model(model, a.name, group, layout=a.layout, group_size_ratio=a.group_size_ratio,
-                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree, s2_wrap=a.s2_wrap)
-    if recipe.trainer.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora.enabled:
-        from seqpar.train.lora import apply_lora
-
-        model = apply_lora(model, recipe.lora)
+    model = patch_for_training(model, recipe, group)
     # DeepSpeed casts every parameter to the training dtype when it builds its engine (buffers stay): LoRA's
     # float32 adapters too, so they do not upcast their inputs.
     dtype = torch_dtype(recipe)

@@ -31,7 +31,7 @@ from seqpar.train import faults
 from seqpar.train.data import batch_at, build_dataset, eval_batch, load_tokenizer, split_eval
 from seqpar.train.engine import build_engine
 from seqpar.train.logging import MetricsLogger
-from seqpar.train.model import BASE_DIR, build_base_model, load_model
+from seqpar.train.model import BASE_DIR, build_base_model, load_model, patch_for_training
 from seqpar.train.preemption import Preemption
 from seqpar.train.recipe import Recipe
 from seqpar.train.validate import recipe_warnings, validate
@@ -61,21 +61,11 @@ def base_model_path(recipe: Recipe, rank: int, tokenizer: Any) -> Path:
 
 
 def prepare_model(recipe: Recipe, path: Path, parallel: ParallelState) -> Any:
-    from seqpar.models import patch_model
-
     # FSDP2 shards float32 master weights and casts to bf16 per layer (MixedPrecisionPolicy); DeepSpeed's bf16
     # mode takes a bf16 model and keeps its own float32 copy in the optimizer.
     model = load_model(recipe, path, torch.float32 if recipe.engine == "fsdp2" else None)
     model.config.use_cache = False
-    a = recipe.attention
-    patch_model(model, a.name, parallel, layout=a.layout, group_size_ratio=a.group_size_ratio,
-                num_sink_tokens=a.num_sink_tokens, ulysses_degree=a.ulysses_degree, s2_wrap=a.s2_wrap)
-    if recipe.trainer.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora.enabled:
-        from seqpar.train.lora import apply_lora
-
-        model = apply_lora(model, recipe.lora)
+    model = patch_for_training(model, recipe, parallel)
     from seqpar.train.memory import apply_memory
 
     note = apply_memory(model, recipe)
