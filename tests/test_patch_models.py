@@ -466,3 +466,18 @@ def test_packed_forward_reads_document_bounds_once(model_dir, monkeypatch, atten
         assert not torch.allclose(moved, first)  # the new boundary is used, not the memo
     finally:
         unpatch_model(model)
+
+
+def test_once_per_forward_checks_run_in_hybrids_whose_first_layer_is_linear():
+    """Qwen3-Next's layer 0 is a Gated DeltaNet layer: the position check (and the cross-rank shape check) run at
+    the first layer that calls the attention, not at layer_idx 0 (which no attention layer has here)."""
+    from seqpar.models import patch_model
+    from tests.causal_lm_zoo import build
+
+    model = build("qwen3_next")
+    assert model.config.layer_types[0] == "linear_attention"
+    patch_model(model, "ring", None)
+    ids = torch.randint(0, 50, (1, 16))
+    model(input_ids=ids, position_ids=torch.arange(16)[None], use_cache=False)  # right positions: runs
+    with pytest.raises(ValueError, match="position_ids are not the global positions"):
+        model(input_ids=ids, position_ids=torch.arange(16).flip(0)[None], use_cache=False)

@@ -99,6 +99,15 @@ class _Patch:
     s2_wrap: bool = False  # s2: LongLoRA's pseudocode roll instead of half groups at the ends
     positions_checked: bool = False  # device (CUDA) position ids were checked once: later forwards skip the sync
     chunk_cuts: tuple | None = None  # ((cuts, device), cu_seqlens tensor) of the last chunked forward
+    first_layer: int | None = None  # layer_idx of the first layer that called the attention (forward order)
+
+    def is_first_layer(self, module) -> bool:
+        """Whether ``module`` is the model's first attention layer: where once-per-forward checks run. Not
+        ``layer_idx == 0``: in hybrids (Qwen3-Next, MiniMax...) layer 0 may be a linear layer."""
+        idx = getattr(module, "layer_idx", 0)
+        if self.first_layer is None:
+            self.first_layer = idx
+        return idx == self.first_layer
 
     def shift_size(self, seq_len: int) -> int:
         """S2/SF shift-group size G: explicit, or ratio x global length; G tiles the sequence and shifts by G/2."""
@@ -291,8 +300,8 @@ def seqpar_attention_forward(
         else:  # chunks are documents: each document's chunk starts join its boundaries
             cu_seqlens = _chunk_bounds(patch, cu_seqlens, limit[1], total, query.device)
     patch.calls[spec.name] += 1
-    first_layer = getattr(module, "layer_idx", 0) == 0  # cross-rank shape checks once per forward
-    out = spec.call(patch, q, k, v, scaling, cu_seqlens, validate=first_layer, sinks=sinks, **extra)
+    # cross-rank shape checks once per forward
+    out = spec.call(patch, q, k, v, scaling, cu_seqlens, validate=patch.is_first_layer(module), sinks=sinks, **extra)
     return out[..., :dv].contiguous(), None
 
 
@@ -435,7 +444,7 @@ def _check_positions(patch: _Patch, module, position_ids, q_len: int, device) ->
     gives every rank 0..L/N-1; HF-style packing restarts them without ``cu_seqlens``; left padding shifts
     them). Checked at the first layer, collectively (one 8-byte all-reduce), since only some ranks may see it.
     """
-    if position_ids is None or getattr(module, "layer_idx", 0) != 0:
+    if position_ids is None or not patch.is_first_layer(module):
         return
     if position_ids.device.type != "cpu" and patch.positions_checked:
         return  # reading the flag would sync the host with the GPU in every step
