@@ -335,6 +335,14 @@ def all_reduce_tensor(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.Re
     return x
 
 
+def world_sum(value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` summed over every rank of the default group (all SP and DP ranks), or ``value``
+    itself outside a distributed run: the trainers' global token counts and losses."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    return all_reduce_tensor(value.clone(), dist.group.WORLD)
+
+
 # ---------------------------------------------------------------------------------------------- autograd
 
 

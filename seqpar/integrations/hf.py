@@ -27,15 +27,15 @@ checkpoints are untouched; only the hooks below are overridden):
   become global ``cu_seqlens`` with no target across a boundary, and the length is padded on the right to a
   multiple of ``sp_size`` (x2 for zigzag) with ignored labels. A collator runs per rank with no communication.
 * **``compute_loss``** runs ``seqpar.models.causal_lm_loss`` (full logits, or the fused tiled head with
-  ``loss_chunk_size``) with ``reduction="sum"``: this rank's summed token loss ``S``. ``get_batch_samples`` (the
-  Trainer's hook that already counts ``num_items_in_batch`` for the accumulated batches) counts ``T``, the target
-  tokens of the whole optimizer step over every micro-batch, SP rank and DP rank (one all-reduce of two integers,
-  with the fingerprint check's flag), and the loss is ``S x W / T``: DDP (and DeepSpeed, FSDP) AVERAGE gradients
-  over all W ranks, SP ranks included, so the average is ``sum S / T``, the gradient of the token mean of the global
-  batch, exactly; a shard with no target contributes 0 (not NaN), a step with none is 0. ``loss_is_scaled_for_ga``
-  tells the Trainer not to divide by the accumulation steps again, and its logged loss (the mean over ranks of the
-  returned values) is the step's exact token mean. DDP without this reduction (a plain Trainer) averages the SP
-  ranks' partial gradients: ``SPDataCollator`` refuses to run outside a trainer that applies it.
+  ``loss_chunk_size``) with ``reduction="sum"``: this rank's summed token loss ``S``. ``_get_num_items_in_batch`` (the
+  hook ``get_batch_samples`` calls to count ``num_items_in_batch`` for the accumulated batches) counts ``T``, the
+  target tokens of the whole optimizer step over every micro-batch, SP rank and DP rank (one all-reduce of two
+  integers, with the fingerprint check's flag), and the loss is ``S x W / T``: DDP (and DeepSpeed, FSDP) AVERAGE
+  gradients over all W ranks, SP ranks included, so the average is ``sum S / T``, the gradient of the token mean of
+  the global batch, exactly; a shard with no target contributes 0 (not NaN), a step with none is 0.
+  ``loss_is_scaled_for_ga`` tells the Trainer not to divide by the accumulation steps again, and its logged loss (the
+  mean over ranks of the returned values) is the step's exact token mean. DDP without this reduction (a plain Trainer)
+  averages the SP ranks' partial gradients: ``SPDataCollator`` refuses to run outside a trainer that applies it.
 * **``evaluation_loop``**: ``eval_loss`` is replaced by the token mean over the whole eval set (summed token
   losses / target tokens over every batch, SP rank and DP rank, one all-reduce), seqpar's ``evaluate`` rule,
   instead of a mean of per-rank shard means. The eval set must split evenly over ``eval_batch_size x dp_size``
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch.utils.data import RandomSampler, Sampler, SequentialSampler
 from transformers import Trainer
 
-from seqpar.comm import group_size
+from seqpar.comm import group_size, world_sum
 from seqpar.models.batch import IGNORE_INDEX, shard_batch, sp_global_mean, sp_group_of
 from seqpar.parallel import ParallelState
 from seqpar.sharding import chunks_per_rank, host_bounds, remember_bounds
@@ -292,14 +292,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _world_sum(value: torch.Tensor) -> torch.Tensor:
-    if _world_size() == 1:
-        return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value
-
-
 def _mismatch(fingerprints: torch.Tensor, group) -> torch.Tensor:
     """1 if the SP ranks of this group hold different batches, else 0 (int64, on the fingerprints' device):
     one MAX all-reduce of 2 x M int64 over the SP group. The caller sums the flag over the world before
@@ -377,7 +369,7 @@ class SeqparTrainerMixin:
         self.data_collator = SPDataCollator(patch.group, patch.layout, collator=self._sp_inner_collator(kwargs),
                                             pad_token_id=0 if pad is None else pad,
                                             documents=get_spec(patch.attention).varlen)
-        self.data_collator.reduction = "token-weighted, W/T-scaled"  # compute_loss + get_batch_samples below
+        self.data_collator.reduction = "token-weighted, W/T-scaled"  # compute_loss + _get_num_items_in_batch below
         self._sp_eval: torch.Tensor | None = None
         self._sp_checked = False
 
@@ -433,21 +425,21 @@ class SeqparTrainerMixin:
 
     # --- the loss and the gradient reduction -------------------------------------------------------------------
 
-    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
-        """The Trainer's micro-batches of one optimizer step, and T: their target tokens over every rank (our
-        labels are already shifted; the Trainer's count assumes unshifted ones, so ours replaces it)."""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+    def _get_num_items_in_batch(self, batches: list, device: torch.device):
+        """T for the micro-batches of one optimizer step (``get_batch_samples`` asks): their target tokens over
+        every rank. It replaces the Trainer's count, which assumes unshifted labels (ours are shifted) and
+        gathers over all ranks once more."""
         if not batches:
-            return batches, None
+            return None
         if any(FINGERPRINT not in b for b in batches):
             raise ValueError("the batches do not come from SPDataCollator (was trainer.data_collator replaced?): "
                              "SeqparTrainer needs its sharded batches; pass your collator as data_collator=")
         count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(device)
         flag = _mismatch(torch.cat([b[FINGERPRINT] for b in batches]).to(device), self.sp_group)
-        count, flag = _world_sum(torch.stack([count, flag]))  # one all-reduce: T and any group's mismatch
+        count, flag = world_sum(torch.stack([count, flag]))  # one all-reduce: T and any group's mismatch
         if flag:
             raise ValueError(MISMATCH)
-        return batches, count
+        return count
 
     def _check_reduction(self, model: torch.nn.Module) -> None:
         """Our loss assumes the gradients are AVERAGED over all W ranks, SP ranks included."""
@@ -491,7 +483,7 @@ class SeqparTrainerMixin:
             total = torch.as_tensor(num_items_in_batch, device=local.device).double().clamp(min=1)
             loss = local * (_world_size() / total).to(local.dtype)  # DDP's average over W ranks -> sum S / T
         else:
-            if _world_sum(_mismatch(fingerprint.to(labels.device), self.sp_group)):
+            if world_sum(_mismatch(fingerprint.to(labels.device), self.sp_group)):
                 raise ValueError(MISMATCH)
             count = (labels != IGNORE_INDEX).sum()
             if self._sp_eval is not None:
@@ -506,7 +498,7 @@ class SeqparTrainerMixin:
         try:
             out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                           metric_key_prefix)
-            total, count = _world_sum(self._sp_eval).tolist()
+            total, count = world_sum(self._sp_eval).tolist()
         finally:
             self._sp_eval = None
         if count > 0:

@@ -111,7 +111,7 @@ class FSDP2Engine(torch.nn.Module):
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=1e-8,
                                            weight_decay=t.weight_decay)  # DeepSpeed's torch_adam: the same AdamW
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe))
-        self.grad_norm: float | None = None
+        self.grad_norm: torch.Tensor | None = None
         self.lora = recipe.lora.enabled
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,7 +133,7 @@ class FSDP2Engine(torch.nn.Module):
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a replicated DTensor
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
-        self.grad_norm = float(norm)
+        self.grad_norm = norm.detach()  # read in get_global_grad_norm, after the step's one host sync
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,7 +142,7 @@ class FSDP2Engine(torch.nn.Module):
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def get_global_grad_norm(self) -> float | None:
-        return self.grad_norm
+        return None if self.grad_norm is None else float(self.grad_norm)
 
     # -- checkpoints (collective) ------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from seqpar.comm import world_sum
 from seqpar.parallel import ParallelState
 from seqpar.train import checkpoint as ckpt
 from seqpar.train import faults
@@ -128,7 +129,7 @@ def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: 
     labels = [sp.pop("labels") for sp in micro]
     # T before any backward: every micro-batch's shard is counted here, then one all-reduce over the world
     # (each target token lies on exactly one SP rank of one DP rank). No host sync: T stays on the device.
-    targets = _world_sum(sum((y != IGNORE_INDEX).sum() for y in labels), parallel)
+    targets = world_sum(sum((y != IGNORE_INDEX).sum() for y in labels))
     scale = (parallel.world_size * accum) / targets.double().clamp(min=1)  # W G / T (T = 0: zero loss, no NaN)
     summed = torch.zeros((), dtype=torch.float64, device=device)
     for sp, y in zip(micro, labels):
@@ -139,17 +140,8 @@ def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: 
         faults.maybe_kill("step", step + 1, parallel.rank, parallel.world_size)
         engine.step()
         summed += local.detach().double()
-    total, count = torch.stack([_world_sum(summed, parallel), targets.double()]).tolist()  # the one host sync
+    total, count = torch.stack([world_sum(summed), targets.double()]).tolist()  # the one host sync
     return StepLoss(total / max(count, 1), int(count))
-
-
-def _world_sum(value: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
-    """``value`` summed over all W ranks (SP and DP: the shards of one sequence and the DP batches)."""
-    if parallel.world_size == 1:
-        return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value
 
 
 @torch.no_grad()
@@ -172,7 +164,7 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
         local = causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe), reduction="sum")
         stats += torch.stack([local.double(), (labels != IGNORE_INDEX).sum().double()])
     engine.module.train(was_training)
-    total, count = _world_sum(stats, parallel).tolist()
+    total, count = world_sum(stats).tolist()
     return total / max(count, 1)
 
 
