@@ -3,9 +3,9 @@ model on fake CUDA as one rank of the planned world, its peak next to the planne
 
 The GPU recipe here is recipes/ring-llama3-8b-128k.yaml as written (ring attention, zigzag, sp 8 on 8 ranks,
 ZeRO-3, bf16, gradient checkpointing with offload, fused loss, tiled MLP, YaRN) with the model shrunk to a toy
-so that the step takes seconds: the simulated peak must agree with the planner's within 10%, and so must each
-measured activation phase (forward, backward) within 25% of the planner's, since the state (parameters, Adam,
-DeepSpeed's buckets) is the planner's formula in both and alone could not disagree. The whole-process check
+so that the step takes seconds: each measured activation phase (forward, backward) must agree with the planner's
+within 25%. The totals are only reported: the state (parameters, Adam, DeepSpeed's buckets) is the planner's
+formula on both sides and is ~95% of this toy's total, so a bound on the totals could not fail. The whole-process check
 (planner and simulate against a real ``seqpar train`` on CPU) is in tests/test_planner.py.
 """
 
@@ -50,8 +50,6 @@ def test_simulate_runs_a_step_and_agrees_with_the_planner(capsys):
     print(out[out.index("estimated peak"):])
     total = re.search(rf"simulated peak memory per rank: {SIZE} .*planner {SIZE}, ([0-9.]+)x of it", out)
     assert total, out
-    simulated, planned = _bytes(total.group(1)), _bytes(total.group(2))
-    assert 0.9 <= planned / simulated <= 1.1, (simulated, planned)
     phases = re.search(rf"measured activations: forward {SIZE} \(planner {SIZE}\), backward {SIZE} \(planner {SIZE}\)",
                        out)
     assert phases, out

@@ -10,6 +10,7 @@ a bad call can never leave one rank waiting in a collective. That all-gather is 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -243,7 +244,7 @@ def check_linear_args(q, k, v, *, decay, causal: bool, block_size: int) -> torch
         )
     bad = ValueError(f"decay={decay!r}: pass None, a float, or a tensor [{H}] (one per query head), values in (0, 1]")
     if not isinstance(decay, torch.Tensor):  # a number is checked on the host: no device read per call
-        if not isinstance(decay, (int, float)) or not 0 < float(decay) <= 1:
+        if not isinstance(decay, numbers.Real) or not 0 < float(decay) <= 1:  # numpy scalars too
             raise bad
         return torch.full((H,), float(decay), dtype=acc, device=q.device).log()  # a fill: no copy to the GPU
     # A tensor keeps its autograd graph (learned decay): log λ gets a gradient through ``decay_grad``.

@@ -39,7 +39,8 @@ def derive(results: list[dict]) -> list[dict]:
     for r in timed:
         if r["suite"] == "memory":  # issue 28: the peak above the inputs in units of the local q [B, L/N, H, D]
             local_q = r.get("batch", 1) * r["seq_len"] // r["sp"] * r["heads"] * r["head_dim"]
-            r["units"] = r.get("peak_call_bytes", r["peak_mem_bytes"]) / (local_q * _ITEMSIZE[r["dtype"]])
+            held = r["peak_work_bytes"] if r.get("live_peak") else r["peak_mem_bytes"]  # live: above the inputs
+            r["units"] = held / (local_q * _ITEMSIZE[r["dtype"]])
     return results
 
 

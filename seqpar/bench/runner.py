@@ -44,26 +44,24 @@ def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
             with tracked:
                 result = step()
     extra = {"loss": float(result)} if result.dim() == 0 else {}  # training steps return their loss
-    call = None
-    if cfg.get("live_peak") and device.type == "cpu":
+    live = cfg.get("live_peak") and device.type == "cpu"
+    if live:
         # Issue 28's measure (the memory suite): what one call holds above its inputs, without one-time costs
         # (imports, gloo's pair buffers, thread-pool stacks). After the warm-up, drop its output and input
-        # gradients, take the RSS (inputs + one-time costs) as the base and forget the warm-up's peak; the
-        # peak over the repeats above that base is the call's output, dO, gradients and temporaries.
+        # gradients and forget the warm-up's peak: the work probe's base is then the inputs and one-time costs,
+        # and its peak over the repeats is the call's output, dO, gradients and temporaries.
         del result
         for t in getattr(step, "inputs", ()):
             t.grad = None
-        call = MemoryProbe(device)
         reset_peak_rss()
     # Working memory: above the level after the warm-up (inputs and their gradients allocated, lazily loaded
-    # kernels loaded); ru_maxrss still holds the warm-up's peak, the same computation as every repeat.
+    # kernels loaded); without ``live_peak`` ru_maxrss still holds the warm-up's peak, the same computation as
+    # every repeat.
     work = MemoryProbe(device)
     times = time_repeats(step, warmup=max(0, cfg["warmup"] - 1), repeats=cfg["repeats"], group=sp_group)
     # Peers communicate through torch.distributed directly: their bytes are unknown, not zero.
     sent, received = (None, None) if getattr(step, "peer", False) else (counter.sent, counter.received)
     extra["peak_work_bytes"] = work.peak()
-    if call is not None:
-        extra["peak_call_bytes"] = call.peak()
     return Measurement(times, total.peak() if tracked is None else tracked.peak, sent, received, extra).to_dict()
 
 
@@ -89,8 +87,6 @@ def run_config(cfg: dict, *, timeout: float) -> dict:
         "bytes_sent_per_rank": None if ranks[0]["bytes_sent"] is None else max(r["bytes_sent"] for r in ranks),
         "ranks": ranks,
     }
-    if "peak_call_bytes" in ranks[0]["extra"]:
-        row["peak_call_bytes"] = max(r["extra"]["peak_call_bytes"] for r in ranks)
     if "loss" in ranks[0]["extra"]:
         row["loss"] = ranks[0]["extra"]["loss"]
     return row

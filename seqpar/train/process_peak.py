@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
-from seqpar.bench.measure import GLIBC_RETURNS_FREED
+from seqpar.bench.measure import GLIBC_RETURNS_FREED, peak_rss_bytes, rss_bytes
 
 # The bench's setting (seqpar.bench.measure) plus few arenas: DeepSpeed's and gloo's threads would each get one.
 MALLOC = {**GLIBC_RETURNS_FREED, "MALLOC_ARENA_MAX": "2"}
@@ -29,16 +28,6 @@ MALLOC = {**GLIBC_RETURNS_FREED, "MALLOC_ARENA_MAX": "2"}
 def environ(base: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``base`` (default ``os.environ``) with the glibc settings that make RSS track live memory."""
     return {**(os.environ if base is None else base), **MALLOC}
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process(os.getpid()).memory_info().rss
-
-
-def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def main(argv: list[str]) -> int:
@@ -64,18 +53,18 @@ def main(argv: list[str]) -> int:
         module = f"transformers.models.{model_type}.modeling_{model_type}"
         if model_type in names:
             __import__(module)
-    base = _rss()
+    base = rss_bytes()
     marks: dict[str, int] = {}
     save = checkpoint.save_checkpoint
 
     def save_marked(*args, **kwargs):
-        marks.setdefault("steps", _maxrss())
+        marks.setdefault("steps", peak_rss_bytes())
         return save(*args, **kwargs)
 
     trainer.ckpt.save_checkpoint = save_marked
     trainer.train(recipe)
-    marks.setdefault("steps", _maxrss())
-    marks["process"] = _maxrss()
+    marks.setdefault("steps", peak_rss_bytes())
+    marks["process"] = peak_rss_bytes()
     rank = int(os.environ.get("RANK", "0"))
     record = {"rank": rank, "baseline_rss": base, **{f"{k}_peak": v - base for k, v in marks.items()}}
     part = out.with_name(f"{out.name}.rank{rank}")

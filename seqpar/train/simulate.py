@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from seqpar.train.planner import MemoryPlan, gib, plan_memory
-from seqpar.train.recipe import Recipe, RecipeError, load_recipe
+from seqpar.train.recipe import Recipe, RecipeError, recipe_from_dict
 
 
 @dataclass
@@ -340,17 +340,6 @@ def describe_simulated(recipe: Recipe, config: Any, world: int, device_memory: s
     return "\n".join(lines)
 
 
-def _recipe_from_dict(data: dict) -> Recipe:
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(data, f)
-    try:
-        return load_recipe(f.name, [])
-    finally:
-        os.unlink(f.name)
-
-
 def main(argv: list[str]) -> int:
     """The child: ``python -m seqpar.train.simulate JOBS.json OUT.json [--rank R]``; JOBS.json is a list of
     ``{"recipe": Recipe.to_dict(), "world": N, "seq_lens": [...]}``, OUT.json gets their (forward, backward)
@@ -364,7 +353,7 @@ def main(argv: list[str]) -> int:
 
     results = []
     for job in json.loads(Path(args.jobs).read_text()):
-        recipe = _recipe_from_dict(job["recipe"])
+        recipe = recipe_from_dict(job["recipe"])
         config = validate(recipe, job["world"])
         results.append(step_peaks(recipe, config, job["world"], job["seq_lens"], args.rank, job.get("layers")))
     Path(args.out).write_text(json.dumps(results))
