@@ -60,6 +60,37 @@ def test_simulate_runs_a_step_and_agrees_with_the_planner(capsys):
     assert "8192 tokens per rank" in out  # 65536 over the recipe's 8 ranks: the step ran one rank's shard
 
 
+QWEN3NEXT = ROOT / "recipes" / "hybrid-qwen3next-80b-256k.yaml"
+HYBRID_TOY = [f"model.config.{key}={value}" for key, value in dict(
+    hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+    intermediate_size=256, vocab_size=1024).items()] + ["data.seq_len=16384"]
+
+
+def test_a_prefix_with_every_kind_of_layer_stands_for_the_whole_model():
+    """Qwen3-Next's layers repeat (3 Gated DeltaNet, 1 softmax attention); the simulated step builds the 5 that hold
+    each kind before the last, and adds what each left-out layer keeps (checkpointed, not offloaded: its input and
+    its delta-rule segment states) as its counterpart in the prefix measured. Equal to the step of all 8 layers."""
+    from seqpar.train.recipe import load_recipe
+    from seqpar.train.simulate import simulate_many
+    from seqpar.train.validate import validate
+
+    recipe = load_recipe(QWEN3NEXT, HYBRID_TOY)
+    world = recipe.launch.nnodes * recipe.launch.nproc_per_node
+    config = validate(recipe, world)
+    assert config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    short = load_recipe(QWEN3NEXT, [*HYBRID_TOY, "model.config.num_hidden_layers=5"])  # the prefix as a model
+    (prefix,), (five,) = simulate_many([(recipe, config, world, None), (short, validate(short, world), world, None)])
+    (whole,), = simulate_many([(recipe, config, world, None)], layers=8)
+    print(f"5 of 8 layers: forward {prefix.forward}, backward {prefix.backward}; all 8: forward {whole.forward}, "
+          f"backward {whole.backward}; a 5-layer model: forward {five.forward}")
+    assert (prefix.layers, whole.layers, five.layers) == (5, 8, 5)
+    assert five.forward < prefix.forward == whole.forward, (five, prefix, whole)  # the left-out layers' keep added
+    # the backward's bound: at most the bytes kept by the layers after the one whose backward peaks
+    assert whole.backward <= prefix.backward <= whole.backward * 1.05, (prefix, whole)
+
+
 def test_simulate_without_dry_run_is_a_one_line_error(capsys):
     from seqpar.train.cli import run
 

@@ -13,42 +13,48 @@ module's gathered parameters and the prefetch window. float32 gradients when bf1
 parallelism (engine.gradient_precision). On CPU the process itself (CPU_RUNTIME). P is counted on the meta
 device from the config (MoE experts and linear-attention layers included; the dense formula where that fails).
 
-Activations of one micro-batch, ``t = micro_batch x seq_len / sp_size`` tokens per rank (Llama-family
-decoder, HF code, SDPA-style attention that keeps only q, k, v, out and a float32 log-sum-exp):
+Activations of one micro-batch, ``t = micro_batch x seq_len / sp_size`` tokens per rank, layer by layer as
+``seqpar.train.planner_layers`` reads the model's kinds of decoder layer from the model built on the meta
+device (softmax or latent attention, Mamba2, Gated DeltaNet, Kimi Delta Attention; dense or MoE MLPs; their
+norms), per token:
 
-    per layer, kept for backward   t x [ d (2 b + 8)              two RMSNorms: input and its float32 copy
-                                         + (H + 2 Hkv) hd b x 2     q, k, v before and after RoPE
-                                         + H hd (b + 4)             attention output, its log-sum-exp
-                                         + 4 I b ]                  MLP: gate, act(gate), up, their product
-    gradient checkpointing           only the layer input ``t d b`` per layer (0 with checkpoint offload), plus
-                                     one layer's activations while it is recomputed
-    tiled MLP                        the ``4 I b`` term for ``mlp_chunk_size`` tokens instead of t
+    per layer, kept for backward     its norms, token mixer and MLP (planner_layers' table; a Llama layer:
+                                     two norms 16 d, q, k, v after RoPE, the output and its log-sum-exp,
+                                     (H + 2 Hkv) hd b + H hd b + 4 H, the MLP 4 I b)
+    gradient checkpointing           only the layer input ``t d b`` per layer (0 with checkpoint offload; plus
+                                     the linear layers' segment states), plus one layer's activations while
+                                     it is recomputed
+    tiled MLP                        a dense MLP's ``4 I b`` for ``mlp_chunk_size`` tokens instead of t
     head + loss                      full logits: ``12 t V`` (at log-softmax's backward: its float32 output, the
                                      gradients of the log-probabilities and of the logits); fused: ``2 c V x 4``
-                                     for a tile of c tokens and logsumexp's temporary + the float32 ``V d x 4``;
-                                     both + the final RMSNorm's saved work ``t d (2 b + 8)`` (b < 4)
+                                     for a tile of c tokens and logsumexp's temporary + the float32 ``V d x 4``
+                                     (d W, when the output layer is trained); both + the final RMSNorm's saved
+                                     work ``t d (2 b + 8)`` (b < 4)
     the loss's backward (fused)      ``V d (4 + b)`` (d W scaled, cast) + ``2 t d b``, if above one layer's
-    below float32                    + ``8 t d`` in a layer's backward (RMSNorm's float32 gradients)
+    one layer's backward             its recomputed activations and their gradients (planner_layers), + 8 t d
+                                     below float32 (the norms' float32 gradients), or its largest trained
+                                     weight's whole gradient if larger
     communication buffers            ring: 2 K/V blocks in flight; Ulysses/USP: the all-to-all'd q, k, v, out;
                                      all-gather/LASP-2H: the whole K, V
 
 The peak is the engine build's (the loaded model and its flattened copy) or the state plus the largest of three
-phases of the step: the forward's end (kept activations + the loss head), the backward (kept activations + one
-layer's recomputation with its gradients, or the loss's backward, + ZeRO-2's bucket), the reduction (bucket,
-flattened copy, partition). Not counted: allocator fragmentation, the CUDA context and kernel workspaces (leave
-~10% headroom). Checked (tests/test_planner.py) against the RSS peak of whole ``seqpar train`` processes on CPU
-(toy recipes: ZeRO-2 fp32 with the memory options, ZeRO-3 bf16 Ulysses; within 15%, 1.00x when written) and the
-live tensors of one step at 2 ranks (within 25%); tests/test_simulate.py against a simulated step.
+phases of the step: the forward's (kept activations + the loss head, or a checkpointed layer running its
+forward: bounded by what it keeps when recomputed), the backward (kept activations + one layer's recomputation
+with its gradients, or the loss's backward, + ZeRO-2's bucket), the reduction (bucket, flattened copy,
+partition). Not counted: allocator fragmentation, the CUDA context and kernel workspaces (leave ~10% headroom).
+Checked (tests/test_planner.py) against the RSS peak of whole ``seqpar train`` processes on CPU (toy recipes:
+ZeRO-2 fp32 with the memory options, ZeRO-3 bf16 Ulysses; within 15%) and the live tensors of one step at 2
+ranks (within 25%); tests/test_simulate.py against a simulated step; docs/benchmarks.md against ``--simulate``
+on every GPU recipe in recipes/.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqpar.train.planner_layers import LayerFacts, dense_layer, layer_facts
 from seqpar.train.recipe import Recipe, RecipeError
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -80,6 +86,7 @@ class ModelShape:
     vocab: int
     params: int
     tied: bool
+    kinds: tuple[LayerFacts, ...] = ()  # the kinds of decoder layer and their counts (seqpar.train.planner_layers)
 
     @classmethod
     def of(cls, config: Any) -> ModelShape:
@@ -90,74 +97,77 @@ class ModelShape:
         tied = bool(getattr(config, "tie_word_embeddings", False))
         layer = d * (H + 2 * Hkv) * hd + H * hd * d + 3 * d * I + 2 * d
         params = _count_params(config) or n * layer + V * d * (1 if tied else 2) + d
-        return cls(n, d, I, H, Hkv, hd, V, params, tied)
+        kinds = layer_facts(config) or (dense_layer(n, d, I, H, Hkv, hd, layer),)
+        return cls(n, d, I, H, Hkv, hd, V, params, tied, kinds)
 
 
 def _count_params(config: Any) -> int:
     """The model's exact parameter count, built on the meta device (no memory, MoE experts and linear layers
     included), or 0 where transformers cannot build it from the config (the dense formula is used then)."""
-    from transformers import PretrainedConfig
+    from seqpar.train.planner_layers import meta_model
 
-    if not isinstance(config, PretrainedConfig):
-        return 0
-    return _count_built(config.to_json_string(use_diff=False), type(config))
-
-
-@functools.lru_cache(maxsize=8)  # longest_seq_len plans one config many times
-def _count_built(config_json: str, config_class: type) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config_class.from_dict(json.loads(config_json)))
-    except Exception:  # any config transformers cannot build falls back to the formula
-        return 0
-    return sum(p.numel() for p in model.parameters())
+    model = meta_model(config)
+    return sum(p.numel() for p in model.parameters()) if model is not None else 0
 
 
 def activation_bytes(s: ModelShape, tokens: int, b: int, *, attention: str = "full", sp: int = 1,
                      checkpointing: bool = False, offload: bool = False, fused_chunk: int | None = None,
-                     mlp_chunk: int | None = None, cpu: bool = False) -> dict[str, int]:
+                     mlp_chunk: int | None = None, cpu: bool = False, head_trainable: bool = True,
+                     layers_trainable: bool = True) -> dict[str, int]:
     """Peak activation bytes of one forward + backward on one rank holding ``tokens`` tokens (see the module
-    docstring); returns the parts: ``kept`` (saved for backward), ``head`` (loss), ``working`` (one layer's
-    recomputation or backward, or the loss's backward if larger), ``comm`` (attention buffers). ``cpu``: the
-    fused loss computes in float32 there."""
-    t, d, I = tokens, s.hidden, s.intermediate
-    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    docstring and ``seqpar.train.planner_layers`` for each kind of layer); returns the parts: ``kept`` (saved
+    for backward), ``head`` (loss), ``working`` (one layer's recomputation or backward, or the loss's backward
+    if larger), ``comm`` (attention buffers). ``cpu``: the fused loss computes in float32 there;
+    ``head_trainable``: the output layer's weight gets a gradient (the fused loss then keeps a float32 d W
+    accumulator); ``layers_trainable``: the decoder layers' weights get gradients (not LoRA's frozen ones)."""
+    t, d = tokens, s.hidden
     mlp_tokens = min(t, mlp_chunk) if mlp_chunk else t
-    attn_part = t * (d * (2 * b + 8) + qkv * b * 2 + s.heads * s.head_dim * (b + 4))
-    mlp_tile = mlp_tokens * 4 * I * b  # one tile's intermediates, alive while it is computed
-    layer = attn_part + (t * d * b if mlp_chunk else mlp_tile)  # a tiled MLP keeps only its input
-    layer_input = 0 if offload else t * d * b
-    kept = s.layers * (layer_input if checkpointing else layer)
+    kept, working, comm, running = 0, 0, 0, 0
+    for k in s.kinds or (dense_layer(s.layers, d, s.intermediate, s.heads, s.kv_heads, s.head_dim, 0),):
+        norms = k.norm_elems * (10 if k.offset_norm and b < 4 else 8)
+        tiled = bool(mlp_chunk and k.dense_width)
+        mlp_tile = mlp_tokens * 4 * k.dense_width * b  # one tile's intermediates, alive while it is computed
+        mlp = d * b if tiled else k.mlp_b * b + k.mlp_f * 4  # a tiled MLP keeps only its input
+        # SF-Attn keeps its shifted, sink-extended copies of q, k, v and the output too
+        shifted = SHIFTED_COPIES.get(attention, 0) * k.mixer_b if k.qkv else 0
+        layer = t * (norms + k.mixer_b * b + k.mixer_f * 4 + mlp + shifted * b)
+        layer_input = (0 if offload else t * d * b) + t * k.ckpt_f * 4
+        kept += k.count * (layer_input if checkpointing else layer)
+        # Backward through one layer: its activations (recomputed when checkpointed) and their gradients' worth;
+        # below float32, the norms' float32 gradients and input copies too (~8 bytes per token and hidden unit,
+        # measured on fake CUDA). A tiled MLP's backward (tile by tile) is over before the mixer's starts: the
+        # larger of the two is alive with the layer's recomputed activations; untiled, the MLP's gradients are
+        # still alive during the mixer's. The largest weight's whole gradient exists once, before DeepSpeed
+        # takes it.
+        mixer_grads = t * k.mixer_grads * b + (t * d * 8 if b < 4 else 0)
+        mlp_grads = (mlp_tokens * 3 * k.dense_width * b + mlp_tile) if tiled else t * k.mlp_grads * b
+        grads = max(mixer_grads, mlp_grads) if tiled else mixer_grads + mlp_grads
+        grads = max(grads, k.largest_param * b if layers_trainable else 0)
+        working = max(working, (layer if checkpointing else 0) + grads)
+        running = max(running, layer if checkpointing else 0)  # a checkpointed layer's forward, not saving
+        if sp > 1 and k.kv:
+            kv = t * k.kv * b
+            comm = max(comm, {"ring": 2 * kv, "rsa": 2 * kv, "allgather": sp * kv, "lasp2": sp * kv,
+                              "ulysses": 2 * t * k.qkv * b, "usp": 2 * t * k.qkv * b}.get(attention, 0))
     if fused_chunk:
         c = min(t, fused_chunk)
         # a tile's float32 logits and logsumexp's [c, V] temporary, the float32 d W accumulator (made in the
         # forward: the weight's gradient only after the loss's backward), d hidden; on CPU below float32 the
         # float32 copy of the weight the tiles are computed with
-        head = 2 * c * s.vocab * 4 + s.vocab * d * 4 + t * d * b + (s.vocab * d * 4 if b < 4 and cpu else 0)
+        dw = s.vocab * d * 4 if head_trainable else 0
+        head = 2 * c * s.vocab * 4 + dw + t * d * b + (s.vocab * d * 4 if b < 4 and cpu else 0)
         # the loss's backward: d W scaled in place and cast to the weight's dtype, d hidden scaled
-        head_backward = s.vocab * d * (4 + (b if b < 4 else 0)) + 2 * t * d * b
+        head_backward = (dw + s.vocab * d * b if dw and b < 4 else dw) + 2 * t * d * b
     else:
         head = t * s.vocab * 12  # at log_softmax's backward: its float32 output, d log-probs, d logits
         head_backward = 0  # inside ``head``: the logits' backward is the loss's
     # The final RMSNorm (outside the checkpointed layers) keeps its float32 work for the backward while the loss
     # runs: measured on fake CUDA (Llama-3-8B, bf16, 64k-537k tokens per rank) ~12 bytes per token and hidden unit.
     head += t * d * (2 * b + 8 if b < 4 else 8)
-    # Backward through one layer: its activations (recomputed when checkpointed) and their gradients' worth;
-    # below float32, the RMSNorms' float32 gradients and input copies too (~8 bytes per token and hidden unit,
-    # measured as above).
-    attn_grads = t * (qkv + 3 * d) * b + (t * d * 8 if b < 4 else 0)
-    mlp_grads = mlp_tokens * 3 * I * b + (mlp_tile if mlp_chunk else 0)
-    # A tiled MLP's backward (tile by tile) is over before the attention's starts: the larger of the two is alive
-    # with the layer's recomputed activations; untiled, the MLP's gradients are still alive during the attention's.
-    grads = max(attn_grads, mlp_grads) if mlp_chunk else attn_grads + mlp_grads
-    working = max((layer if checkpointing else 0) + grads, head_backward)
-    kv = t * 2 * s.kv_heads * s.head_dim * b
-    comm = {"ring": 2 * kv, "rsa": 2 * kv, "allgather": sp * kv, "lasp2": sp * kv,
-            "ulysses": 2 * t * qkv * b, "usp": 2 * t * qkv * b}.get(attention, 0) if sp > 1 else 0
-    return {"kept": kept, "head": head, "working": working, "comm": comm}
+    working = max(working, head_backward)
+    # the forward's peak above the kept activations: the loss head, or a checkpointed layer while it runs (its
+    # temporaries, bounded by what it keeps when it is recomputed: measured 0.6-1.0 of it)
+    return {"kept": kept, "head": max(head, running), "working": working, "comm": comm}
 
 
 def step_peak(parts: dict[str, int]) -> int:
@@ -173,6 +183,10 @@ PREFETCH_BUCKET = 50_000_000
 # stacks. Measured 84 MiB between the steps of issue 26's toy recipe (RSS 344 MiB above the imports, live tensors
 # 260 MiB); on a GPU the same is host memory (the device's counterpart, the CUDA context, is not counted).
 CPU_RUNTIME = 80 * 2**20
+# Copies of a softmax layer's q, k, v and output that SF-Attn keeps besides the plain ones (its shifted heads with
+# the sink tokens prepended): measured on fake CUDA, SinkLoRA 8B at 32k on 8 ranks (the recipe), about 2 (qkv +
+# H hd) b per token more than S2-Attn's (LongLoRA 7B at 100k on 8 ranks), which the plain formula matches.
+SHIFTED_COPIES = {"sf": 2}
 
 
 @dataclass
@@ -192,6 +206,7 @@ class MemoryPlan:
     buffers: dict = field(default_factory=dict)
     runtime: int = 0
     setup: int = 0
+    layers: str = ""  # the kinds of decoder layer counted, e.g. "36 Gated DeltaNet + MoE, 12 softmax attention + MoE"
 
     @property
     def state(self) -> int:
@@ -212,7 +227,8 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         a, bu, ph = self.activations, self.buffers, self.phases
         peak = max(ph, key=ph.get)
-        out = [f"estimated peak memory per rank: {gib(self.total)} ({self.tokens_per_rank} tokens per rank)",
+        out = [f"estimated peak memory per rank: {gib(self.total)} ({self.tokens_per_rank} tokens per rank"
+               + (f"; layers: {self.layers}" if self.layers else "") + ")",
                f"  parameters {gib(self.params)}, gradients {gib(self.grads)}, optimizer states {gib(self.optimizer)}"
                " (float32 master partition + Adam m, v)" + (f", CPU process runtime {gib(self.runtime)}"
                                                             if self.runtime else ""),
@@ -238,6 +254,13 @@ def _trainable(recipe: Recipe, s: ModelShape) -> int:
     lora = s.layers * sum(lo.r * (i + o) for t, (i, o) in dims.items() if t in lo.targets)
     extras = {"embed": s.vocab * d, "norm": (2 * s.layers + 1) * d, "lm_head": s.vocab * d}
     return lora + sum(extras[x] for x in lo.trainable if x in extras)
+
+
+def _head_trainable(recipe: Recipe, s: ModelShape) -> bool:
+    """Whether the output layer's weight is trained: all of it without LoRA, else ``lm_head`` (or, tied, ``embed``)
+    among ``lora.trainable``."""
+    lo = recipe.lora
+    return not lo.enabled or "lm_head" in lo.trainable or (s.tied and "embed" in lo.trainable)
 
 
 def plan_memory(recipe: Recipe, config: Any, world: int, seq_len: int | None = None) -> MemoryPlan:
@@ -288,12 +311,14 @@ def plan_memory(recipe: Recipe, config: Any, world: int, seq_len: int | None = N
     parts = activation_bytes(
         s, tokens, b, attention=recipe.attention.name, sp=sp, checkpointing=recipe.trainer.gradient_checkpointing,
         offload=bool(m.offload_checkpoints) and not cpu, fused_chunk=m.loss_chunk_size if m.fused_loss else None,
-        mlp_chunk=m.mlp_chunk_size if m.tiled_mlp else None, cpu=cpu)
+        mlp_chunk=m.mlp_chunk_size if m.tiled_mlp else None, cpu=cpu, head_trainable=_head_trainable(recipe, s),
+        layers_trainable=not recipe.lora.enabled)
     # The build: from_config models are made in float32 (rank 0, then saved); ZeRO-1/2 then hold the loaded
     # parameters and their flattened copy at once, and the float32 partition.
     setup = max(s.params * 4 if recipe.model.from_config is not None else 0,
                 (2 * s.params * b + (0 if offload else T * 4 // W)) if z in (1, 2) else 0) + runtime
-    return MemoryPlan(params, grads, optimizer, parts, tokens, buffers, runtime, setup)
+    layers = ", ".join(f"{k.count} {k.kind}" for k in s.kinds)
+    return MemoryPlan(params, grads, optimizer, parts, tokens, buffers, runtime, setup, layers)
 
 
 def longest_seq_len(recipe: Recipe, config: Any, world: int, budget: int) -> int:

@@ -6,7 +6,11 @@ Why: the planner is a formula, right only for what it was written for; a simulat
 would (the real model class at its real size, the patched attention primitive over a fake process group of W
 ranks, gradient checkpointing and its offload, the tiled MLP, the fused loss) and counts what it allocates.
 Under ``torch._subclasses.fake_tensor.FakeTensorMode`` a CUDA tensor has a shape, a dtype and a device but no
-storage bytes behind it, so Llama-3-8B at 128k tokens per rank runs in a minute on a laptop. A CPU-only PyTorch
+storage bytes behind it, so Llama-3-8B at 128k tokens per rank runs in seconds on a laptop. The step builds only
+a prefix of the decoder layers that holds one of each kind (``LayerPlan``: same module classes, parameter shapes
+and settings; 2 of Llama's 32, 5 of Qwen3-Next's 48) and adds what each left-out layer keeps as its counterpart
+measured (``step_peaks``): a fake step still costs the Python of every op, and the delta rule's and the scans'
+chunk loops made a whole Qwen3-Next or Kimi Linear step take over 5 minutes. A CPU-only PyTorch
 needs the fake-CUDA shim for that (seqpar.fake_cuda): without it this process runs the step in a child started
 with ``fake_cuda.environ()``.
 
@@ -52,6 +56,7 @@ class Simulated:
     forward: int  # peak of new CUDA bytes from the step's start to the loss
     backward: int  # peak from the loss to the end of the backward
     plan: MemoryPlan
+    layers: int = 0  # decoder layers the step ran (the rest added as alike layers keep: ``step_peaks``)
 
     @property
     def total(self) -> int:
@@ -65,14 +70,16 @@ class Simulated:
         return [f"simulated peak memory per rank: {gib(self.total)} (one step on fake CUDA, {p.tokens_per_rank} "
                 f"tokens per rank; planner {gib(p.total)}, {p.total / max(1, self.total):.2f}x of it)",
                 f"  measured activations: forward {gib(self.forward)} (planner {gib(_planned_forward(p))}), "
-                f"backward {gib(self.backward)} (planner {gib(_planned_backward(p))})",
+                f"backward {gib(self.backward)} (planner {gib(_planned_backward(p))})"
+                + (f"; {self.layers} decoder layers run, the others counted as the alike layer keeps"
+                   if self.layers else ""),
                 f"  by the planner's formulas (DeepSpeed does not run on fake tensors): parameters {gib(p.params)}, "
                 f"gradients {gib(p.grads)}, optimizer states {gib(p.optimizer)}, deepspeed buffers "
                 + ", ".join(f"{k} {gib(v)}" for k, v in p.buffers.items())]
 
     def to_dict(self) -> dict:
         return {"seq_len": self.seq_len, "forward": self.forward, "backward": self.backward, "total": self.total,
-                "planner": self.plan.total, "tokens_per_rank": self.plan.tokens_per_rank}
+                "planner": self.plan.total, "tokens_per_rank": self.plan.tokens_per_rank, "layers": self.layers}
 
 
 def _planned_forward(p: MemoryPlan) -> int:
@@ -104,12 +111,16 @@ class DevicePeak:
 
         tracker = self
         self.live = self.peak = 0
+        self.owner: int | None = None  # the decoder layer whose forward is running (set by layer hooks)
+        self.by_owner: dict[int, int] = {}  # live bytes made while each owner ran
         self._seen: set[int] = set()
 
-        def release(key: int, nbytes: int) -> None:
+        def release(key: int, nbytes: int, owner: int | None) -> None:
             if key in tracker._seen:
                 tracker._seen.discard(key)
                 tracker.live -= nbytes
+                if owner is not None:
+                    tracker.by_owner[owner] -= nbytes
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -130,7 +141,9 @@ class DevicePeak:
                             tracker._seen.add(key)
                             tracker.live += n
                             tracker.peak = max(tracker.peak, tracker.live)
-                            weakref.finalize(st, release, key, n)
+                            if tracker.owner is not None:
+                                tracker.by_owner[tracker.owner] = tracker.by_owner.get(tracker.owner, 0) + n
+                            weakref.finalize(st, release, key, n, tracker.owner)
                 return out
 
         self._mode = Mode()
@@ -195,10 +208,88 @@ def _build(recipe: Recipe, config: Any, world: int, rank: int):
     return model, group
 
 
+def decoder_layers(model: Any) -> Any:
+    """The model's stack of decoder layers: its longest ``nn.ModuleList`` (``model.model.layers`` in HF code)."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len) if lists else []
+
+
+def _signature(layer: Any) -> tuple:
+    """What makes two decoder layers allocate alike: their module classes, parameter shapes and settings (the
+    plain attributes of their modules: a layer's ``layer_type``, ``sliding_window``; its index left out)."""
+    settings = tuple((n, k, repr(v)) for n, m in layer.named_modules() for k, v in sorted(vars(m).items())
+                     if not k.startswith("_") and "idx" not in k and isinstance(v, (str, int, float, bool, type(None))))
+    return (tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+            tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()), settings)
+
+
+def _signatures(config: Any) -> list[tuple]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    return [_signature(layer) for layer in decoder_layers(model)]
+
+
+def _truncated(config: Any, layers: int) -> Any:
+    """``config`` with its first ``layers`` decoder layers: per-layer lists (``layer_types``, ``mlp_layer_types``)
+    cut to match; lists of layer indices (Bamba's ``attn_layer_indices``) are left as they are."""
+    n = config.num_hidden_layers
+    config = copy.deepcopy(config)
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == n and key not in ("architectures",):
+            setattr(config, key, value[:layers])
+    config.num_hidden_layers = layers
+    return config
+
+
+@dataclass
+class LayerPlan:
+    """Which decoder layers a simulated step builds: a prefix of ``layers`` that holds a layer of every kind (same
+    module classes and parameter shapes) before its last one, and for each of the model's layers the prefix layer
+    of its kind that stands for it. The last layer is not one: what it makes is not kept as the next layer's
+    input (the final norm takes it instead)."""
+
+    layers: int
+    total: int
+    kind: list[int]  # kind[i]: the last prefix layer alike layer i, before the prefix's last layer
+
+    @classmethod
+    def of(cls, config: Any, layers: int | None = None) -> LayerPlan:
+        full = _signatures(config)
+        n = len(full)
+        k = min(n, layers or max(full.index(sig) for sig in set(full)) + 2)
+        if k >= n:
+            return cls(n, n, list(range(n)))
+        if set(full[:k - 1]) != set(full):
+            raise RecipeError(f"--simulate: the first {k - 1} decoder layers do not hold one of each kind of the "
+                              f"model's {n}")
+        if _signatures(_truncated(config, k)) != full[:k]:  # the config cannot be cut without changing a layer
+            return cls(n, n, list(range(n)))
+        last = {sig: i for i, sig in enumerate(full[:k - 1])}
+        return cls(k, n, [i if i < k else last[sig] for i, sig in enumerate(full)])
+
+    def extra(self, kept: dict[int, int]) -> int:
+        """Bytes the layers left out keep for the backward, each as its prefix counterpart keeps: ``kept[i]``,
+        the bytes made in layer i's forward still alive at the loss. The model's last layer stands where the
+        prefix's last layer stood, so the layers from the prefix's length on count as middle layers."""
+        return sum(max(0, kept.get(self.kind[i], 0)) for i in range(self.layers, self.total))
+
+
 def step_peaks(recipe: Recipe, config: Any, world: int, seq_lens: list[int], rank: int = 0,
-               layers: int | None = None) -> list[tuple[int, int]]:
-    """(forward, backward) activation peaks of one micro-batch at each of ``seq_lens``, as ``rank`` of ``world``
-    on fake CUDA; ``layers``: build only that many decoder layers. Needs the shim (``seqpar.fake_cuda.active()``)."""
+               layers: int | None = None) -> list[tuple[int, int, int]]:
+    """(forward, backward, layers simulated) activation peaks of one micro-batch at each of ``seq_lens``, as
+    ``rank`` of ``world`` on fake CUDA. Needs the shim (``seqpar.fake_cuda.active()``).
+
+    The step builds a prefix of the decoder layers holding a layer of each kind before its last (``LayerPlan``:
+    by default the shortest; ``layers``: that many): the rest add what each of them keeps for the backward,
+    measured on the prefix layer alike it (the bytes made during its forward still alive at the loss), to both
+    phases. Exact for the forward (the loss comes after every layer) and, for the backward, an upper bound by at
+    most the bytes kept by the layers after the one whose backward peaks (fewer than one period of layer kinds):
+    in checkpointed layers one layer input each, none with checkpoints offloaded."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -210,11 +301,9 @@ def step_peaks(recipe: Recipe, config: Any, world: int, seq_lens: list[int], ran
         raise RuntimeError("seqpar: step_peaks needs the fake-CUDA shim: run it in a process started with "
                            "seqpar.fake_cuda.environ()")
     torch.cuda.get_device_capability = lambda device=None: (9, 0)  # an H100: a CPU-only build knows no device
-    if layers:
-        config = copy.deepcopy(config)
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:layers]
+    plan = LayerPlan.of(config, layers)
+    if plan.layers < plan.total:
+        config = _truncated(config, plan.layers)
     out = []
     with fake_cuda.fake_group(rank, world), FakeTensorMode(allow_non_fake_inputs=True):
         with torch._C._DisableTorchDispatch():  # FakeTensorMode's own: the build is plain meta tensors
@@ -226,16 +315,23 @@ def step_peaks(recipe: Recipe, config: Any, world: int, seq_lens: list[int], ran
         vocab = model.config.vocab_size
         for seq_len in seq_lens:
             with DevicePeak() as peak:
+                hooks = []
+                for i, layer in enumerate(decoder_layers(model)):
+                    hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: setattr(peak, "owner", i)))
+                    hooks.append(layer.register_forward_hook(lambda m, a, o: setattr(peak, "owner", None)))
                 ids = torch.randint(0, vocab, (recipe.trainer.micro_batch, seq_len), device="cuda")
                 local = shard_batch({"input_ids": ids}, group, patched_layout(model))
                 labels = local.pop("labels")
                 loss = causal_lm_loss(model, local, labels, group, chunk_size=loss_chunk(recipe), reduction="sum")
-                forward = peak.peak
+                extra = plan.extra(peak.by_owner)
+                forward = peak.peak + extra
                 peak.reset()
                 loss.backward()
-                backward = peak.peak
+                backward = peak.peak + extra
+                for h in hooks:
+                    h.remove()
                 del loss, local, labels, ids
-            out.append((forward, backward))
+            out.append((forward, backward, plan.layers))
     return out
 
 
@@ -243,7 +339,7 @@ def simulate(recipe: Recipe, config: Any, world: int, seq_lens: list[int] | None
              rank: int = 0, layers: int | None = None) -> list[Simulated]:
     """Simulated steps of ``recipe`` at each of ``seq_lens`` (default: data.seq_len) as ``rank`` of ``world``;
     in this process if it has the fake-CUDA shim, else in a child that has it. ``layers``: the steps run that
-    many decoder layers (the state is still planned for all of them; see ``longest_simulated``)."""
+    many decoder layers, the others added as ``step_peaks`` says (default: the fewest holding one of each kind)."""
     return simulate_many([(recipe, config, world, seq_lens)], rank, layers)[0]
 
 
@@ -258,12 +354,12 @@ def simulate_many(jobs: list[tuple[Recipe, Any, int, list[int] | None]], rank: i
                  for (recipe, config, world, _), n in zip(jobs, lens)]
     else:
         peaks = _in_child([(recipe, world, n) for (recipe, _, world, _), n in zip(jobs, lens)], rank, layers)
-    return [[Simulated(n, f, b, plan_memory(recipe, config, world, n)) for n, (f, b) in zip(ns, pk)]
+    return [[Simulated(n, f, b, plan_memory(recipe, config, world, n), k) for n, (f, b, k) in zip(ns, pk)]
             for (recipe, config, world, _), ns, pk in zip(jobs, lens, peaks)]
 
 
 def _in_child(jobs: list[tuple[Recipe, int, list[int]]], rank: int,
-              layers: int | None = None) -> list[list[tuple[int, int]]]:
+              layers: int | None = None) -> list[list[tuple[int, int, int]]]:
     from seqpar import fake_cuda
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,14 +381,6 @@ def _in_child(jobs: list[tuple[Recipe, int, list[int]]], rank: int,
         return [[tuple(x) for x in job] for job in json.loads(out.read_text())]
 
 
-def search_layers(recipe: Recipe) -> int | None:
-    """How many decoder layers the length search simulates: 2 when gradient checkpoints are offloaded (then the
-    device's activation peak does not depend on the layer count: the kept layer inputs are on the host; measured
-    on Llama-3-8B at 128k on 8 ranks, the same forward and backward peaks with 2 and 32 layers), else all."""
-    m = recipe.memory
-    return 2 if m.offload_checkpoints and recipe.trainer.gradient_checkpointing else None
-
-
 def longest_simulated(recipe: Recipe, config: Any, world: int, budget: int, start: int) -> tuple[int, list]:
     """The longest ``data.seq_len`` (a multiple of 2 x sp_size x 64) whose simulated peak fits ``budget``,
     searched from the planner's answer ``start``. The peak is linear in the length once the state is paid, so
@@ -300,19 +388,18 @@ def longest_simulated(recipe: Recipe, config: Any, world: int, budget: int, star
     one more step (a second child), stepping back 2% at a time (at most 3 more children) while it does not fit.
     Returns the length and every probe."""
     unit = 2 * recipe.attention.sp_size * 64
-    layers = search_layers(recipe)
 
     def down(n: float) -> int:
         return max(unit, int(n) // unit * unit)
 
-    probes = simulate(recipe, config, world, [down(start), down(start / 2)], layers=layers)
+    probes = simulate(recipe, config, world, [down(start), down(start / 2)])
     a, b = probes
     slope = (a.total - b.total) / max(1, a.seq_len - b.seq_len)
     guess = down(a.seq_len + (budget - a.total) / slope) if slope > 0 else a.seq_len
     for _ in range(4):
         if guess in {p.seq_len for p in probes}:
             break
-        probe = simulate(recipe, config, world, [guess], layers=layers)[0]
+        probe = simulate(recipe, config, world, [guess])[0]
         probes.append(probe)
         if probe.total <= budget:
             break
@@ -333,10 +420,9 @@ def describe_simulated(recipe: Recipe, config: Any, world: int, device_memory: s
         start = longest_seq_len(recipe, config, world, budget)
         if start:
             best, probes = longest_simulated(recipe, config, world, budget, start)
-            layers = search_layers(recipe)
             lines.append(f"longest data.seq_len within {device_memory} per rank by simulated steps (10% headroom "
                          f"kept): {best} tokens (probes: " + ", ".join(f"{p.seq_len}: {gib(p.total)}" for p in probes)
-                         + (f"; steps of {layers} decoder layers, checkpoints offloaded" if layers else "") + ")")
+                         + ")")
     return "\n".join(lines)
 
 
