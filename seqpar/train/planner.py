@@ -140,6 +140,8 @@ def activation_bytes(s: ModelShape, tokens: int, b: int, *, attention: str = "fu
         # still alive during the mixer's. The largest weight's whole gradient exists once, before DeepSpeed
         # takes it.
         mixer_grads = t * k.mixer_grads * b + (t * d * 8 if b < 4 else 0)
+        if sp > 1 and attention in ("allgather", "lasp2"):  # the gathered K/V's gradients, reduce-scattered back
+            mixer_grads += 2 * sp * t * k.kv * b  # (measured: LASP-2H's softmax layer at 8k tokens x 16 ranks)
         mlp_grads = (mlp_tokens * 3 * k.dense_width * b + mlp_tile) if tiled else t * k.mlp_grads * b
         grads = max(mixer_grads, mlp_grads) if tiled else mixer_grads + mlp_grads
         grads = max(grads, k.largest_param * b if layers_trainable else 0)

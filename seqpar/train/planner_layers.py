@@ -23,6 +23,8 @@ models: Llama-3-8B, Gemma 3, gpt-oss, Bamba, Qwen3-Next, Kimi Linear):
                                                [H, Q] per token (Q the chunk), B and C repeated per head, the
                                                chunk states, and its [H, P] float32 work (Δ x, outputs,
                                                corrections, the gated norm)
+    linear attention (Linear-Llama) (qkv + H hd) b + 10 H hd: q, k, v, the output; its feature maps and output
+                                               norm in float32 (LASP-2 moves states, not K/V); backward 12 qkv b
     Gated DeltaNet / KDA          in_proj b + 3 conv b + Hv dv (b + 16)    projections, the short conv, the
                                                output and its gated norm in float32; the rule itself
                                                recomputes (``seqpar.kernels.delta``) and keeps its segment
@@ -108,6 +110,11 @@ def _describe(layer: Any, config: Any, linear_kinds: dict[str, str]) -> tuple:
             break
     if not mixer_name:
         for name, m in modules.items():
+            if type(m).__name__ == "LinearAttention" and name.count(".") == 0:  # Linear-Llama's LASP-2 layers
+                mixer_name, mixer_kind = name, "linear"
+                break
+    if not mixer_name:
+        for name, m in modules.items():
             if name.count(".") == 0 and name and ("attn" in name or "attention" in name):
                 mixer_name = name
                 mixer_kind = "mla" if hasattr(m, "kv_a_proj_with_mqa") or hasattr(m, "kv_a_proj") else "attention"
@@ -162,6 +169,11 @@ def _describe(layer: Any, config: Any, linear_kinds: dict[str, str]) -> tuple:
         ckpt_f = Hv * dk * dv // (SEGMENT_CHUNKS * DELTA_CHUNK)
         mixer_f += ckpt_f
         mixer_grads = 2 * conv + 4 * Hv * dv
+    elif mixer_kind == "linear":  # q, k, v, the output; feature-mapped q, k and the output norm in float32
+        qkv_lin = (H + 2 * Hkv) * hd
+        # backward: float32 copies of q, k, v and their float32 gradients in the chunked kernel, 6 + 6 model-dtype
+        # elements each (measured: Linear-Llama 1B at 8k tokens per rank)
+        mixer_b, mixer_f, mixer_grads = qkv_lin + H * hd, 5 * H * hd // 2, 12 * qkv_lin
     else:  # lightning, selective and unknown mixers: counted as softmax attention
         qkv, kv = (H + 2 * Hkv) * hd, 2 * Hkv * hd
         mixer_b, mixer_f, mixer_grads = qkv + H * hd, H, 2 * qkv + 3 * d
@@ -192,7 +204,8 @@ def _describe(layer: Any, config: Any, linear_kinds: dict[str, str]) -> tuple:
         mlp_b, mlp_grads = 4 * dense, 3 * dense
     largest = max((p.numel() for p in layer.parameters()), default=0)
     kind = {"attention": "softmax attention", "mla": "multi-head latent attention", "ssd": "Mamba2",
-            "gated_delta": "Gated DeltaNet", "kimi_delta": "Kimi Delta Attention"}.get(mixer_kind, mixer_kind)
+            "gated_delta": "Gated DeltaNet", "kimi_delta": "Kimi Delta Attention",
+            "linear": "linear attention (LASP-2)"}.get(mixer_kind, mixer_kind)
     kind += " + " + ("MoE" if experts else "dense MLP")
     return (kind, norm_elems, offset, int(mixer_b), int(mixer_f), int(mixer_grads), int(mlp_b), int(mlp_f),
             int(mlp_grads), int(dense if not experts else 0), int(ckpt_f), int(largest), int(qkv), int(kv))
