@@ -163,3 +163,30 @@ def test_planner_and_simulate_within_15_percent_of_a_seqpar_train_process(proces
           f"({plan.total / measured:.2f}x), simulated {sim.total / 2**20:.1f} MiB ({sim.total / measured:.2f}x)")
     assert 0.85 <= plan.total / measured <= 1.15, (case, measured, plan.lines())
     assert 0.85 <= sim.total / measured <= 1.15, (case, measured, sim.lines())
+
+
+def test_the_planner_counts_each_kind_of_layer():
+    """The planner reads the kinds of decoder layer from the model built on the meta device (no memory): Bamba's
+    Mamba2 and softmax layers, Qwen3-Next's Gated DeltaNet and softmax layers over MoE MLPs, gpt-oss's MoE;
+    and a Mamba2 layer's backward (its scan's [H, Q] float32 terms) outweighs a softmax layer's many times."""
+    from seqpar.train.planner import plan_memory
+    from seqpar.train.planner_layers import layer_facts
+    from seqpar.train.recipe import load_recipe
+    from seqpar.train.validate import validate
+
+    expected = {"hybrid-bamba-9b-128k": "29 Mamba2 + dense MLP, 3 softmax attention + dense MLP",
+                "hybrid-qwen3next-80b-256k": "36 Gated DeltaNet + MoE, 12 softmax attention + MoE",
+                "window-gptoss-20b-128k": "24 softmax attention + MoE",
+                "hybrid-kimi-linear-48b-128k": "1 Kimi Delta Attention + dense MLP, 20 Kimi Delta Attention + MoE, "
+                                               "6 multi-head latent attention + MoE"}
+    for name, layers in expected.items():
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        world = recipe.launch.nnodes * recipe.launch.nproc_per_node
+        plan = plan_memory(recipe, validate(recipe, world), world)
+        assert plan.layers == layers, (name, plan.layers)
+    recipe = load_recipe(ROOT / "recipes" / "hybrid-bamba-9b-128k.yaml")
+    mamba, attention = layer_facts(validate(recipe, 8))
+    shape = ModelShape.of(validate(recipe, 8))
+    per_kind = [activation_bytes(ModelShape(**{**shape.__dict__, "kinds": (k,)}), 16384, 2, checkpointing=True,
+                                 offload=True)["working"] for k in (mamba, attention)]
+    assert per_kind[0] > 4 * per_kind[1], per_kind
