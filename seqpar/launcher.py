@@ -71,11 +71,12 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 
 def spawn_ranks(
     fn: Callable, world_size: int, args: tuple = (), *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1,
-    backend: str = "gloo",
+    backend: str = "gloo", start_method: str = "spawn",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, group, *args)`` on ``world_size`` ranks of ``backend`` ("gloo"; "nccl" puts
-    rank r on GPU r); return the per-rank results."""
-    ctx = mp.get_context("spawn")
+    rank r on GPU r); return the per-rank results. ``start_method``: multiprocessing's ("forkserver": the test
+    suite's ranks skip re-importing torch, tests/dist.py)."""
+    ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, threads, backend), daemon=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.dist import start_fork_server
 from tests.resume_harness import torchrun
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (registered once here: one cluster per session)
+from tests.sp_dp_runs import SpDpRuns
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,7 +16,9 @@ def compiled_linear_kernel():
     it (they then only load it; a ~30 s build inside a rank would count against that test's timeouts)."""
     from seqpar.kernels import linear_cpu
 
-    return linear_cpu.extension()
+    extension = linear_cpu.extension()
+    start_fork_server()  # the ranks of tests/dist.py's run_ranks fork from it (after the build: its environment)
+    return extension
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +27,12 @@ def quickstart_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "clean"
     torchrun(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sp_dp_runs(tmp_path_factory):
+    """The SP 2 x DP 2 quick start on 4 processes and its one-process twin (tests/sp_dp_runs.py), each trained
+    once for tests/test_fsdp2.py, tests/test_multinode.py and tests/test_train.py."""
+    runs = SpDpRuns(tmp_path_factory.mktemp("sp_dp"))
+    yield runs
+    runs.close()

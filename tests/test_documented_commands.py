@@ -3,7 +3,8 @@
 The test walks the ```bash blocks of README.md and docs/*.md. Each command is, in ``PLAN`` below, either
   - run as written in a workspace laid out like a fresh clone (recipes/, launch/, docs/ copied), with small
     overrides for time appended (said per command: e.g. the quick start runs 2 steps instead of 40, and
-    eval 1 passkey trial), in the documented order (train, resume, merge, eval); or
+    eval 1 passkey trial), in the documented order (train, resume, merge, eval); the ``seqpar ... --dry-run``
+    lines each run in a process forked from one that imported seqpar's CLI once (tests/forked_commands.py); or
   - not run, because the doc marks it as needing a GPU or a cluster (the line's comment, or the block's comment line
     above it, says GPU / SLURM / cluster), as long-running (hours, marked so), or because it is this suite or the
     install that runs it. Those are still checked: the seqpar part parses and a recipe in it dry-runs.
@@ -18,6 +19,7 @@ is one line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -200,22 +202,62 @@ def workspace(tmp_path_factory):
     runs = [(cmd, extra) for cmd, (kind, extra) in PLAN.items() if kind == "run"]
     # Two lanes side by side: the quick start's chain (train, resume, merge, eval, generate: each reads what the
     # one before wrote), in documented order; and every other command (dry-runs, the bench). The other CPU
-    # trainings are dealt to the two lanes in turn, so that both take about as long. Every command but the
-    # chain's reads only recipes and docs and writes its own folder.
+    # trainings are dealt to the two lanes so that both take about as long. Every command but the chain's reads
+    # only recipes and docs and writes its own folder.
     dry = [(cmd, extra) for cmd, extra in runs if "--dry-run" in f"{cmd} {extra}"]
     chain = [(cmd, extra) for cmd, extra in runs if "quickstart-cpu" in cmd and (cmd, extra) not in dry]
     trainings = [(cmd, extra) for cmd, extra in runs if cmd.startswith("torchrun") and (cmd, extra) not in chain]
     rest = [r for r in runs if r not in chain + trainings]
-    # a recipe's trainings stay together and in order (the FSDP2 resume on 2 ranks reads the 4-rank run)
+    # The seqpar dry runs (a fraction of a second of work each, after ~5 s of CPU importing torch, transformers
+    # and DeepSpeed) run as written through one forking process that imports once (tests/forked_commands.py):
+    # each still runs in a process of its own, the console script's main() on the command's own argument list.
+    forked = [(cmd, extra) for cmd, extra in rest if (cmd, extra) in dry and cmd.startswith("seqpar ")
+              and not set("&|;<>$`") & set(f"{cmd} {extra}")]
+    # a recipe's trainings stay together and in order (the FSDP2 resume on 2 ranks reads the 4-rank run); each
+    # group goes to the lane with fewer launches so far (each command ~10-25 s; the forked dry runs count once)
     groups: dict[str, list] = {}
     for cmd, extra in trainings:
         groups.setdefault(next((w for w in cmd.split() if w.endswith((".yaml", ".py"))), cmd), []).append((cmd, extra))
-    dealt = list(groups.values())
-    chain = chain + [r for g in dealt[0::2] for r in g]
-    rest = [r for g in dealt[1::2] for r in g] + rest
+    dealt: dict[str, list] = {"chain": [], "rest": []}
+    launches = {"chain": len(chain), "rest": len(rest) - len(forked) + bool(forked)}
+    for group in groups.values():
+        lane = min(launches, key=launches.get)
+        dealt[lane] += group
+        launches[lane] += len(group)
+    chain = chain + dealt["chain"]
+    rest = dealt["rest"] + rest
+
+    def run_forked(batch: list[tuple[str, str]]) -> dict[str, subprocess.CompletedProcess]:
+        out = ws / ".forked"
+        spec = out / "spec.json"
+        out.mkdir()
+        spec.write_text(json.dumps({"commands": [shlex.split(f"{cmd} {extra}") for cmd, extra in batch],
+                                    "out": str(out)}))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "tests.forked_commands", str(spec)], cwd=ws, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"tests/forked_commands.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        print(f"{time.perf_counter() - t0:6.1f} s wall  {len(batch)} forked seqpar dry runs:")
+        done = {}
+        for i, ((cmd, extra), result) in enumerate(zip(batch, json.loads((out / "results.json").read_text()))):
+            print(f"{result['seconds']:6.1f} s wall    {cmd} {extra}")
+            done[cmd] = subprocess.CompletedProcess(result["argv"], result["returncode"],
+                                                    (out / f"{i}.out").read_text(), (out / f"{i}.err").read_text())
+        shutil.rmtree(out)
+        return done
+
+    def run_lane(lane: list) -> dict[str, subprocess.CompletedProcess]:
+        done = {}
+        for cmd, extra in lane:
+            if (cmd, extra) in forked:
+                if cmd not in done:
+                    done.update(run_forked(forked))
+            else:
+                done[cmd] = run(cmd, extra)
+        return done
+
     with ThreadPoolExecutor(2) as pool:
-        lanes = [pool.submit(lambda lane: {cmd: run(cmd, extra) for cmd, extra in lane}, lane)
-                 for lane in (chain, rest)]
+        lanes = [pool.submit(run_lane, lane) for lane in (chain, rest)]
         results = {cmd: proc for lane in lanes for cmd, proc in lane.result().items()}
     return ws, results, env
 
@@ -228,8 +270,6 @@ def test_documented_command_runs(workspace, cmd):
 
 
 def test_resume_continued_the_quick_start_and_logged_each_step_once(workspace):
-    import json
-
     ws, _, _ = workspace
     steps = [json.loads(x)["step"] for x in (ws / "runs/quickstart-cpu/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
@@ -239,8 +279,6 @@ def test_resume_continued_the_quick_start_and_logged_each_step_once(workspace):
 
 
 def test_eval_loads_the_trained_model_from_run_checkpoint_adapter_and_merged_folder(workspace):
-    import json
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -10,6 +10,8 @@ Three launches run side by side (one module fixture), the quick start's tiny Lla
    is not), attempt 2 resumes from step 3 and finishes;
 2. DeepSpeed ZeRO-2 on the same 4 ranks and recipe (recipes/quickstart-cpu.yaml with the same overrides);
 3. one process (DeepSpeed, sp_size 1) accumulating the same 2 sequences per step (grad_accum 2).
+(2 and 3 are the session's SP x DP references, tests/sp_dp_runs.py, shared with tests/test_train.py and
+tests/test_multinode.py; they start here, beside the FSDP2 launches.)
 
 The interrupted FSDP2 run's 10 losses (each step logged once) and its final adapter equal both references to
 float32 precision; so do its gradient norms. The norms matter: AdamW hardly sees a constant factor on the
@@ -40,16 +42,14 @@ from pathlib import Path
 import pytest
 
 from tests.resume_harness import ROOT, adapter, clean_env, max_difference, metrics
-from tests.test_train import QUICK, launch
+from tests.sp_dp_runs import COMMON, STEPS
+from tests.test_train import QUICK
 
 pytestmark = pytest.mark.timeout(500)
 
 FSDP2 = ROOT / "recipes" / "fsdp2-cpu.yaml"
-STEPS = 10
-# 256 tokens (128 per SP rank) keep the steps cheap; the FSDP2 run checkpoints activations (its recipe), the
-# references do not (recomputation changes no value)
-COMMON = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "data.seq_len=256",
-          "logging.wandb=false"]
+# COMMON (tests/sp_dp_runs.py): 10 steps of 256 tokens (128 per SP rank); the FSDP2 run checkpoints activations
+# (its recipe), the references do not (recomputation changes no value)
 # the memory options ride along in the FSDP2 run (engine-independent; offload is a no-op without CUDA): tiles
 # shorter than a rank's 128 tokens
 MEMORY = ["memory.fused_loss=true", "memory.loss_chunk_size=50", "memory.tiled_mlp=true", "memory.mlp_chunk_size=48",
@@ -136,17 +136,16 @@ def mesh_checks(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, sp_dp_runs):
     tmp = tmp_path_factory.mktemp("fsdp2")
-    ref = [*COMMON, "checkpoint.every=0"]
-    with ThreadPoolExecutor(5) as pool:
+    sp_dp_runs.start("zero2", "one")  # the DeepSpeed references (tests/sp_dp_runs.py), in the background
+    with ThreadPoolExecutor(3) as pool:
         fsdp = pool.submit(fsdp2_torchrun, tmp / "fsdp2", [*COMMON, *MEMORY, "checkpoint.every=3",
                                                            "checkpoint.resume=auto"], restarts=2, **FAULTS)
-        ds = pool.submit(launch, 4, tmp / "zero2", ref)
-        one = pool.submit(launch, 1, tmp / "one", [*ref, "attention.sp_size=1", "trainer.grad_accum=2"])
         mesh, reshard = pool.submit(mesh_checks, tmp), pool.submit(resume_on_two_ranks, tmp)
-        return {"tmp": tmp, "fsdp2": fsdp.result(), "zero2": ds.result(), "one": one.result(), "mesh": mesh.result(),
-                "reshard": reshard.result()}
+        done = {"fsdp2": fsdp.result(), "mesh": mesh.result(), "reshard": reshard.result()}
+    return {"tmp": tmp, **done, **{name: sp_dp_runs.records(name) for name in ("zero2", "one")},
+            "ref": {name: sp_dp_runs.folder(name) for name in ("zero2", "one")}}
 
 
 def log(proc: subprocess.CompletedProcess) -> str:
@@ -183,7 +182,7 @@ def test_the_mesh_is_parallel_states_layout_and_another_is_refused(runs):
 
 def test_losses_and_gradient_norms_equal_zero2_and_one_process(runs):
     tmp = runs["tmp"]
-    got, zero2, one = metrics(tmp / "fsdp2"), metrics(tmp / "zero2"), metrics(tmp / "one")
+    got, zero2, one = metrics(tmp / "fsdp2"), metrics(runs["ref"]["zero2"]), metrics(runs["ref"]["one"])
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each step once across the three attempts
     assert len(zero2) == len(one) == STEPS
     for name, ref in (("zero2", zero2), ("one process", one)):
@@ -199,7 +198,7 @@ def test_final_weights_equal_zero2_and_one_process(runs):
     tmp = runs["tmp"]
     got = adapter(tmp / "fsdp2", STEPS)
     for name in ("zero2", "one"):
-        worst = max_difference(got, adapter(tmp / name, STEPS))
+        worst = max_difference(got, adapter(runs["ref"][name], STEPS))
         print(f"fsdp2 vs {name}: max |adapter weight difference| = {worst:.2e}")
         assert worst <= 1e-5
     base = adapter(tmp / "fsdp2", STEPS)

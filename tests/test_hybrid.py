@@ -15,6 +15,8 @@ unpatched model. Zeroing the cross-rank entry state or the conv halo changes the
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -152,9 +154,29 @@ def _cases(rank: int, world: int, group) -> dict:
     return out
 
 
+def _worlds(rank: int, world: int, group) -> dict:
+    """One spawn of 4 ranks for every world size (each rank costs seconds of imports): W = 4 on the world; then
+    W = 2 on the sub-group {0, 1} while {2, 3} runs the refusals at W = 2 (a pair whose group ranks are not its
+    global ranks, as under DP x SP); then W = 3 on {0, 1, 2}."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
+    # rank 2 reaches W = 3 before ranks 0 and 1 are done with W = 2: its first collective waits for them
+    trio = dist.new_group([0, 1, 2], timeout=timedelta(seconds=600))
+    out = {world: _cases(rank, world, group)}
+    if rank < 2:
+        out[2] = _cases(rank, 2, pairs[0])
+    else:
+        out["refusals"] = _refusals(rank - 2, 2, pairs[1])
+    if rank < 3:
+        out[3] = _cases(rank, 3, trio)
+    return out
+
+
 @pytest.fixture(scope="module")
 def multi() -> dict:
-    return {w: run_ranks(_cases, w, timeout=600) for w in (2, 3, 4)}
+    per_rank = run_ranks(_worlds, 4, timeout=600)
+    found = {w: [r[w] for r in per_rank if w in r] for w in (2, 3, 4)}
+    assert {w: len(r) for w, r in found.items()} == {2: 2, 3: 3, 4: 4}, "a world size did not run on every rank"
+    return {**found, "refusals": [r["refusals"] for r in per_rank if "refusals" in r]}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -292,8 +314,9 @@ def _refusals(rank: int, world: int, group) -> dict:
     return caught
 
 
-def test_what_the_seams_do_not_implement_is_refused_in_one_line():
-    caught = run_ranks(_refusals, 2, timeout=300)[0]
+def test_what_the_seams_do_not_implement_is_refused_in_one_line(multi):
+    assert len(multi["refusals"]) == 2  # both ranks of the pair refused (a rank that did not would have hung)
+    caught = multi["refusals"][0]
     assert set(caught) == {"lasp2", "cache", "keyword"}, caught  # zigzag is a layout they run (above)
     assert all("\n" not in why for why in caught.values())
     assert "'allgather' is LASP-2H" in caught["lasp2"]

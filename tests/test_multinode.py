@@ -1,7 +1,10 @@
 """Multi-node without a cluster: two network-namespace hosts (tests/netns_hosts.py), each running torchrun
 ``--nnodes=2 --nproc_per_node=2`` with the c10d rendezvous on the first host, train the quick start with
 sp_size 2 inside a host and data parallelism 2 across the hosts. Its losses equal the same training on one
-host (4 processes, sp 2 x dp 2: the same global batch), read from the two runs' metrics JSONL files.
+host (4 processes, sp 2 x dp 2: the same global batch), read from the two runs' metrics JSONL files. The one-host
+run is the session's SP x DP reference (tests/sp_dp_runs.py, shared with tests/test_fsdp2.py and
+tests/test_train.py): the same overrides for 10 steps, whose first 3 are compared (the schedule is constant
+after the warm-up, so they are this run's 3 steps).
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from seqpar.launcher import free_port
 from tests.netns_hosts import two_hosts  # noqa: F401  (fixture)
+from tests.sp_dp_runs import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "recipes" / "quickstart-cpu.yaml"
 STEPS = 3
-OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.warmup_steps=1", "data.passkey.num_samples=8", "data.seq_len=256",
-             "logging.wandb=false", "checkpoint.every=0"]
+OVERRIDES = [o for o in REFERENCE if not o.startswith("trainer.max_steps=")] + [f"trainer.max_steps={STEPS}"]
 RDZV_PORT = 29455  # inside the first host's namespace: nothing else listens there
 
 
@@ -36,12 +38,13 @@ def train_cmd(out: Path, launcher: list[str]) -> list[str]:
 
 
 def losses(out: Path) -> list[float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:STEPS]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     return [r["loss"] for r in records]
 
 
-def test_two_hosts_sp_x_dp_equal_one_host(two_hosts, tmp_path):  # noqa: F811
+def test_two_hosts_sp_x_dp_equal_one_host(two_hosts, tmp_path, sp_dp_runs):  # noqa: F811
+    sp_dp_runs.start("zero2")  # one host, 4 processes (tests/sp_dp_runs.py): in the background if not done yet
     first = two_hosts[0]
     procs = []
     for i, host in enumerate(two_hosts):
@@ -62,11 +65,8 @@ def test_two_hosts_sp_x_dp_equal_one_host(two_hosts, tmp_path):  # noqa: F811
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-6000:]
 
-    one = subprocess.run(train_cmd(tmp_path / "one-host", ["--nnodes=1", "--nproc_per_node=4",
-                                                            "--master_port", str(free_port())]),
-                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-6000:]
-    a, b = losses(tmp_path / "two-hosts"), losses(tmp_path / "one-host")
+    sp_dp_runs.records("zero2")  # waits for it
+    a, b = losses(tmp_path / "two-hosts"), losses(sp_dp_runs.folder("zero2"))
     worst = max(abs(x - y) for x, y in zip(a, b))
     print(f"2 hosts x 2 vs 1 host x 4 (sp 2 x dp 2): max |loss difference| over {STEPS} steps = {worst:.2e}")
     assert worst <= 1e-6, (a, b)

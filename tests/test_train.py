@@ -3,7 +3,8 @@ checkpoints are complete and atomic, --resume reproduces the uninterrupted losse
 (sp_size 2) gives the sp_size 1 losses, ZeRO-2 and ZeRO-3 checkpoints merge into plain models whose logits
 equal the LoRA model's.
 
-Sixteen launches (eight with 2 processes, one with 4), shared by the tests through one module-scoped fixture;
+Fourteen launches (eight with 2 processes), shared by the tests through one module-scoped fixture, and the
+session's SP 2 x DP 2 run on 4 processes with its one-process twin (tests/sp_dp_runs.py);
 the memory options (fused loss, tiled MLP) run in one of them and in the ZeRO-3 ring run. A Gated DeltaNet
 hybrid (Qwen3-Next) and a gpt-oss with a sliding window and learned sinks (issue 24) train at sp_size 2 to
 the sp_size 1 losses too.
@@ -67,7 +68,7 @@ def write_docs(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, sp_dp_runs):
     """Every training run of this module, two at a time (independent runs: own folder, own port; their losses
     do not depend on what else runs; the quick start and its resume run in order on one worker)."""
     tmp = tmp_path_factory.mktemp("train")
@@ -96,10 +97,9 @@ def runs(tmp_path_factory):
     jobs["sf"] = (2, tmp / "sf", [*short, "attention.name=sf", "trainer.gradient_checkpointing=true",
                                   "eval.every=3", "eval.batches=1", f"data.eval_files=[{docs}]"])
     jobs["full_sp2"] = (2, tmp / "full_sp2", [*short, "attention.name=full"])
-    # 6. 2-D: sp_size 2 x dp_size 2 on 4 processes; 7. its one-process twin accumulating the same 2 sequences
-    two_d = ["trainer.max_steps=4", "trainer.warmup_steps=2", "data.passkey.num_samples=16", "logging.wandb=false"]
-    jobs["sp2dp2"] = (4, tmp / "sp2dp2", two_d)
-    jobs["accum2"] = (1, tmp / "accum2", [*two_d, "attention.sp_size=1", "trainer.grad_accum=2"])
+    # 6. 2-D: sp_size 2 x dp_size 2 on 4 processes; 7. its one-process twin accumulating the same 2 sequences:
+    # the session's SP x DP references (tests/sp_dp_runs.py: 10 steps of 256 tokens), trained once for this
+    # module, tests/test_fsdp2.py and tests/test_multinode.py
     # 8. LASP-2H: a hybrid Linear-Llama (linear + softmax layer), full fine-tuning, sp_size 2; 9. its sp_size 1 twin
     lin = ["model.from_config.model_type=linear_llama", "model.from_config.layer_types=[linear,softmax]",
            "attention.name=lasp2", "lora.enabled=false", "rope_scaling.type=null", "rope_scaling.factor=null",
@@ -123,6 +123,7 @@ def runs(tmp_path_factory):
                 for name, job in jobs.items()}
         out = {"tmp": tmp, **{name: f.result() for name, f in done.items()}}
         out["sp2"], out["resumed"] = first.result()
+    out["sp2dp2"], out["accum2"] = sp_dp_runs.records("zero2"), sp_dp_runs.records("one")
     return out
 
 
