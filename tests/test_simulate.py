@@ -65,7 +65,7 @@ HYBRID_TOY = [f"model.config.{key}={value}" for key, value in dict(
     hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
-    intermediate_size=256, vocab_size=1024).items()] + ["data.seq_len=16384"]
+    intermediate_size=256, vocab_size=1024).items()] + ["data.seq_len=4096"]
 
 
 def test_a_prefix_with_every_kind_of_layer_stands_for_the_whole_model():
@@ -81,8 +81,9 @@ def test_a_prefix_with_every_kind_of_layer_stands_for_the_whole_model():
     config = validate(recipe, world)
     assert config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
     short = load_recipe(QWEN3NEXT, [*HYBRID_TOY, "model.config.num_hidden_layers=5"])  # the prefix as a model
-    (prefix,), (five,) = simulate_many([(recipe, config, world, None), (short, validate(short, world), world, None)])
-    (whole,), = simulate_many([(recipe, config, world, None)], layers=8)
+    (prefix,), (five,), (whole,) = simulate_many([(recipe, config, world, None),
+                                                  (short, validate(short, world), world, None),
+                                                  (recipe, config, world, None, 8)])  # all 8 layers
     print(f"5 of 8 layers: forward {prefix.forward}, backward {prefix.backward}; all 8: forward {whole.forward}, "
           f"backward {whole.backward}; a 5-layer model: forward {five.forward}")
     assert (prefix.layers, whole.layers, five.layers) == (5, 8, 5)

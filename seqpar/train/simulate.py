@@ -343,29 +343,29 @@ def simulate(recipe: Recipe, config: Any, world: int, seq_lens: list[int] | None
     return simulate_many([(recipe, config, world, seq_lens)], rank, layers)[0]
 
 
-def simulate_many(jobs: list[tuple[Recipe, Any, int, list[int] | None]], rank: int = 0,
-                  layers: int | None = None) -> list[list[Simulated]]:
-    """``simulate`` of several (recipe, config, world, seq_lens) in one child process (one start-up paid)."""
+def simulate_many(jobs: list[tuple], rank: int = 0, layers: int | None = None) -> list[list[Simulated]]:
+    """``simulate`` of several (recipe, config, world, seq_lens[, layers]) in one child process (one start-up
+    paid); a job's own ``layers`` overrides the argument."""
     from seqpar import fake_cuda
 
-    lens = [seq_lens or [recipe.data.seq_len] for recipe, _, _, seq_lens in jobs]
+    lens = [job[3] or [job[0].data.seq_len] for job in jobs]
+    per_job = [job[4] if len(job) > 4 else layers for job in jobs]
     if fake_cuda.active():
-        peaks = [step_peaks(recipe, config, world, n, rank, layers)
-                 for (recipe, config, world, _), n in zip(jobs, lens)]
+        peaks = [step_peaks(recipe, config, world, n, rank, k)
+                 for (recipe, config, world, *_), n, k in zip(jobs, lens, per_job)]
     else:
-        peaks = _in_child([(recipe, world, n) for (recipe, _, world, _), n in zip(jobs, lens)], rank, layers)
+        peaks = _in_child([(job[0], job[2], n, k) for job, n, k in zip(jobs, lens, per_job)], rank)
     return [[Simulated(n, f, b, plan_memory(recipe, config, world, n), k) for n, (f, b, k) in zip(ns, pk)]
-            for (recipe, config, world, _), ns, pk in zip(jobs, lens, peaks)]
+            for (recipe, config, world, *_), ns, pk in zip(jobs, lens, peaks)]
 
 
-def _in_child(jobs: list[tuple[Recipe, int, list[int]]], rank: int,
-              layers: int | None = None) -> list[list[tuple[int, int, int]]]:
+def _in_child(jobs: list[tuple[Recipe, int, list[int], int | None]], rank: int) -> list[list[tuple[int, int, int]]]:
     from seqpar import fake_cuda
 
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "jobs.json", Path(tmp) / "peaks.json"
-        spec.write_text(json.dumps([{"recipe": r.to_dict(), "world": w, "seq_lens": n, "layers": layers}
-                                    for r, w, n in jobs]))
+        spec.write_text(json.dumps([{"recipe": r.to_dict(), "world": w, "seq_lens": n, "layers": k}
+                                    for r, w, n, k in jobs]))
         cmd = [sys.executable, "-m", "seqpar.train.simulate", str(spec), str(out), "--rank", str(rank)]
         try:
             env = fake_cuda.environ({**os.environ, "PYTHONPATH": os.pathsep.join(
