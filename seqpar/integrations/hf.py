@@ -311,9 +311,9 @@ MISMATCH = (
 
 
 def _patch_of(model: torch.nn.Module):
-    from seqpar.models.patch import _find_pretrained
+    from seqpar.models.patch import patch_of
 
-    patch = getattr(_find_pretrained(model), "_seqpar_patch", None)
+    patch = patch_of(model)
     if patch is None:
         raise ValueError(f"{type(model).__name__} is not patched by seqpar: call seqpar.models.patch_model(model, "
                          "attention, parallel) before building the trainer")

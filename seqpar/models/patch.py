@@ -217,6 +217,12 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def patch_of(model: torch.nn.Module) -> _Patch | None:
+    """What ``patch_model`` installed on ``model`` (or the transformers model inside its wrappers): its ``group``,
+    ``attention``, ``layout``; None if it is not patched."""
+    return getattr(_find_pretrained(model), "_seqpar_patch", None)
+
+
 def attention_calls(model: torch.nn.Module, *, reset: bool = False) -> dict[str, int]:
     """How many layer calls ran each attention since the last reset, e.g. ``{"s2": 4}`` for a 2-layer model
     trained one step with gradient checkpointing (forward + recomputation), ``{"full": 2}`` in eval mode.
@@ -224,7 +230,7 @@ def attention_calls(model: torch.nn.Module, *, reset: bool = False) -> dict[str,
     The attention actually run, not the one patched: s2/sf run ``"full"`` in ``eval()`` mode. Empty for a
     model that is not patched. A Python counter per layer call: no device work, no sync.
     """
-    patch = getattr(_find_pretrained(model), "_seqpar_patch", None)
+    patch = patch_of(model)
     if patch is None:
         return {}
     counts = dict(patch.calls)
@@ -235,7 +241,7 @@ def attention_calls(model: torch.nn.Module, *, reset: bool = False) -> dict[str,
 
 def patched_layout(model: torch.nn.Module) -> str:
     """The layout the patched ``model`` expects its shards in (pass it to ``shard_batch``)."""
-    patch = getattr(_find_pretrained(model), "_seqpar_patch", None)
+    patch = patch_of(model)
     if patch is None:
         raise ValueError("the model is not patched by seqpar: call seqpar.models.patch_model first")
     return patch.layout
