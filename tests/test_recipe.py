@@ -60,6 +60,9 @@ BAD = [
     (["memory.fused_loss=true", "lora.targets=[q_proj,lm_head]"], 2, ["memory.fused_loss", "drop lm_head"]),
     (["memory.offload_checkpoints=true"], 2, ["memory.offload_checkpoints=True", "gradient_checkpointing=true"]),
     (["memory.offload_checkpoints=maybe"], 2, ["memory.offload_checkpoints='maybe'", "'required'"]),
+    (["model.from_config.model_type=gpt_oss", "model.from_config.num_local_experts=4", "attention.name=ring",
+      "memory.tiled_mlp=true"], 2,
+     ["memory.tiled_mlp=true", "LlamaMLP", "MoE", "memory.tiled_mlp=false"]),
 ]
 
 

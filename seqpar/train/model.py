@@ -151,15 +151,41 @@ def folder_config(path: str | Path, trust_remote_code: bool) -> Any:
                           f"({' '.join(str(err).split())[:200]}): check config.json") from err
 
 
-def module_leaf_names(config: Any) -> set[str] | None:
-    """Leaf module names of the model (built on the meta device: no memory), or None when unknown."""
+_MODELS: dict[str, Any] = {}  # config JSON -> the model built on the meta device (None: not buildable)
+
+
+def meta_model(config: Any) -> Any:
+    """``config``'s causal LM built on the meta device (no memory, no initialisation), or None where
+    transformers cannot build it (the validator then skips the checks that need it, the planner uses its dense
+    formula); cached: the validator, the planner and its search read one config many times."""
+    import copy
+
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
     if not isinstance(config, PretrainedConfig):
         return None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    key = f"{type(config).__module__}.{type(config).__name__}:{config.to_json_string(use_diff=False)}"
+    if key not in _MODELS:
+        try:
+            with torch.device("meta"):
+                _MODELS[key] = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        except Exception:  # any config transformers cannot build
+            _MODELS[key] = None
+        while len(_MODELS) > 4:
+            _MODELS.pop(next(iter(_MODELS)))
+    return _MODELS[key]
+
+
+def module_leaf_names(config: Any) -> set[str] | None:
+    """Leaf module names of the model (built on the meta device: no memory), or None when unknown."""
+    model = meta_model(config)
+    return None if model is None else {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def module_class_names(config: Any) -> set[str] | None:
+    """Class names of the model's modules (built on the meta device), or None when unknown."""
+    model = meta_model(config)
+    return None if model is None else {type(m).__name__ for m in model.modules()}
 
 
 def patch_for_training(model: Any, recipe: Recipe, parallel: Any) -> Any:

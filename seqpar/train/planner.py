@@ -104,7 +104,7 @@ class ModelShape:
 def _count_params(config: Any) -> int:
     """The model's exact parameter count, built on the meta device (no memory, MoE experts and linear layers
     included), or 0 where transformers cannot build it from the config (the dense formula is used then)."""
-    from seqpar.train.planner_layers import meta_model
+    from seqpar.train.model import meta_model
 
     model = meta_model(config)
     return sum(p.numel() for p in model.parameters()) if model is not None else 0

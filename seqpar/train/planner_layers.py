@@ -211,37 +211,13 @@ def _describe(layer: Any, config: Any, linear_kinds: dict[str, str]) -> tuple:
             int(mlp_grads), int(dense if not experts else 0), int(ckpt_f), int(largest), int(qkv), int(kv))
 
 
-_MODELS: dict[str, Any] = {}  # config JSON -> the model built on the meta device (None: not buildable)
-
-
-def meta_model(config: Any) -> Any:
-    """``config``'s causal LM built on the meta device (no memory, no initialisation), or None where
-    transformers cannot build it; cached, as ``longest_seq_len`` plans one config many times."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM, PretrainedConfig
-
-    if not isinstance(config, PretrainedConfig):
-        return None
-    key = f"{type(config).__module__}.{type(config).__name__}:{config.to_json_string(use_diff=False)}"
-    if key not in _MODELS:
-        try:
-            with torch.device("meta"):
-                _MODELS[key] = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-        except Exception:  # any config transformers cannot build: the planner's dense formula
-            _MODELS[key] = None
-        while len(_MODELS) > 4:
-            _MODELS.pop(next(iter(_MODELS)))
-    return _MODELS[key]
-
-
 def layer_facts(config: Any) -> tuple[LayerFacts, ...] | None:
     """The kinds of decoder layer of ``config``'s model with their counts, or None where transformers cannot
     build it (the planner's dense Llama-style formula is used then)."""
     import torch
 
     from seqpar.models.families import family_of
+    from seqpar.train.model import meta_model
 
     model = meta_model(config)
     if model is None:

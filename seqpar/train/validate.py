@@ -272,9 +272,18 @@ def _check_sft(r: Recipe, errors: list[str]) -> None:
                       f"{[n for n, x in ATTENTIONS.items() if x.varlen]}")
 
 
+def _check_tiled_mlp(r: Recipe, classes: set[str] | None, errors: list[str]) -> None:
+    """``memory.tiled_mlp`` needs an MLP ``tile_mlp`` knows (a run would stop at start-up otherwise)."""
+    from seqpar.models.tiled_mlp import MLP_CLASSES
+
+    if r.memory.tiled_mlp and classes is not None and not classes & set(MLP_CLASSES):
+        errors.append(f"memory.tiled_mlp=true: the model has no MLP tile_mlp supports ({', '.join(MLP_CLASSES)}; "
+                      "MoE and hybrid MLPs are not tiled): set memory.tiled_mlp=false")
+
+
 def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool = False) -> Any:
     """Raise RecipeError listing every problem; return the model config (or facts) the checks used."""
-    from seqpar.train.model import base_config, module_leaf_names
+    from seqpar.train.model import base_config, module_class_names, module_leaf_names
 
     errors: list[str] = []
     config = None
@@ -294,6 +303,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, check_paths: bool
     check_memory(recipe, errors, cuda=_cuda() if check_paths else None)
     leaves = module_leaf_names(config) if config is not None and not errors else None
     _check_lora(recipe, leaves, errors)
+    _check_tiled_mlp(recipe, module_class_names(config) if leaves is not None else None, errors)
     if errors:
         raise RecipeError(f"invalid recipe ({len(errors)} problem{'s' if len(errors) > 1 else ''}): "
                           + "; ".join(errors))
