@@ -145,11 +145,18 @@ def machine_info() -> dict:
 
 
 class TrackedPeak:
-    """Peak bytes of tensor storages allocated inside the ``with`` block and still alive, on any device
-    (a dispatch mode: every op's outputs are counted once per storage and released when it is freed).
-    Exact where RSS is not (allocator caching), so the planner's estimates can be checked on CPU."""
+    """Peak bytes of tensor storages allocated inside the ``with`` block and still alive (a dispatch mode: every
+    op's outputs are counted once per storage, by ``nbytes``, and released when a weakref finalizer sees the
+    storage freed; views and in-place results share an input's storage and are not counted). Exact where RSS is
+    not (allocator caching), so the planner's estimates can be checked on CPU; with fake tensors (sizes, no
+    memory) it measures a simulated CUDA step (``seqpar.train.simulate``).
 
-    def __init__(self):
+    ``device``: count only storages on that device type ("cuda"); None: any but meta. ``workspace``: op name ->
+    bytes of the temporary its kernel makes inside (no dispatch mode sees it), counted at the op on top of what
+    is live. ``owner``: a label set by the caller (a layer's hooks): ``by_owner`` holds the live bytes made
+    while each label was set. ``reset()`` starts a new peak window from what is live."""
+
+    def __init__(self, device: str | None = None, workspace: dict | None = None):
         import weakref
 
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -157,30 +164,45 @@ class TrackedPeak:
 
         tracker = self
         self.live = self.peak = 0
+        self.owner: object = None
+        self.by_owner: dict = {}
         self._seen: set[int] = set()
 
-        def release(key: int, nbytes: int) -> None:
-            tracker._seen.discard(key)
-            tracker.live -= nbytes
+        def counted(t: object) -> bool:
+            return isinstance(t, torch.Tensor) and not t.is_meta and (device is None or t.device.type == device)
+
+        def release(key: int, nbytes: int, owner: object) -> None:
+            if key in tracker._seen:
+                tracker._seen.discard(key)
+                tracker.live -= nbytes
+                if owner is not None:
+                    tracker.by_owner[owner] -= nbytes
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                # Views and in-place results share an input's storage: not an allocation.
-                inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                scratch = (workspace or {}).get(func.overloadpacket.__name__)
+                if scratch and args and counted(args[0]):  # freed before the op returns: alive with all live now
+                    tracker.peak = max(tracker.peak, tracker.live + scratch(args[0]))
+                inputs = {a.untyped_storage()._cdata for a in tree_leaves((args, kwargs))
                           if isinstance(a, torch.Tensor) and not a.is_meta}
-                for t in out if isinstance(out, (tuple, list)) else [out]:
-                    if isinstance(t, torch.Tensor) and not t.is_meta:
+                for t in tree_leaves(out):
+                    if counted(t):
                         st = t.untyped_storage()
-                        key = id(st)
-                        if key not in tracker._seen and st.nbytes() and st.data_ptr() not in inputs:
+                        key, n = st._cdata, st.nbytes()
+                        if n and key not in tracker._seen and key not in inputs:
                             tracker._seen.add(key)
-                            tracker.live += st.nbytes()
+                            tracker.live += n
                             tracker.peak = max(tracker.peak, tracker.live)
-                            weakref.finalize(st, release, key, st.nbytes())
+                            if tracker.owner is not None:
+                                tracker.by_owner[tracker.owner] = tracker.by_owner.get(tracker.owner, 0) + n
+                            weakref.finalize(st, release, key, n, tracker.owner)
                 return out
 
         self._mode = Mode()
+
+    def reset(self) -> None:
+        self.peak = self.live
 
     def __enter__(self) -> TrackedPeak:
         self._mode.__enter__()

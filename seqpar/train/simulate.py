@@ -39,7 +39,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,65 +97,12 @@ def _planned_backward(p: MemoryPlan) -> int:
 WORKSPACE = {"logsumexp": lambda x: x.numel() * x.element_size()}
 
 
-class DevicePeak:
-    """Live bytes of CUDA storages allocated while active, and their peak (``reset`` starts a new window).
+def device_peak():
+    """Live bytes of (fake) CUDA storages and their peak, kernels' temporaries included
+    (``seqpar.bench.measure.TrackedPeak``)."""
+    from seqpar.bench.measure import TrackedPeak
 
-    A dispatch mode sees every op's outputs; an output whose storage is new (not an input's: views and in-place
-    results share one) is counted once, by ``nbytes``, until a weakref finalizer sees the storage freed. Works
-    with fake tensors, whose storages have sizes but no memory."""
-
-    def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        tracker = self
-        self.live = self.peak = 0
-        self.owner: int | None = None  # the decoder layer whose forward is running (set by layer hooks)
-        self.by_owner: dict[int, int] = {}  # live bytes made while each owner ran
-        self._seen: set[int] = set()
-
-        def release(key: int, nbytes: int, owner: int | None) -> None:
-            if key in tracker._seen:
-                tracker._seen.discard(key)
-                tracker.live -= nbytes
-                if owner is not None:
-                    tracker.by_owner[owner] -= nbytes
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                import torch
-
-                out = func(*args, **(kwargs or {}))
-                scratch = WORKSPACE.get(func.overloadpacket.__name__)
-                if scratch and isinstance(args[0], torch.Tensor) and args[0].device.type == "cuda":
-                    # a kernel's own temporary, freed before it returns: alive with everything live now
-                    tracker.peak = max(tracker.peak, tracker.live + scratch(args[0]))
-                inputs = {a.untyped_storage()._cdata for a in tree_leaves((args, kwargs))
-                          if isinstance(a, torch.Tensor)}
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-                        st = t.untyped_storage()
-                        key, n = st._cdata, st.nbytes()
-                        if n and key not in tracker._seen and key not in inputs:
-                            tracker._seen.add(key)
-                            tracker.live += n
-                            tracker.peak = max(tracker.peak, tracker.live)
-                            if tracker.owner is not None:
-                                tracker.by_owner[tracker.owner] = tracker.by_owner.get(tracker.owner, 0) + n
-                            weakref.finalize(st, release, key, n, tracker.owner)
-                return out
-
-        self._mode = Mode()
-
-    def reset(self) -> None:
-        self.peak = self.live
-
-    def __enter__(self) -> DevicePeak:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._mode.__exit__(*exc)
+    return TrackedPeak(device="cuda", workspace=WORKSPACE)
 
 
 def _build(recipe: Recipe, config: Any, world: int, rank: int):
@@ -314,7 +260,7 @@ def step_peaks(recipe: Recipe, config: Any, world: int, seq_lens: list[int], ran
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         vocab = model.config.vocab_size
         for seq_len in seq_lens:
-            with DevicePeak() as peak:
+            with device_peak() as peak:
                 hooks = []
                 for i, layer in enumerate(decoder_layers(model)):
                     hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: setattr(peak, "owner", i)))
