@@ -216,15 +216,23 @@ class MemoryPlan:
 
     @property
     def phases(self) -> dict[str, int]:
-        a, bu = self.activations, self.buffers
-        alive = a["kept"] + a["comm"] + bu.get("gathered", 0)
-        return {"head": alive + a["head"],
-                "backward": alive + a["working"] + bu.get("bucket", 0),
+        a = self.activations
+        return self.phases_of(a["kept"] + a["comm"] + a["head"], a["kept"] + a["comm"] + a["working"])
+
+    def phases_of(self, forward: int, backward: int) -> dict[str, int]:
+        """The three phases with the forward's and the backward's activation peaks given (planned, or measured
+        by ``--simulate``) and DeepSpeed's buffers added."""
+        bu = self.buffers
+        return {"head": forward + bu.get("gathered", 0),
+                "backward": backward + bu.get("gathered", 0) + bu.get("bucket", 0),
                 "reduce": bu.get("bucket", 0) + bu.get("flat_copy", 0) + bu.get("partition", 0)}
+
+    def total_of(self, phases: dict[str, int]) -> int:
+        return max(self.setup, self.state + max(phases.values()))
 
     @property
     def total(self) -> int:
-        return max(self.setup, self.state + max(self.phases.values()))
+        return self.total_of(self.phases)
 
     def lines(self) -> list[str]:
         a, bu, ph = self.activations, self.buffers, self.phases

@@ -59,10 +59,7 @@ class Simulated:
 
     @property
     def total(self) -> int:
-        p, bu = self.plan, self.plan.buffers
-        gathered, bucket = bu.get("gathered", 0), bu.get("bucket", 0)
-        step = max(self.forward + gathered, self.backward + gathered + bucket, p.phases["reduce"])
-        return max(p.setup, p.state + step)
+        return self.plan.total_of(self.plan.phases_of(self.forward, self.backward))
 
     def lines(self) -> list[str]:
         p = self.plan
