@@ -31,8 +31,9 @@ def loss_chunk(recipe: Recipe) -> int | None:
     return recipe.memory.loss_chunk_size if recipe.memory.fused_loss else None
 
 
-def apply_memory(model: Any, recipe: Recipe) -> str:
-    """Tile the MLPs, offload checkpoints, check the head for the fused loss; returns a one-line note."""
+def apply_memory(model: Any, recipe: Recipe, *, force_offload: bool = False) -> str:
+    """Tile the MLPs, offload checkpoints, check the head for the fused loss; returns a one-line note.
+    ``force_offload``: offload checkpoints without CUDA too (``--simulate``'s fake CUDA)."""
     from seqpar.models.fused_loss import FusedHeadError, output_head
     from seqpar.models.offload import enable_checkpoint_offload
     from seqpar.models.tiled_mlp import tile_mlp
@@ -51,7 +52,7 @@ def apply_memory(model: Any, recipe: Recipe) -> str:
             raise RecipeError(str(err)) from err
         notes.append(f"tiled MLP (tiles of {m.mlp_chunk_size} tokens)")
     if m.offload_checkpoints:
-        on = enable_checkpoint_offload(model)
+        on = enable_checkpoint_offload(model, force=force_offload)
         notes.append("checkpoint offload to pinned CPU memory" if on else
                      "checkpoint offload skipped: no CUDA (checkpoints already live in host memory)")
     return "memory: " + (", ".join(notes) if notes else "no options")

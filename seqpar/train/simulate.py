@@ -102,25 +102,17 @@ def device_peak():
     return TrackedPeak(device="cuda", workspace=WORKSPACE)
 
 
-def _build(recipe: Recipe, config: Any, world: int, rank: int):
+def _build(recipe: Recipe, config: Any):
     """The recipe's model as ``prepare_model`` makes it, on the meta device (outside FakeTensorMode: peft's
     adapter moves cannot swap fake parameters), and this rank's SP group."""
     import torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from seqpar.parallel import group_ranks
+    from seqpar.parallel import ParallelState
     from seqpar.train.memory import apply_memory
     from seqpar.train.model import apply_rope_scaling, patch_for_training, torch_dtype
 
-    a = recipe.attention
-    sp_groups, _ = group_ranks(world, a.sp_size)
-    group = dist.group.WORLD
-    if a.sp_size < world:
-        for ranks in sp_groups:  # every rank creates every group (torch.distributed's rule)
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                group = g
+    parallel = ParallelState.from_initialized(recipe.attention.sp_size, device="cuda")  # the trainer's groups
     apply_rope_scaling(recipe, config)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(recipe))
@@ -130,25 +122,16 @@ def _build(recipe: Recipe, config: Any, world: int, rank: int):
     finally:
         torch.set_default_dtype(default)
     model.config.use_cache = False
-    model = patch_for_training(model, recipe, group)
+    model = patch_for_training(model, recipe, parallel)
     # DeepSpeed casts every parameter to the training dtype when it builds its engine (buffers stay): LoRA's
     # float32 adapters too, so they do not upcast their inputs.
     dtype = torch_dtype(recipe)
     for p in model.parameters():
         if p.dtype.is_floating_point and p.dtype != dtype:
             p.data = p.data.to(dtype)
-    offload = recipe.memory.offload_checkpoints
-    recipe.memory.offload_checkpoints = False  # applied below with force: no real CUDA in this process
-    try:
-        apply_memory(model, recipe)
-    finally:
-        recipe.memory.offload_checkpoints = offload
-    if offload:
-        from seqpar.models.offload import enable_checkpoint_offload
-
-        enable_checkpoint_offload(model, force=True)
+    apply_memory(model, recipe, force_offload=True)  # this process has no real CUDA: offload anyway
     model.train()
-    return model, group
+    return model, parallel.sp_group
 
 
 def decoder_layers(model: Any) -> Any:
@@ -250,7 +233,7 @@ def step_peaks(recipe: Recipe, config: Any, world: int, seq_lens: list[int], ran
     out = []
     with fake_cuda.fake_group(rank, world), FakeTensorMode(allow_non_fake_inputs=True):
         with torch._C._DisableTorchDispatch():  # FakeTensorMode's own: the build is plain meta tensors
-            model, group = _build(recipe, config, world, rank)
+            model, group = _build(recipe, config)
         model.to_empty(device="cuda")
         for p in model.parameters():
             if p.requires_grad:  # DeepSpeed copies each gradient into its bucket (the planner's) and frees it
