@@ -39,9 +39,9 @@ UNEXECUTED = {
     "a cu_seqlens tensor on CUDA": "its boundaries are read once per batch (declared site 'cu_seqlens'), and a "
                                    "fake tensor has none: packed batches pass host-int seq_lens here",
     "DeepSpeed and the trainer's train_step": "the engine, ZeRO and its optimizer do not run on fake tensors, and "
-                                              "train_step ends in a .tolist() of the logged loss (the one read "
-                                              "per step, seqpar/train/trainer.py): the step here is patched "
-                                              "model + fused loss + backward + SGD",
+                                              "train_step ends in a read of the logged loss (the one read per "
+                                              "step, declared site 'step_loss'): the step here is patched model "
+                                              "+ fused loss + backward + SGD",
 }
 __doc__ += "\n".join(f"  * {what}: {why}." for what, why in UNEXECUTED.items())
 

@@ -62,6 +62,7 @@ from torch.utils.data import RandomSampler, Sampler, SequentialSampler
 from transformers import Trainer
 
 from seqpar.comm import group_size, world_sum
+from seqpar.kernels.host import host_read
 from seqpar.models.batch import IGNORE_INDEX, shard_batch, sp_global_mean, sp_group_of
 from seqpar.parallel import ParallelState
 from seqpar.sharding import chunks_per_rank, host_bounds, remember_bounds
@@ -498,7 +499,7 @@ class SeqparTrainerMixin:
         try:
             out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                           metric_key_prefix)
-            total, count = world_sum(self._sp_eval).tolist()
+            total, count = host_read(world_sum(self._sp_eval), "eval_loss")
         finally:
             self._sp_eval = None
         if count > 0:

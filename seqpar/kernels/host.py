@@ -37,6 +37,9 @@ SITES: dict[str, str] = {
                         "position the cache holds",
     "decay_check": "a learned decay tensor's range check in linear attention (CPU tensors only: on a device "
                    "the check is skipped, see checks.check_linear_args)",
+    "step_loss": "the trainer logs each optimizer step's token-mean loss and token count: one read per step, "
+                 "after the last micro-batch's backward and the optimizer step are queued",
+    "eval_loss": "an evaluation's token-mean loss over every batch and rank: one read at its end",
 }
 
 _COUNTS: collections.Counter = collections.Counter()

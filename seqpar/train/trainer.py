@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.comm import world_sum
+from seqpar.kernels.host import host_read
 from seqpar.parallel import ParallelState
 from seqpar.train import checkpoint as ckpt
 from seqpar.train import faults
@@ -140,7 +141,7 @@ def train_step(engine: Any, samples: list, recipe: Recipe, step: int, parallel: 
         faults.maybe_kill("step", step + 1, parallel.rank, parallel.world_size)
         engine.step()
         summed += local.detach().double()
-    total, count = torch.stack([world_sum(summed), targets.double()]).tolist()  # the one host sync
+    total, count = host_read(torch.stack([world_sum(summed), targets.double()]), "step_loss")  # the one sync
     return StepLoss(total / max(count, 1), int(count))
 
 
@@ -164,7 +165,7 @@ def evaluate(engine: Any, samples: list, recipe: Recipe, parallel: ParallelState
         local = causal_lm_loss(engine, sp, labels, parallel, chunk_size=loss_chunk(recipe), reduction="sum")
         stats += torch.stack([local.double(), (labels != IGNORE_INDEX).sum().double()])
     engine.module.train(was_training)
-    total, count = world_sum(stats).tolist()
+    total, count = host_read(world_sum(stats), "eval_loss")
     return total / max(count, 1)
 
 
