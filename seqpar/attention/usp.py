@@ -121,18 +121,33 @@ def usp_bytes(q, k, v, *, group: Group = None, ulysses_group: Group = None, ring
     return a2a + ring_fwd, a2a + ring_bwd
 
 
-def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str, device=None) -> torch.Tensor | None:
-    """Index that reorders the rank-major tokens gathered by Ulysses group ``ring_rank`` into the ring
-    rank's ``layout`` shard over ``r`` ranks; None when that is already the order (contiguous, u = 1).
-    Checked on the host once per shape (``_ring_order``) and built on the device from ranges: a call reads
-    nothing from the device and copies nothing to it."""
+def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str,
+               device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(index, its inverse) that reorder the rank-major tokens gathered by Ulysses group ``ring_rank`` into the
+    ring rank's ``layout`` shard over ``r`` ranks and back; None when that is already the order (contiguous,
+    u = 1). Checked on the host once per shape (``_ring_order``), built on the device from ranges (a call reads
+    nothing from the device and copies nothing to it) and kept per shape and device: every layer of every step
+    reuses them (under fake tensors they are rebuilt: a fake tensor must not outlive its mode)."""
     if _ring_order(seq_len, u, r, ring_rank, layout) is None:
         return None
+    key = (seq_len, u, r, ring_rank, layout, str(device))
+    fake = torch._guards.detect_fake_mode() is not None
+    if not fake and key in _ORDERS:
+        return _ORDERS[key]
     n = u * r
     gathered = torch.cat([global_index(seq_len, n, ring_rank * u + j, layout, device=device) for j in range(u)])
     target = global_index(seq_len, r, ring_rank, layout, device=device)
     order = torch.argsort(gathered)
-    return order[torch.searchsorted(gathered[order], target)]
+    perm = order[torch.searchsorted(gathered[order], target)]
+    pair = (perm, torch.argsort(perm))
+    if not fake:
+        while len(_ORDERS) >= 16:  # a few shapes per run; bounded all the same
+            _ORDERS.pop(next(iter(_ORDERS)))
+        _ORDERS[key] = pair
+    return pair
+
+
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,15 +239,15 @@ def usp_attention(
     window = effective_window(window, seq_len, causal)  # raises on every rank before the all-to-all
     # Step 1: sequence shards -> whole ring shard of H/u heads, in the ring's layout order.
     qh, kh, vh = seq_to_heads(q, k, v, group=ulysses_group, what="the Ulysses degree u")
-    perm = ring_order(seq_len, u, r, group_rank(ring_group), layout, device=q.device)
-    if perm is not None:
-        qh, kh, vh = (t.index_select(1, perm) for t in (qh, kh, vh))
+    orders = ring_order(seq_len, u, r, group_rank(ring_group), layout, device=q.device)
+    if orders is not None:
+        qh, kh, vh = (t.index_select(1, orders[0]) for t in (qh, kh, vh))
     # Step 2: exact attention of the ring shard against the whole sequence (its shapes follow from the ones
     # compared over the whole group above: no second cross-rank check).
     out = ring_attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), group=ring_group, causal=causal,
                          softmax_scale=softmax_scale, layout=layout, validate=False,
                          sinks=head_share(sinks, ulysses_group), window=window)
     # Step 3: undo the permutation, back to sequence shards of all heads.
-    if perm is not None:
-        out = out.index_select(1, torch.argsort(perm))
+    if orders is not None:
+        out = out.index_select(1, orders[1])
     return heads_to_seq(out, group=ulysses_group)
