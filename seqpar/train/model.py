@@ -176,6 +176,12 @@ def meta_model(config: Any) -> Any:
     return _MODELS[key]
 
 
+def decoder_layers(model: Any) -> Any:
+    """The model's stack of decoder layers: its longest ``nn.ModuleList`` (``model.model.layers`` in HF code)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len) if lists else []
+
+
 def module_leaf_names(config: Any) -> set[str] | None:
     """Leaf module names of the model (built on the meta device: no memory), or None when unknown."""
     model = meta_model(config)

@@ -214,18 +214,16 @@ def _describe(layer: Any, config: Any, linear_kinds: dict[str, str]) -> tuple:
 def layer_facts(config: Any) -> tuple[LayerFacts, ...] | None:
     """The kinds of decoder layer of ``config``'s model with their counts, or None where transformers cannot
     build it (the planner's dense Llama-style formula is used then)."""
-    import torch
 
     from seqpar.models.families import family_of
-    from seqpar.train.model import meta_model
+    from seqpar.train.model import decoder_layers, meta_model
 
     model = meta_model(config)
     if model is None:
         return None
     fam = family_of(getattr(config, "model_type", None))
     linear_kinds = dict(fam.linear) if fam else {}
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    layers = max(lists, key=len) if lists else []
+    layers = decoder_layers(model)
     if len(layers) != config.num_hidden_layers:
         return None
     seen: dict[tuple, int] = {}

@@ -134,14 +134,6 @@ def _build(recipe: Recipe, config: Any):
     return model, parallel.sp_group
 
 
-def decoder_layers(model: Any) -> Any:
-    """The model's stack of decoder layers: its longest ``nn.ModuleList`` (``model.model.layers`` in HF code)."""
-    import torch
-
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return max(lists, key=len) if lists else []
-
-
 def _signature(layer: Any) -> tuple:
     """What makes two decoder layers allocate alike: their module classes, parameter shapes and settings (the
     plain attributes of their modules: a layer's ``layer_type``, ``sliding_window``; its index left out)."""
@@ -152,12 +144,10 @@ def _signature(layer: Any) -> tuple:
 
 
 def _signatures(config: Any) -> list[tuple]:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from seqpar.train.model import decoder_layers, meta_model
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-    return [_signature(layer) for layer in decoder_layers(model)]
+    model = meta_model(config)  # None: not buildable, and the step's own build says why
+    return [] if model is None else [_signature(layer) for layer in decoder_layers(model)]
 
 
 def _truncated(config: Any, layers: int) -> Any:
@@ -222,6 +212,7 @@ def step_peaks(recipe: Recipe, config: Any, world: int, seq_lens: list[int], ran
     from seqpar import fake_cuda
     from seqpar.models import causal_lm_loss, patched_layout, shard_batch
     from seqpar.train.memory import loss_chunk
+    from seqpar.train.model import decoder_layers
 
     if not fake_cuda.active():
         raise RuntimeError("seqpar: step_peaks needs the fake-CUDA shim: run it in a process started with "
