@@ -112,9 +112,11 @@ out = {"layouts": {}, "errors": []}
 for sp in (1, 2, 4, 8):
     ps = ParallelState.from_initialized(sp, device="cpu")
     mesh = build_mesh(ps)
-    out["layouts"][sp] = {"mesh_sp": ranks(mesh.get_group("sp")), "state_sp": ranks(ps.sp_group),
-                          "mesh_dp": ranks(mesh.get_group("dp")), "state_dp": ranks(ps.dp_group),
-                          "flat": ranks(mesh["dp", "sp"]._flatten("dp_sp").get_group())}
+    # the mesh's grid (what DTensor shards by; from_group does not derive it from the groups) against the
+    # groups ParallelState built independently
+    out["layouts"][sp] = {"mesh_sp": mesh["sp"].mesh.tolist(), "state_sp": ranks(ps.sp_group),
+                          "mesh_dp": mesh["dp"].mesh.tolist(), "state_dp": ranks(ps.dp_group),
+                          "flat": mesh["dp", "sp"]._flatten("dp_sp").mesh.tolist()}
 ps = ParallelState.from_initialized(2, device="cpu")
 strided_sp = DeviceMesh("cpu", torch.arange(8).view(2, 4).T.contiguous(), mesh_dim_names=("dp", "sp"))
 for wrong in (strided_sp, init_device_mesh("cpu", (2, 4), mesh_dim_names=("sp", "dp")),

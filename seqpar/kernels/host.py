@@ -40,6 +40,9 @@ SITES: dict[str, str] = {
     "step_loss": "the trainer logs each optimizer step's token-mean loss and token count: one read per step, "
                  "after the last micro-batch's backward and the optimizer step are queued",
     "eval_loss": "an evaluation's token-mean loss over every batch and rank: one read at its end",
+    "grad_norm": "the FSDP2 engine's gradient norm for the step's log line, read after the step's loss "
+                 "(DeepSpeed reads its own inside its engine)",
+    "setup_describe": "the FSDP2 engine's startup line: its sharded element count, summed once at setup",
 }
 
 _COUNTS: collections.Counter = collections.Counter()

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from seqpar.comm import world_sum
+from seqpar.kernels.host import host_read
 from seqpar.parallel import ParallelConfigError, ParallelState, group_ranks
 from seqpar.train.recipe import Recipe
 
@@ -76,7 +78,12 @@ def check_mesh(mesh: Any, parallel: ParallelState) -> None:
                         f"dims {MESH_DIMS} of shape {want_shape} (dp_size {parallel.dp_size} x attention.sp_size "
                         f"{parallel.sp_size}): build it with seqpar.train.fsdp2.build_mesh(parallel)")
     for dim, group in (("sp", parallel.sp_group), ("dp", parallel.dp_group)):
-        got, want = _ranks(mesh.get_group(dim)), _ranks(group)
+        # the grid (what DTensor shards and flattens by) and the process group the mesh holds for the dim:
+        # from_group stores the groups it is given without comparing them with the grid, so check both
+        want = _ranks(group)
+        got = mesh[dim].mesh.flatten().tolist()
+        if got == want:
+            got = _ranks(mesh.get_group(dim))
         if got != want:
             raise MeshError(f"device mesh dim {dim!r} holds ranks {got} on rank {parallel.rank}, but ParallelState's "
                             f"{dim.upper()} group holds {want} (SP groups are consecutive ranks, DP groups strided): "
@@ -142,7 +149,7 @@ class FSDP2Engine(torch.nn.Module):
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def get_global_grad_norm(self) -> float | None:
-        return None if self.grad_norm is None else float(self.grad_norm)
+        return None if self.grad_norm is None else host_read(self.grad_norm, "grad_norm")
 
     # -- checkpoints (collective) ------------------------------------------------------------------------
 
@@ -192,16 +199,16 @@ class FSDP2Engine(torch.nn.Module):
 
         params = list(self.module.parameters())
         sharded = [p for p in params if isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),)]
-        local = torch.tensor([sum(p.to_local().numel() for p in sharded)], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(local)
-        factors = {g.gradient_divide_factor for m in _fsdp_modules(self.module)
-                   for g in m._get_fsdp_state()._fsdp_param_groups}
+        local = torch.tensor([sum(p.to_local().numel() for p in sharded)], dtype=torch.float64,
+                             device=self.parallel.device)  # NCCL reduces device tensors only
+        summed = host_read(world_sum(local) if dist.is_initialized() else local, "setup_describe")[0]
+        units = _fsdp_modules(self.module)
+        factors = {g.gradient_divide_factor for m in units for g in m._get_fsdp_state()._fsdp_param_groups}
         return {"parameters": len(params), "dtensor_shard0": len(sharded), "numel": sum(p.numel() for p in params),
-                "local_numel_summed": int(local.item()), "mesh": dict(zip(MESH_DIMS, self.mesh.shape)),
+                "local_numel_summed": int(summed), "mesh": dict(zip(MESH_DIMS, self.mesh.shape)),
                 "shard_ranks": _ranks(self.flat.get_group()), "sp_ranks": _ranks(self.mesh.get_group("sp")),
                 "dp_ranks": _ranks(self.mesh.get_group("dp")), "divide_factors": sorted(f or 0 for f in factors),
-                "units": len(_fsdp_modules(self.module))}
+                "units": len(units)}
 
 
 def _fsdp_modules(module: torch.nn.Module) -> list[Any]:
@@ -217,15 +224,12 @@ def build_fsdp2_engine(model: torch.nn.Module, recipe: Recipe, parallel: Paralle
 
     mesh = build_mesh(parallel)
     flat = mesh[MESH_DIMS]._flatten(FLAT_DIM)  # row-major over the [D, S] grid: ranks 0..W-1
-    if _ranks(flat.get_group()) != list(range(parallel.world_size)):
-        raise MeshError(f"the flattened dp x sp mesh holds ranks {_ranks(flat.get_group())}, not all "
-                        f"{parallel.world_size}: build the mesh with seqpar.train.fsdp2.build_mesh(parallel)")
     bf16 = recipe.trainer.dtype == "bf16"
     # bf16 compute from float32 sharded master weights; gradients reduced (and accumulated) in float32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     f = recipe.fsdp2
     offload = CPUOffloadPolicy(pin_memory=True) if f.offload == "cpu" else OffloadPolicy()
-    model = model.to(parallel.device)
+    # fully_shard moves each rank's shards to the mesh's device: the whole unsharded model never goes there
     for unit in shard_units(model):
         fully_shard(unit, mesh=flat, reshard_after_forward=f.reshard_after_forward, mp_policy=mp,
                     offload_policy=offload)

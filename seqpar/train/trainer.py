@@ -218,7 +218,9 @@ def setup(recipe: Recipe, *, resume: bool = False, validated: bool = False) -> R
     # initialisation, and with it the whole run, is the same on every rank and on every rerun.
     torch.manual_seed(recipe.trainer.seed)
     model = prepare_model(recipe, base, parallel)
-    engine = build_engine(model.to(parallel.device), recipe, parallel.device, parallel)
+    # FSDP2 places each rank's shards itself: the whole model is not copied to the device first
+    engine = build_engine(model if recipe.engine == "fsdp2" else model.to(parallel.device), recipe,
+                          parallel.device, parallel)
     facts = engine.describe() if recipe.engine == "fsdp2" else None  # collective
     if facts is not None and parallel.is_main:
         print(_describe_fsdp2(facts), flush=True)
