@@ -95,12 +95,14 @@ def layout_order(seq_len: int, world_size: int, layout: str, device=None) -> tor
 
 
 def reorder_to_global(gathered: torch.Tensor, world_size: int, layout: str, *, dim: int = 1) -> torch.Tensor:
-    """Rank-major concatenation of shards -> sequence in global order."""
-    if layout == "contiguous" or world_size == 1:
-        chunks_per_rank(layout)
+    """Rank-major concatenation of shards -> sequence in global order. Zigzag by views (rank j holds chunks j
+    and 2N-1-j: the first pieces in rank order, then the second ones reversed): no index tensor is built or
+    copied to the device."""
+    if chunks_per_rank(layout) == 1 or world_size == 1:
         return gathered
-    order = torch.argsort(layout_order(gathered.shape[dim], world_size, layout, device=gathered.device))
-    return gathered.index_select(dim, order)
+    x = gathered.movedim(dim, 0)
+    m = x.reshape(world_size, 2, x.shape[0] // (2 * world_size), *x.shape[1:])
+    return torch.cat([m[:, 0], m[:, 1].flip(0)]).reshape(x.shape).movedim(0, dim)
 
 
 def position_ids(seq_len: int, *, group: Group = None, layout: Layout = "zigzag", device=None) -> torch.Tensor:

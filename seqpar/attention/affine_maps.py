@@ -31,7 +31,7 @@ import torch
 
 from seqpar.attention.checks import check_options
 from seqpar.comm import Group, all_gather_tensor, group_rank, group_size
-from seqpar.sharding import local_documents
+from seqpar.sharding import local_documents, reorder_to_global
 
 
 def check_layout(layout: str) -> None:
@@ -54,11 +54,6 @@ def global_order(world: int, layout: str) -> list[int]:
     P = pieces_per_rank(layout, world)
     where = {c: j * P + p for j in range(world) for p, c in enumerate(chunks_of(j, world, layout))}
     return [where[c] for c in range(P * world)]
-
-
-def _reorder(x: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """``x[order]`` along dim 0 from host ints: no index tensor (a host-to-device copy on a GPU per call)."""
-    return x if order == list(range(len(order))) else torch.stack([x[i] for i in order])
 
 
 @dataclass(frozen=True)
@@ -110,8 +105,8 @@ class _EntryStates(torch.autograd.Function):
     def forward(ctx, M, U, group, layout):
         N, rank, dk = group_size(group), group_rank(group), M.shape[-1]
         maps = all_gather_tensor(torch.cat([M, U], dim=-1), group)  # [N·P, ...], rank-major
-        order = global_order(N, layout)
-        maps = _reorder(maps.view(len(order), *U.shape[1:-1], -1), order)  # global chunk order
+        chunks_total = N * pieces_per_rank(layout, N)
+        maps = reorder_to_global(maps.view(chunks_total, *U.shape[1:-1], -1), N, layout, dim=0)  # global order
         M_all, U_all = maps[..., :dk], maps[..., dk:]
         chunks = chunks_of(rank, N, layout)
         S = _fold(M_all, U_all, chunks)
@@ -122,10 +117,12 @@ class _EntryStates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dS):
         M_all, S = ctx.saved_tensors
-        order = global_order(group_size(ctx.group), ctx.layout)
-        dS_all = _reorder(all_gather_tensor(dS.contiguous(), ctx.group).view(len(order), *dS.shape[1:]), order)
+        N = group_size(ctx.group)
+        chunks_total = N * pieces_per_rank(ctx.layout, N)
+        dS_all = reorder_to_global(all_gather_tensor(dS.contiguous(), ctx.group).view(chunks_total, *dS.shape[1:]),
+                                   N, ctx.layout, dim=0)
         G, dM, dU = torch.zeros_like(dS[0]), {}, {}
-        for c in range(len(order) - 1, min(ctx.chunks) - 1, -1):  # G = G_{c+1}, the total gradient of S_in(c+1)
+        for c in range(chunks_total - 1, min(ctx.chunks) - 1, -1):  # G = G_{c+1}, the total gradient of S_in(c+1)
             if c in ctx.chunks:
                 i = ctx.chunks.index(c)
                 dU[c], dM[c] = G, G @ S[i].transpose(-1, -2)

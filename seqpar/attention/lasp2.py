@@ -77,7 +77,7 @@ from seqpar.kernels.linear import (
     powers,
     run_state_grads,
 )
-from seqpar.sharding import local_documents
+from seqpar.sharding import local_documents, reorder_to_global
 
 
 def prefix_from_states(states: torch.Tensor, log_decay: torch.Tensor, n: int, rank: int,
@@ -128,7 +128,7 @@ class _PiecewiseLASP2(torch.autograd.Function):
         parts = [[slice(a, b) for a, b, _ in pc.docs] for pc in pieces]
         # each piece's state from zero of its last document part (= the piece's M_c where flows[c])
         M = torch.stack([chunk_state(kh[:, :, ps[-1]], vh[:, :, ps[-1]], log_decay) for ps in parts])
-        states = all_gather_tensor(M, group).view(len(order), *M.shape[1:])[order]  # global chunk order
+        states = reorder_to_global(all_gather_tensor(M, group).view(len(order), *M.shape[1:]), N, layout, dim=0)
         P = [prefix_from_states(states, log_decay, size, pc.chunk, flows) for pc in pieces]
         out = q.new_empty(*q.shape[:3], v.shape[3])
         for pc, ps, prefix in zip(pieces, parts, P):
@@ -153,7 +153,8 @@ class _PiecewiseLASP2(torch.autograd.Function):
             G0.append(G)
             dP.append(d if pc.cont else torch.zeros_like(d))  # a document starts here: its outputs skip P
         dP = torch.stack(dP)
-        grads = all_gather_tensor(dP, group).view(len(order), *dP.shape[1:])[order]  # global chunk order
+        grads = reorder_to_global(all_gather_tensor(dP, group).view(len(order), *dP.shape[1:]), group_size(group),
+                                  ctx.layout, dim=0)  # global chunk order, by views
         dq, dk, dv = (torch.empty(*t.shape[:3], t.shape[3], dtype=acc, device=t.device).transpose(1, 2)
                       for t in (q, k, v))
         d_log_decay = None
