@@ -47,7 +47,7 @@ from seqpar.attention.ring import ring_attention, ring_bytes
 from seqpar.attention.ulysses import head_share, heads_to_seq, seq_to_heads
 from seqpar.comm import Group, check_same_shape, global_rank, group_rank, group_size
 from seqpar.kernels.host import count, fake_backend
-from seqpar.sharding import Layout, global_index, local_chunks
+from seqpar.sharding import Layout, local_chunks
 
 
 def make_usp_groups(group: Group, ulysses_degree: int) -> tuple[Group, Group]:
@@ -125,29 +125,23 @@ def ring_order(seq_len: int, u: int, r: int, ring_rank: int, layout: str,
                device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(index, its inverse) that reorder the rank-major tokens gathered by Ulysses group ``ring_rank`` into the
     ring rank's ``layout`` shard over ``r`` ranks and back; None when that is already the order (contiguous,
-    u = 1). Checked on the host once per shape (``_ring_order``), built on the device from ranges (a call reads
-    nothing from the device and copies nothing to it) and kept per shape and device: every layer of every step
-    reuses them (under fake tensors they are rebuilt: a fake tensor must not outlive its mode)."""
-    if _ring_order(seq_len, u, r, ring_rank, layout) is None:
+    u = 1). Worked out on the host once per shape (``_ring_order``) and copied to the device once per shape and
+    device: every layer of every step reuses it (under fake tensors it is made per call: a fake tensor must
+    not outlive its mode)."""
+    perm = _ring_order(seq_len, u, r, ring_rank, layout)
+    if perm is None:
         return None
     key = (seq_len, u, r, ring_rank, layout, str(device))
-    fake = torch._guards.detect_fake_mode() is not None
-    if not fake and key in _ORDERS:
+    if key in _ORDERS:
         return _ORDERS[key]
-    n = u * r
-    gathered = torch.cat([global_index(seq_len, n, ring_rank * u + j, layout, device=device) for j in range(u)])
-    target = global_index(seq_len, r, ring_rank, layout, device=device)
-    order = torch.argsort(gathered)
-    perm = order[torch.searchsorted(gathered[order], target)]
-    pair = (perm, torch.argsort(perm))
-    if not fake:
-        while len(_ORDERS) >= 16:  # a few shapes per run; bounded all the same
-            _ORDERS.pop(next(iter(_ORDERS)))
+    index = torch.tensor(perm).to(device)  # made on the host, copied once (fake CUDA has no factory from data)
+    pair = (index, torch.argsort(index))
+    if torch._guards.detect_fake_mode() is None:
         _ORDERS[key] = pair
     return pair
 
 
-_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # a few shapes per run
 
 
 @functools.lru_cache(maxsize=64)
