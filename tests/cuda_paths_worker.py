@@ -196,15 +196,18 @@ def run_kernels() -> None:
 
 def rect_case(dtype):
     """A rectangular causal block (bottom-right, e.g. a KV cache): a plan of a rectangle and a diagonal."""
+    from seqpar.kernels import softmax
     from seqpar.kernels.softmax import block_attention, block_attention_backward
 
     q = torch.randn(1, 64, 4, 64, device=CUDA, dtype=dtype)
     k = torch.randn(1, 192, 2, 64, device=CUDA, dtype=dtype)
+    softmax.reset_fallbacks()
     with OpLog() as log:
         out, lse = block_attention(q, k, k, causal="bottom_right")
         block_attention_backward(torch.randn_like(q), q, k, k, out.to(dtype), lse, causal="bottom_right")
     assert meta(out) == [[1, 64, 4, 64], "float32", "cuda:0"] and meta(lse) == [[1, 4, 64], "float32", "cuda:0"]
-    return {"fused_ops": sorted(n for n in log.ops if "scaled_dot_product" in n)}
+    return {"fused_ops": sorted(n for n in log.ops if "scaled_dot_product" in n),
+            "fallbacks": softmax.fallback_counts(), "to_host": log.to_host}
 
 
 # ---------------------------------------------------------------------------------------------- attentions
@@ -246,9 +249,10 @@ def attention_case(name: str, model, group, world: int):
     forward and backward through autograd. Reports the declared reads of each call."""
     from seqpar.attention.registry import get_spec
     from seqpar.models import patch_model
+    from seqpar.models.patch import patch_of
 
     model = patch_model(model, name, group, **patch_options(name))
-    patch = model._seqpar_patch
+    patch = patch_of(model)
     spec = get_spec(name)
     reads = []
     for validate in (True, False):
