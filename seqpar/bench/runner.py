@@ -53,7 +53,8 @@ def _run_rank(rank: int, world: int, group, cfg: dict) -> dict:
         del result
         for t in getattr(step, "inputs", ()):
             t.grad = None
-        reset_peak_rss()
+        live = reset_peak_rss()  # False (no /proc/self/clear_refs): the peak still holds the warm-up's
+    extra["live_peak"] = bool(live)
     # Working memory: above the level after the warm-up (inputs and their gradients allocated, lazily loaded
     # kernels loaded); without ``live_peak`` ru_maxrss still holds the warm-up's peak, the same computation as
     # every repeat.
@@ -89,4 +90,5 @@ def run_config(cfg: dict, *, timeout: float) -> dict:
     }
     if "loss" in ranks[0]["extra"]:
         row["loss"] = ranks[0]["extra"]["loss"]
+    row["live_peak"] = all(r["extra"]["live_peak"] for r in ranks)  # what was measured, not what was asked
     return row
