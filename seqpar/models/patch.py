@@ -307,7 +307,10 @@ def seqpar_attention_forward(
             cu_seqlens = _chunk_bounds(patch, cu_seqlens, limit[1], total, query.device)
     patch.calls[spec.name] += 1
     # cross-rank shape checks once per forward
-    out = spec.call(patch, q, k, v, scaling, cu_seqlens, validate=patch.is_first_layer(module), sinks=sinks, **extra)
+    # validated at the first layer of a forward, not again when gradient checkpointing recomputes it inside the
+    # backward (the same shapes: a collective and a host read saved per step)
+    validate = patch.is_first_layer(module) and torch._C._current_graph_task_id() == -1
+    out = spec.call(patch, q, k, v, scaling, cu_seqlens, validate=validate, sinks=sinks, **extra)
     return out[..., :dv].contiguous(), None
 
 
